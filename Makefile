@@ -1,0 +1,54 @@
+# tierkit: `make run` probes this machine (and sizes the milestones once `fit` lands);
+# `make test` sets up everything the test suite needs and runs it.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+# What the tests need from Debian: the Cortex-M toolchain and emulator, espeak-ng
+# and sox for synthetic keywords, iproute2 for network namespaces, inxi for the
+# probe-speed benchmark.
+DEB_PKGS := gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm espeak-ng sox iproute2 inxi
+# llama-cpp-python is a source build (~13 min on 2 cores); with RPC on for tier 3.
+# pip's wheel cache serves every later install.
+export CMAKE_ARGS ?= -DGGML_RPC=on
+
+.PHONY: run test setup setup-dev deb bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+# Base install: probe and fit only (light packages, no frameworks).
+$(VENV)/.stamp-base: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
+# Everything: CPU torch pinned first (an unpinned torch pulls GB of CUDA wheels),
+# then every tier's extras and the dev tools.
+$(VENV)/.stamp-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[all,dev]'
+	touch $@ $(VENV)/.stamp-base
+
+setup: $(VENV)/.stamp-base
+setup-dev: deb $(VENV)/.stamp-dev
+
+deb:
+	@missing=$$(for p in $(DEB_PKGS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then \
+		echo "installing Debian packages: $$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	else \
+		echo "not root: some tests will skip until you run: sudo apt-get install $$missing"; \
+	fi
+
+run: setup
+	$(BIN)/tierkit probe
+
+test: setup-dev
+	$(BIN)/python -m pytest -q
+
+bench: setup-dev
+	$(BIN)/python bench/probe_speed.py
+
+clean:
+	rm -rf $(VENV) builds .pytest_cache

@@ -1,0 +1,1 @@
+"""Architectures shared by several tiers and their analytic cost models."""

@@ -1,0 +1,1 @@
+"""Reference kits: data only; loaded by inventory.profile."""

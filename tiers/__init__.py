@@ -1,0 +1,1 @@
+"""The milestone catalog, planner, runner, CLI, and one package per tier."""

@@ -18,14 +18,14 @@ $(BIN)/python:
 
 # Base install: probe and fit only (light packages, no frameworks).
 $(VENV)/.stamp-base: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q -e . --config-settings editable_mode=compat
 	touch $@
 
 # Everything: CPU torch pinned first (an unpinned torch pulls GB of CUDA wheels),
 # then every tier's extras and the dev tools.
 $(VENV)/.stamp-dev: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[all,dev]'
+	$(BIN)/pip install -q -e '.[all,dev]' --config-settings editable_mode=compat
 	touch $@ $(VENV)/.stamp-base
 
 setup: $(VENV)/.stamp-base

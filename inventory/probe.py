@@ -19,7 +19,7 @@ from typing import Any, Callable
 from pydantic import ValidationError
 
 from inventory import __version__
-from inventory.detect import Found, Unavailable
+from inventory.detect import MDNS_WAIT, Found, Unavailable
 from inventory.profile import DetectorStatus, Host, ProbeInfo, Profile
 
 Detector = Callable[[], Any]
@@ -37,7 +37,7 @@ class Outcome:
     status: DetectorStatus
 
 
-def default_detectors(peers: list[str] | tuple[str, ...] = (), mdns_wait: float = 0.25,
+def default_detectors(peers: list[str] | tuple[str, ...] = (), mdns_wait: float = MDNS_WAIT,
                       discover: bool = True) -> dict[str, Detector]:
     from inventory.detect import boards, cpu, gpu, memory, sbc
 
@@ -160,7 +160,7 @@ def benchmark(profile: Profile, timeouts: dict[str, float] | None = None,
         profile.probe.detectors[name] = outcome.status
 
 
-def probe(*, bench: bool = True, peers: list[str] | tuple[str, ...] = (), mdns_wait: float = 0.25,
+def probe(*, bench: bool = True, peers: list[str] | tuple[str, ...] = (), mdns_wait: float = MDNS_WAIT,
           discover: bool = True, detectors: dict[str, Detector] | None = None,
           timeouts: dict[str, float] | None = None, name: str | None = None,
           on_done: Callable[[str, DetectorStatus], None] | None = None) -> Profile:

@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from inventory.profile import ProfileError
+from inventory.detect import MDNS_WAIT
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Probe your kit, see which build-track milestones fit it, run them on the right tier.")
@@ -41,12 +41,16 @@ def probe(
     as_json: bool = typer.Option(False, "--json", help="Print the profile as JSON on stdout, nothing else."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write the profile [default: ~/.config/tierkit/profile.yaml or $TIERKIT_HOME]."),
     peer: list[str] = typer.Option([], "--peer", help="A peer's agent as HOST:PORT (repeatable), besides mDNS discovery."),
-    mdns_wait: float = typer.Option(0.25, "--mdns-wait", min=0.0, max=30.0, help="Seconds to listen for agents over mDNS."),
+    mdns_wait: float = typer.Option(MDNS_WAIT, "--mdns-wait", min=0.0, max=30.0, help="Seconds to listen for agents over mDNS."),
     discover: bool = typer.Option(True, "--discover/--no-discover", help="Look for peers over mDNS."),
     builds: Path = typer.Option(Path("builds"), "--builds", help="Where the B0 inventory report goes."),
     report: bool = typer.Option(True, "--report/--no-report", help="Write builds/B00-inventory/README.md."),
 ) -> None:
     """Inventory this machine and its kit; write the hardware profile."""
+    from inventory.detect import peers as peers_mod
+
+    # Start listening for agents first: the mDNS window overlaps the imports below.
+    early = {"peers": peers_mod.start(peer, mdns_wait if discover else 0.0)} if discover or peer else {}
     from inventory import probe as probe_mod
     from inventory.profile import default_path, save
 
@@ -57,7 +61,8 @@ def probe(
         def done(name, status):
             if not quiet:
                 err.log(f"{name}: {status.status} in {status.seconds:.2f} s" + (f" ({status.reason})" if status.reason and status.status != "ok" else ""))
-        prof = probe_mod.probe(bench=bench, peers=peer, mdns_wait=mdns_wait, discover=discover, on_done=done)
+        prof = probe_mod.probe(bench=bench, peers=peer, mdns_wait=mdns_wait, discover=discover,
+                               detectors=early, on_done=done)
     try:
         save(prof, target)
         if report:
@@ -97,7 +102,7 @@ class _null:
 
 def load_profile(path: Optional[Path]):
     """A profile file, or the one `tierkit probe` wrote; a one-line Fail otherwise."""
-    from inventory.profile import default_path, load
+    from inventory.profile import ProfileError, default_path, load
 
     try:
         return load(path or default_path())
@@ -152,6 +157,105 @@ def agent(
         agent_mod.serve(host, port, prof, name, verbose=verbose)
     except agent_mod.AgentError as exc:
         raise Fail(str(exc), 1) from None
+
+
+# --- fit command (P2) ---
+
+
+# --- run command (P2) ---
+
+
+def _run_profile(arg: Optional[str], milestone: str):
+    """(profile, the file to record calibration in or None) for `--profile FILE|NAME`.
+
+    The user's own file (the probed one by default) gets calibration records; a
+    reference kit from profiles/ is never modified. B0 may start with no profile:
+    a quick probe without benchmarks plans it, and the run writes the real one.
+    """
+    from inventory.profile import default_path
+
+    kits = Path(__file__).resolve().parent.parent / "profiles"
+    if arg is None:
+        path = default_path()
+        if not path.exists() and milestone == "B0":
+            from inventory.probe import probe as quick_probe
+
+            return quick_probe(bench=False, discover=False), path
+        return load_profile(path), path
+    file = Path(arg).expanduser()
+    if not file.is_file() and (kits / f"{arg}.yaml").is_file():
+        file = kits / f"{arg}.yaml"
+    elif not file.is_file():
+        names = ", ".join(sorted(p.stem for p in kits.glob("*.yaml")))
+        raise Fail(f"--profile {arg}: no such file or reference kit; kits: {names}")
+    prof = load_profile(file)
+    return prof, (None if file.resolve().parent == kits else file)
+
+
+def _run_milestone_id(text: str) -> str:
+    t = text.strip().upper().lstrip("B")
+    if not t.isdigit():
+        raise Fail(f"{text!r} is not a milestone; give one like B5 (see `tierkit fit`)")
+    return f"B{int(t)}"
+
+
+@app.command("run")
+def run_milestone(
+    milestone: str = typer.Argument(..., help="The milestone: B0, B5, ..."),
+    size: Optional[str] = typer.Option(None, "--size", help="A size from the milestone's ladder (default: the largest that fits)."),
+    tier: Optional[int] = typer.Option(None, "--tier", min=0, max=3, help="Run on this tier (default: the planner's choice)."),
+    out: Path = typer.Option(Path("builds"), "--out", help="Where the build folder B<nn>-<slug>/ goes."),
+    profile: Optional[str] = typer.Option(None, "--profile", help="Profile FILE or reference kit NAME (default: the probed one)."),
+) -> None:
+    """Run one milestone at its planned size; write builds/B<nn>-<slug>/ with predicted vs actual."""
+    from tiers import runner
+
+    mid = _run_milestone_id(milestone)
+    prof, prof_path = _run_profile(profile, mid)
+    try:
+        from tiers.fit import fit
+    except ImportError:
+        raise Fail("the planner (tiers/fit.py) is not installed; update tierkit") from None
+    try:
+        plan = fit(prof, mid, size=size, tier=tier)
+    except Exception as exc:  # the planner's own errors are one line already
+        raise Fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+    err = _console(stderr=True)
+    try:
+        if err.is_terminal:
+            from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+            with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                          TextColumn("{task.completed:.0f}/{task.total:.0f}"), TimeElapsedColumn(),
+                          console=err, transient=True) as bar:
+                result = runner.run(plan, prof, out, bar, profile_path=prof_path)
+        else:
+            result = runner.run(plan, prof, out, profile_path=prof_path)
+    except runner.RunError as exc:
+        raise Fail(str(exc), exc.code) from None
+    _print_run_result(result, prof_path)
+
+
+def _print_run_result(result, prof_path: Optional[Path]) -> None:
+    from rich.table import Table
+
+    from tiers.runner import mib, secs
+
+    plan, pred = result.plan, result.plan.prediction
+    con = _console()
+    table = Table(title=f"{plan.milestone} {plan.title}: size {plan.size} on {plan.device}")
+    for col in ("", "predicted", "actual", "actual / predicted"):
+        table.add_column(col)
+    if pred is not None:
+        table.add_row("peak memory", mib(pred.peak_bytes), mib(result.actual_peak_bytes),
+                      f"{result.actual_peak_bytes / pred.peak_bytes:.2f}" if pred.peak_bytes else "?")
+        table.add_row("wall time", secs(pred.seconds), secs(result.actual_seconds),
+                      f"{result.actual_seconds / pred.seconds:.2f}" if pred.seconds else "?")
+    con.print(table)
+    if result.summary:
+        con.print(result.summary)
+    con.print(f"build: {result.out_dir}/README.md"
+              + (f"\ncalibration recorded in {prof_path}" if prof_path else "\nreference kit: calibration not recorded"))
 
 
 def main() -> None:

@@ -14,6 +14,13 @@ from pathlib import Path
 from typing import Any
 
 
+# Seconds the probe listens for agents over mDNS. Agents answer our one-shot
+# unicast-response query within a few ms on a LAN (0.9 ms on loopback, 0.3 ms
+# RTT across a veth pair here); 0.15 s leaves room for Wi-Fi, and --mdns-wait
+# raises it where a network is slower.
+MDNS_WAIT = 0.15
+
+
 class Unavailable(Exception):
     """The detector's source is missing; the field stays empty with this reason."""
 

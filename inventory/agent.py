@@ -80,10 +80,15 @@ def summarize(profile: Profile, name: str) -> dict[str, Any]:
         "name": name,
         "version": __version__,
         "cpu": cpu.model if cpu else None,
+        "physical_cores": cpu.physical_cores if cpu else None,
         "threads": cpu.threads if cpu else None,
+        "cpu_matmul_gflops_fp32": cpu.matmul_gflops["fp32"].value if cpu and "fp32" in cpu.matmul_gflops else None,
+        "memory_bandwidth_gbs": cpu.memory_bandwidth_gbs.value if cpu and cpu.memory_bandwidth_gbs else None,
         "memory_total_bytes": mem.total_bytes if mem else None,
         "memory_available_bytes": available,
-        "gpus": [{"model": g.model, "memory_bytes": g.memory_bytes} for g in profile.gpus],
+        "gpus": [{"model": g.model, "backend": g.backend, "memory_bytes": g.memory_bytes,
+                  "memory_free_bytes": g.memory_free_bytes, "unified_memory": g.unified_memory}
+                 for g in profile.gpus],
         "boards": len(profile.boards),
     }
 

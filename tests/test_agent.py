@@ -78,7 +78,8 @@ def test_profile_and_summary(conn):
     s = data["summary"]
     assert s["name"] == "testnode" and s["cpu"] == "Test CPU 9000" and s["threads"] == 4
     assert s["memory_total_bytes"] == 8 << 30 and s["memory_available_bytes"] > 0
-    assert s["gpus"] == [{"model": "RTX Test", "memory_bytes": 16 << 30}]
+    assert s["gpus"] == [{"model": "RTX Test", "backend": "none", "memory_bytes": 16 << 30,
+                          "memory_free_bytes": None, "unified_memory": False}]
     assert s["boards"] == 0
 
 

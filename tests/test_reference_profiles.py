@@ -258,7 +258,7 @@ def test_two_node_lan():
     (peer,) = p.peers
     assert (peer.address, peer.port, peer.found_by) == ("192.168.1.20", 8477, "manual")
     s = peer.summary
-    assert {"name", "cpu", "threads", "memory_bytes", "memory_available_bytes", "gpus"} <= set(s)
-    assert s["memory_bytes"] == 16 << 30 and s["memory_available_bytes"] <= s["memory_bytes"]
+    assert {"name", "cpu", "threads", "memory_total_bytes", "memory_available_bytes", "gpus"} <= set(s)
+    assert s["memory_total_bytes"] == 16 << 30 and s["memory_available_bytes"] <= s["memory_total_bytes"]
     assert peer.rtt_ms.unit == "ms" and 0 < peer.rtt_ms.value < 1
     assert peer.bandwidth_mbps.unit == "Mbit/s" and peer.bandwidth_mbps.value <= 1000

@@ -97,8 +97,8 @@ def b0_readme(p: Profile) -> str:
             spec = b.board
             what = (f"{spec.name}: {spec.mcu}, {spec.core} @ {spec.clock_mhz:g} MHz" if spec else
                     "one of: " + ", ".join(c.name for c in b.candidates) if b.candidates else b.product or "unknown")
-            out.append(f"| {b.port} | {b.vid_pid or ''} | {b.match} | {what} | "
-                       f"{spec.flash_bytes >> 10 if spec else ''} KiB | {spec.sram_bytes >> 10 if spec else ''} KiB | "
+            flash, sram = (f"{spec.flash_bytes >> 10} KiB", f"{spec.sram_bytes >> 10} KiB") if spec else ("", "")
+            out.append(f"| {b.port} | {b.vid_pid or ''} | {b.match} | {what} | {flash} | {sram} | "
                        f"{b.access}{': ' + b.problem if b.problem else ''} |")
     if p.sbc:
         out += ["", "## Single-board computer", "", f"- {p.sbc.model} ({p.sbc.family}, SoC {p.sbc.soc or '?'})"]

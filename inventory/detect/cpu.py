@@ -134,25 +134,26 @@ def flops_per_cycle(simd: list[str], model: str) -> tuple[int, str]:
     return 8, "SSE: 4-lane add + 4-lane mul"
 
 
-def _clock_mhz(cpu0: Path, blocks: list[dict[str, str]], ls: dict[str, str], model: str) -> float | None:
+def _clock_mhz(cpu0: Path, blocks: list[dict[str, str]], ls: dict[str, str], model: str) -> tuple[float | None, str]:
+    """The highest clock we can learn, and where it came from (a VM often shows only the nominal one)."""
     khz = read_text(cpu0 / "cpufreq/cpuinfo_max_freq")
     if khz and khz.strip().isdigit():
-        return int(khz) / 1000
+        return int(khz) / 1000, "max clock from cpufreq"
     if ls.get("CPU max MHz"):
         try:
-            return float(ls["CPU max MHz"])
+            return float(ls["CPU max MHz"]), "max clock from lscpu"
         except ValueError:
             pass
     m = re.search(r"@\s*([\d.]+)\s*GHz", model)
     if m:
-        return float(m.group(1)) * 1000
+        return float(m.group(1)) * 1000, "nominal clock from the model name; turbo can beat this peak"
     for b in blocks:
         if b.get("cpu mhz"):
             try:
-                return float(b["cpu mhz"])
+                return float(b["cpu mhz"]), "current/nominal clock from /proc/cpuinfo (no cpufreq); turbo can beat this peak"
             except ValueError:
                 pass
-    return None
+    return None, ""
 
 
 def _from_cpuinfo_pkg() -> dict[str, str]:
@@ -194,12 +195,12 @@ def detect(root: Path = Path("/"), lscpu: str | None = "lscpu", fallback: bool =
     cores, threads, sockets = _topology(cpu_dir, blocks)
     if ls.get("CPU(s)", "").isdigit():
         threads = max(threads, int(ls["CPU(s)"]))
-    clock = _clock_mhz(cpu_dir / "cpu0", blocks, ls, model)
+    clock, clock_src = _clock_mhz(cpu_dir / "cpu0", blocks, ls, model)
     fpc, why = flops_per_cycle(simd, model)
     peak32 = peak64 = None
     if clock:
         g = cores * clock / 1000 * fpc
-        basis = f"formula: {cores} cores x {clock / 1000:.2f} GHz x {fpc} FLOP/cycle ({why})"
+        basis = f"formula: {cores} cores x {clock / 1000:.2f} GHz x {fpc} FLOP/cycle ({why}; {clock_src})"
         peak32 = Figure(value=round(g, 1), unit="GFLOP/s", source="datasheet", method=basis)
         peak64 = Figure(value=round(g / 2, 1), unit="GFLOP/s", source="datasheet", method=basis + ", FP64 = half")
     return CPU(model=model, vendor=first.get("vendor_id") or ls.get("Vendor ID") or None,

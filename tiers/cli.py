@@ -161,6 +161,152 @@ def agent(
 
 # --- fit command (P2) ---
 
+_FIT_MARK = {"fits": "[green]✓[/]", "tight": "[yellow]~[/]", "no": "[red]✗[/]"}
+
+
+def _fit_profile(arg: Optional[str]):
+    """(profile, label, live) for `--profile FILE|NAME`, or the probed profile.
+
+    live: the profile describes this machine (the probed one, or a file probed
+    here), so the milestones' packages are judged by what is installed here; a
+    reference kit's never are.
+    """
+    import socket
+
+    from inventory.profile import ProfileError, default_path
+    from tiers.fit import reference_names, resolve_profile
+
+    if arg is None:
+        path = default_path()
+        if not path.exists():
+            raise Fail(f"no probed profile at {path}: run `tierkit probe` first, or pass --profile NAME "
+                       f"(one of: {', '.join(reference_names())})")
+        prof = load_profile(path)
+        return prof, prof.name or str(path), True
+    try:
+        prof, is_reference = resolve_profile(arg)
+    except ProfileError as exc:
+        raise Fail(str(exc)) from None
+    live = not is_reference and prof.host is not None and prof.host.hostname == socket.gethostname()
+    return prof, prof.name or arg, live
+
+
+def _fit_console():
+    from rich.console import Console
+
+    con = Console(highlight=False)
+    if not con.is_terminal:  # piped: wide enough that the table does not fold every cell
+        con = Console(highlight=False, width=200)
+    return con
+
+
+def _fit_memory(plan) -> str:
+    from models.costs import fmt_bytes
+
+    c, pred = plan.config, plan.prediction
+    if "sram_bytes" in c:
+        return f"SRAM {fmt_bytes(c['sram_bytes'])}, flash {fmt_bytes(c['flash_bytes'])}"
+    if "node_bytes" in c:
+        return " + ".join(fmt_bytes(b) for b in c["node_bytes"])
+    return "" if pred is None else fmt_bytes(pred.peak_bytes) if plan.size else f"[dim]{fmt_bytes(pred.peak_bytes)}[/]"
+
+
+def _fit_table(plans, title: str):
+    from rich.markup import escape
+    from rich.table import Table
+
+    from tiers.fit import fmt_seconds
+
+    table = Table(title=title, show_lines=True)
+    for col, kw in (("milestone", {"max_width": 34}), ("fits", {"justify": "center"}), ("tier / device", {}),
+                    ("sized config", {"max_width": 48}), ("peak memory", {"justify": "right"}),
+                    ("time", {"justify": "right"}), ("why not / notes", {"overflow": "fold"})):
+        table.add_column(col, **kw)
+    for p in plans:
+        pred = p.prediction
+        size = f"[b]{escape(p.size)}[/]: {escape(str(p.config.get('summary', '')))}" if p.size else "[dim]-[/]"
+        time = "" if pred is None else fmt_seconds(pred.seconds) if p.size else f"[dim]{fmt_seconds(pred.seconds)}[/]"
+        table.add_row(f"{p.milestone} {escape(p.title)}", _FIT_MARK[p.verdict] + ("" if p.verdict != "tight" else " tight"),
+                      f"{p.tier} {escape(p.device)}", size, _fit_memory(p), time, escape("; ".join(p.reasons)))
+    return table
+
+
+def _fit_explain(con, plans) -> None:
+    from rich.markup import escape
+
+    for p in plans:
+        what = f"size {p.size}" if p.size else "nothing fits"
+        con.print(f"\n[b]{p.milestone} {escape(p.title)}[/]: {p.verdict}, {escape(what)} on {escape(p.device)}"
+                  + (f" ({escape(p.profile)})" if p.profile else ""))
+        for line in (p.prediction.basis if p.prediction else []):
+            con.print(f"  {escape(line)}")
+        for r in p.reasons:
+            con.print(f"  [yellow]->[/] {escape(r)}")
+
+
+@app.command("fit")
+def fit_cmd(
+    profile: Optional[str] = typer.Option(None, "--profile", help="Profile FILE, or a reference kit NAME from profiles/ [default: the probed one]."),
+    all_profiles: bool = typer.Option(False, "--all-profiles", help="A matrix: every milestone on every reference kit."),
+    track: str = typer.Option("build", "--track", help="build | g2c | mentor100m."),
+    milestone: Optional[str] = typer.Option(None, "--milestone", "-m", help="Only this milestone, e.g. B12."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plans as JSON on stdout, nothing else."),
+    explain: bool = typer.Option(False, "--explain", help="Show each plan's basis: the arithmetic behind every number."),
+) -> None:
+    """Which milestones fit this hardware, at what size, and how long they take."""
+    from tiers import catalog
+    from tiers.fit import FitError, fit, reference_names, reference_profile
+
+    try:
+        milestones = catalog.track(track)
+        if milestone:
+            milestones = [catalog.get(milestone, track)]
+    except catalog.CatalogError as exc:
+        raise Fail(str(exc)) from None
+    if all_profiles and profile:
+        raise Fail("--all-profiles plans every reference kit: leave out --profile")
+    try:
+        if all_profiles:
+            names = reference_names()
+            grid = {n: [fit(reference_profile(n), m, check_packages=False) for m in milestones] for n in names}
+        else:
+            prof, label, live = _fit_profile(profile)
+            plans = [fit(prof, m, check_packages=live) for m in milestones]
+    except FitError as exc:
+        raise Fail(str(exc)) from None
+
+    if as_json:
+        doc = ({"track": track, "profiles": {n: [p.to_dict() for p in ps] for n, ps in grid.items()}}
+               if all_profiles else {"track": track, "profile": label, "plans": [p.to_dict() for p in plans]})
+        print(json.dumps(doc, indent=2, default=str))
+        return
+    con = _fit_console()
+    if not all_profiles:
+        con.print(_fit_table(plans, f"{label}: {catalog.load().track(track).title}"))
+        if explain:
+            _fit_explain(con, plans)
+        return
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=f"{catalog.load().track(track).title}, on every reference kit "
+                        "(✓ fits, ~ tight, ✗ no; with the size)", show_lines=True)
+    table.add_column("milestone", max_width=28)
+    for n in names:
+        table.add_column(n, overflow="fold", max_width=16)
+    for i, m in enumerate(milestones):
+        cells = []
+        for n in names:
+            p = grid[n][i]
+            cells.append(_FIT_MARK[p.verdict] + (f" {escape(p.size)}" if p.size else ""))
+        table.add_row(f"{m.id} {escape(m.title)}", *cells)
+    con.print(table)
+    if explain:
+        for n in names:
+            con.print(f"\n[b u]{n}[/]")
+            _fit_explain(con, grid[n])
+
+
 
 # --- run command (P2) ---
 
@@ -174,7 +320,6 @@ def _run_profile(arg: Optional[str], milestone: str):
     """
     from inventory.profile import default_path
 
-    kits = Path(__file__).resolve().parent.parent / "profiles"
     if arg is None:
         path = default_path()
         if not path.exists() and milestone == "B0":
@@ -182,14 +327,14 @@ def _run_profile(arg: Optional[str], milestone: str):
 
             return quick_probe(bench=False, discover=False), path
         return load_profile(path), path
-    file = Path(arg).expanduser()
-    if not file.is_file() and (kits / f"{arg}.yaml").is_file():
-        file = kits / f"{arg}.yaml"
-    elif not file.is_file():
-        names = ", ".join(sorted(p.stem for p in kits.glob("*.yaml")))
-        raise Fail(f"--profile {arg}: no such file or reference kit; kits: {names}")
-    prof = load_profile(file)
-    return prof, (None if file.resolve().parent == kits else file)
+    from inventory.profile import ProfileError
+    from tiers.fit import resolve_profile
+
+    try:
+        prof, is_reference = resolve_profile(arg)
+    except ProfileError as exc:
+        raise Fail(str(exc)) from None
+    return prof, (None if is_reference else Path(arg).expanduser())
 
 
 def _run_milestone_id(text: str) -> str:
@@ -209,25 +354,21 @@ def run_milestone(
 ) -> None:
     """Run one milestone at its planned size; write builds/B<nn>-<slug>/ with predicted vs actual."""
     from tiers import runner
+    from tiers.fit import FitError, fit
 
     mid = _run_milestone_id(milestone)
     prof, prof_path = _run_profile(profile, mid)
-    try:
-        from tiers.fit import fit
-    except ImportError:
-        raise Fail("the planner (tiers/fit.py) is not installed; update tierkit") from None
-    try:
-        plan = fit(prof, mid, size=size, tier=tier)
-    except Exception as exc:  # the planner's own errors are one line already
-        raise Fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+    try:  # packages are judged on this machine, where the run happens, whatever the profile
+        plan = fit(prof, mid, size=size, tier=tier, check_packages=True)
+    except FitError as exc:
+        raise Fail(str(exc)) from None
     err = _console(stderr=True)
     try:
         if err.is_terminal:
-            from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+            from rich import progress as rp
 
-            with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                          TextColumn("{task.completed:.0f}/{task.total:.0f}"), TimeElapsedColumn(),
-                          console=err, transient=True) as bar:
+            with rp.Progress(rp.SpinnerColumn(), rp.TextColumn("{task.description}"), rp.BarColumn(),
+                             rp.MofNCompleteColumn(), rp.TimeElapsedColumn(), console=err, transient=True) as bar:
                 result = runner.run(plan, prof, out, bar, profile_path=prof_path)
         else:
             result = runner.run(plan, prof, out, profile_path=prof_path)

@@ -1,0 +1,327 @@
+"""The planner and `tierkit fit`: the seeds' data points (REFERENCE.md), every kit x every
+track, calibration, a broken catalog, and the command's speed and imports."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from inventory.profile import Calibration, ProfileError, save
+from tests.conftest import REPO, assert_one_line_error, run_cli
+from tiers import catalog
+from tiers import fit as F
+
+LAPTOP, RTX, ARDUINO, LAN = "laptop-8gb-cpu", "rtx4090-laptop-16gb", "arduino-nano-33-ble-sense", "two-node-lan"
+
+
+def ref(name: str):
+    return F.reference_profile(name).model_copy(deep=True)
+
+
+def plan(name: str, milestone: str, **kw):
+    return F.fit(ref(name), milestone, check_packages=False, **kw)
+
+
+# ---------------------------------------------------------------- the seeds' data points
+
+def test_rtx4090_pretrains_about_100m():
+    p = plan(RTX, "B12")
+    assert p.verdict in ("fits", "tight") and p.tier == 2 and p.device == "cuda:0"
+    assert 50e6 <= p.config["params"] <= 200e6, p.config
+    assert p.prediction.peak_bytes < 16e9 and p.prediction.seconds <= 12 * 3600
+
+
+def test_cpu_laptop_pretrains_10m_at_most_and_much_slower():
+    p = plan(LAPTOP, "B12")
+    assert p.verdict in ("fits", "tight") and p.tier == 1 and p.device == "cpu"
+    assert p.config["params"] <= 11e6, p.config
+    same = plan(RTX, "B12", size=p.size)          # the laptop's config, on the 4090
+    ratio = p.prediction.seconds / same.prediction.seconds
+    assert 10 <= ratio <= 50, ratio
+
+
+def test_b6_needs_a_board():
+    p = plan(LAPTOP, "B6")
+    assert p.verdict == "no" and p.size is None
+    why = " ".join(p.reasons)
+    assert "microcontroller board" in why and "tierkit probe" in why and f"--profile {ARDUINO}" in why
+
+
+def test_b6_fits_a_ds_cnn_on_the_arduino():
+    p = plan(ARDUINO, "B6")
+    assert p.verdict in ("fits", "tight") and p.tier == 0 and p.device == "board:/dev/ttyACM0"
+    assert p.size.startswith("ds-cnn")
+    assert p.config["sram_bytes"] <= 0.9 * 256 * 1024 and p.config["flash_bytes"] <= 0.9 * 1024 * 1024
+    assert p.config["latency_ms"] <= 500
+
+
+def test_b17_needs_two_nodes():
+    p = plan(LAPTOP, "B17")
+    assert p.verdict == "no"
+    why = " ".join(p.reasons)
+    assert "needs 2 nodes" in why and "this profile has 1" in why and "tierkit agent" in why
+    assert f"--profile {LAN}" in why
+
+
+def test_b17_plans_across_both_nodes():
+    p = plan(LAN, "B17")
+    assert p.verdict in ("fits", "tight") and p.tier == 3 and p.device == "cluster:2"
+    assert len(p.config["split"]) == 2 and sum(p.config["split"].values()) == pytest.approx(1, abs=0.01)
+    # the model is bigger than either node could hold alone (with headroom)
+    model = p.prediction.peak_bytes
+    assert sum(p.config["node_bytes"]) > 0.9 * F.reference_profile(LAN).memory.available_bytes
+    assert model <= 0.9 * F.reference_profile(LAN).memory.available_bytes
+
+
+def test_seeds_on_apple_and_llama():
+    """16 GB runs a 7-8B model at 4-bit; 10M trains in hours and 1M in minutes on an M-series Mac."""
+    assert plan("apple-m2-16gb", "B16").size == "llama-3.1-8b-Q4_K_M"
+    ten = plan("apple-m2-16gb", "B12", size="10.7M").prediction.seconds
+    one = plan("apple-m2-16gb", "B12", size="0.8M").prediction.seconds
+    assert 3600 <= ten <= 10 * 3600 and one <= 30 * 60
+
+
+def test_b5_runs_on_the_gpu_when_there_is_one():
+    p = plan(RTX, "B5")
+    assert p.device == "cuda:0" and p.size == "n4096"
+    assert {"n_min", "n_max", "dtype", "min_seconds"} <= set(p.config) and p.config["workload"] == "matmul"
+    assert plan(LAPTOP, "B5").device == "cpu"
+    assert plan("apple-m2-16gb", "B5").device == "cpu"   # the roofline's GPU sweep is CUDA only
+
+
+# ---------------------------------------------------------------- every kit, every track
+
+@pytest.mark.parametrize("track", catalog.tracks())
+@pytest.mark.parametrize("name", F.reference_names())
+def test_every_kit_every_track(name, track):
+    plans = F.fit_all(ref(name), track, check_packages=False)
+    assert [p.milestone for p in plans] == [m.id for m in catalog.track(track)]
+    for p in plans:
+        assert p.verdict in ("fits", "tight", "no") and p.profile == name
+        if p.verdict == "no":
+            assert p.reasons and all(r.strip() for r in p.reasons), p
+        else:
+            assert p.size and p.prediction and p.prediction.seconds > 0 and p.prediction.peak_bytes > 0
+            assert p.prediction.basis and p.config["workload"]
+        json.dumps(p.to_dict(), default=str)
+
+
+def test_every_cost_model_has_a_pricer():
+    assert set(F.PRICERS) == set(catalog.COST_MODELS)
+
+
+def test_the_build_track():
+    ms = catalog.track("build")
+    assert [m.id for m in ms] == [f"B{i}" for i in range(18)]
+    b = {m.id: m for m in ms}
+    assert b["B1"].time_box.budget_seconds == 3 * 3600
+    assert b["B12"].time_box.budget_seconds == 12 * 3600 and b["B12"].time_box.hours == 3
+    assert b["B6"].time_box.hours == (6, 8) and b["B17"].time_box.hours == (4, 6)
+    assert b["B6"].needs.board and b["B17"].needs.nodes == 2 and b["B6"].tiers == (0,)
+    sizes = [r.size for r in b["B12"].ladder]
+    assert sizes[0] == "0.2M" and sizes[-1] == "354M"
+    assert len(catalog.track("g2c")) == 20 and len(catalog.track("mentor100m")) == 5
+
+
+# ---------------------------------------------------------------- options
+
+def test_forced_size_and_tier():
+    p = plan(LAPTOP, "B12", size="124M")
+    assert p.verdict == "no" and p.size is None and "124M" in p.reasons[0]
+    assert plan(RTX, "B12", tier=1).device == "cpu"
+    with pytest.raises(F.FitError, match="sizes: 0.2M"):
+        plan(LAPTOP, "B12", size="9M")
+    with pytest.raises(F.FitError, match="not tier 0"):
+        plan(LAPTOP, "B12", tier=0)
+    with pytest.raises(F.FitError, match="no milestone"):
+        plan(LAPTOP, "B99")
+
+
+def _custom(packages: list[str]) -> catalog.Milestone:
+    data = yaml.safe_load(catalog.DEFAULT_PATH.read_text())
+    b5 = next(m for m in data["tracks"]["build"]["milestones"] if m["id"] == "B5")
+    b5["needs"]["packages"] = packages
+    return catalog.parse(data).get("B5")
+
+
+def test_missing_packages_only_count_on_the_live_profile():
+    m = _custom(["numpy", "surely_no_such_package_xyz"])
+    live = F.fit(ref(LAPTOP), m, check_packages=True)
+    assert live.verdict == "no" and "surely_no_such_package_xyz" in live.reasons[0]
+    assert "pip install" in live.reasons[0] and live.size == "n4096"  # sized all the same
+    assert F.fit(ref(LAPTOP), m, check_packages=False).verdict == "fits"
+
+
+def test_a_gpu_without_its_packages_falls_back_to_the_cpu():
+    data = yaml.safe_load(catalog.DEFAULT_PATH.read_text())
+    b5 = next(m for m in data["tracks"]["build"]["milestones"] if m["id"] == "B5")
+    b5["needs"]["gpu_packages"] = ["surely_no_such_package_xyz"]
+    m = catalog.parse(data).get("B5")
+    p = F.fit(ref(RTX), m, check_packages=True)
+    assert p.device == "cpu" and p.verdict == "fits"
+    assert F.fit(ref(RTX), m, check_packages=False).device == "cuda:0"
+
+
+# ---------------------------------------------------------------- calibration
+
+def _record(p, workload, device, pred_s, act_s, pred_b=None, act_b=None, minutes=0):
+    p.calibration.append(Calibration(workload=workload, milestone="B12", size="3M", device=device,
+                                     predicted_seconds=pred_s, actual_seconds=act_s, predicted_peak_bytes=pred_b,
+                                     actual_peak_bytes=act_b,
+                                     when=dt.datetime(2025, 1, 1, tzinfo=dt.UTC) + dt.timedelta(minutes=minutes)))
+
+
+def test_calibration_moves_predictions_the_right_way():
+    base = plan(LAPTOP, "B12", size="3M").prediction
+    slow = ref(LAPTOP)
+    _record(slow, "gpt-train", "cpu", 100, 200, 1e9, 1.5e9)
+    p = F.fit(slow, "B12", size="3M", check_packages=False).prediction
+    assert p.seconds == pytest.approx(2 * base.seconds) and p.peak_bytes == pytest.approx(1.5 * base.peak_bytes)
+    assert any("calibration" in line for line in p.basis)
+    fast = ref(LAPTOP)
+    _record(fast, "gpt-train", "cpu", 100, 50)
+    assert F.fit(fast, "B12", size="3M", check_packages=False).prediction.seconds < base.seconds
+    other = ref(LAPTOP)   # another workload, another device: no effect
+    _record(other, "matmul", "cpu", 100, 300)
+    _record(other, "gpt-train", "cuda:0", 100, 300)
+    assert F.fit(other, "B12", size="3M", check_packages=False).prediction.seconds == pytest.approx(base.seconds)
+
+
+def test_calibration_does_not_drift_back():
+    """A record made with an already corrected prediction keeps the correction, not halves it."""
+    p = ref(LAPTOP)
+    _record(p, "gpt-train", "cpu", 100, 200, minutes=0)    # model said 100 s, it took 200: x2
+    _record(p, "gpt-train", "cpu", 400, 400, minutes=1)    # next plan said 2 x 200 and was right
+    ft, _, _ = F.calibration(p, "gpt-train", "cpu")
+    assert ft == pytest.approx(2.0)
+
+
+def test_calibration_is_clamped():
+    p = ref(LAPTOP)
+    _record(p, "gpt-train", "cpu", 1, 1000)
+    assert F.calibration(p, "gpt-train", "cpu")[0] == F.CALIBRATION_CLAMP[1]
+
+
+# ---------------------------------------------------------------- a broken catalog
+
+def _broken(tmp_path: Path, edit) -> str:
+    data = yaml.safe_load(catalog.DEFAULT_PATH.read_text())
+    edit(data)
+    f = tmp_path / "milestones.yaml"
+    f.write_text(yaml.safe_dump(data))
+    with pytest.raises(catalog.CatalogError) as e:
+        catalog.load(f)
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_malformed_catalog_gives_one_line(tmp_path):
+    def typo(d):
+        d["tracks"]["build"]["milestones"][12]["ladder"][2]["n_layers"] = 6
+    msg = _broken(tmp_path, typo)
+    assert "tracks.build.milestones[12].ladder[2].n_layers: unknown field" in msg and "B12" in msg
+
+    def cost(d):
+        d["tracks"]["build"]["milestones"][5]["cost"] = "magic"
+    assert "unknown cost model 'magic'" in _broken(tmp_path, cost)
+
+    def missing(d):
+        del d["tracks"]["build"]["milestones"][1]["time_box"]
+    assert "milestones[1].time_box: required field is missing" in _broken(tmp_path, missing)
+
+    def heads(d):
+        d["tracks"]["build"]["milestones"][12]["ladder"][0]["n_head"] = 5
+    assert "not divisible" in _broken(tmp_path, heads)
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("schema: tierkit/milestones/v1\ntracks: {build: [\n")
+    with pytest.raises(catalog.CatalogError, match=r"not valid YAML at line \d+") as e:
+        catalog.load(bad)
+    assert "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------- profiles by name
+
+def test_resolve_profile():
+    p, is_ref = F.resolve_profile(LAPTOP)
+    assert p.name == LAPTOP and is_ref
+    p, is_ref = F.resolve_profile(str(F.PROFILES_DIR / f"{RTX}.yaml"))
+    assert p.name == RTX and is_ref
+    with pytest.raises(ProfileError, match="unknown profile 'nope'.*laptop-8gb-cpu"):
+        F.resolve_profile("nope")
+
+
+# ---------------------------------------------------------------- the command
+
+def test_cli_fit_profile(home):
+    proc = run_cli("fit", "--profile", LAPTOP, home=home)
+    assert proc.returncode == 0, proc.stderr
+    assert "B12 Pretraining" in proc.stdout and "B17" in proc.stdout and "needs 2 nodes" in proc.stdout
+    assert "✓" in proc.stdout and "✗" in proc.stdout
+
+
+def test_cli_fit_probed_profile_by_default(home):
+    save(ref(RTX), home / "profile.yaml")
+    proc = run_cli("fit", "--milestone", "B12", home=home)
+    assert proc.returncode == 0, proc.stderr
+    assert "124M" in proc.stdout and "cuda:0" in proc.stdout
+
+
+def test_cli_fit_without_a_profile(home):
+    proc = run_cli("fit", home=home)
+    assert_one_line_error(proc, "tierkit probe", "--profile", LAPTOP)
+
+
+def test_cli_unknown_profile(home):
+    assert_one_line_error(run_cli("fit", "--profile", "nope", home=home), "unknown profile 'nope'", LAPTOP)
+    assert_one_line_error(run_cli("fit", "--profile", "x.yaml", home=home), "x.yaml")
+    assert_one_line_error(run_cli("fit", "--profile", LAPTOP, "--track", "nope", home=home), "no track 'nope'")
+    assert_one_line_error(run_cli("fit", "--profile", LAPTOP, "--milestone", "B99", home=home), "no milestone")
+
+
+def test_cli_all_profiles(home):
+    proc = run_cli("fit", "--all-profiles", home=home)
+    assert proc.returncode == 0, proc.stderr
+    assert "B17" in proc.stdout and "qwen2.5" in proc.stdout and "124M" in proc.stdout
+    proc = run_cli("fit", "--all-profiles", "--json", "--track", "g2c", home=home)
+    doc = json.loads(proc.stdout)
+    assert set(doc["profiles"]) == set(F.reference_names()) and doc["track"] == "g2c"
+    assert all(len(ps) == 20 for ps in doc["profiles"].values())
+
+
+def test_cli_json_and_explain(home):
+    proc = run_cli("fit", "--profile", RTX, "--json", home=home)
+    doc = json.loads(proc.stdout)
+    b12 = next(p for p in doc["plans"] if p["milestone"] == "B12")
+    assert b12["verdict"] in ("fits", "tight") and b12["prediction"]["basis"] and doc["profile"] == RTX
+    proc = run_cli("fit", "--profile", RTX, "--milestone", "B12", "--explain", home=home)
+    assert proc.returncode == 0, proc.stderr
+    for needle in ("params = V*h", "16 B/param", "Korthikanti", "6*N_matmul", "TFLOP/s", "datasheet figure"):
+        assert needle in proc.stdout, needle
+
+
+def test_cli_fit_is_fast_and_light(home):
+    """No framework on the fit path, and under a second from a cold start."""
+    env = {"TIERKIT_HOME": str(home), "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "tiers.cli", "fit", "--profile", LAPTOP],
+                          capture_output=True, text=True, env={**os.environ, **env}, cwd=home, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    imported = {m.group(1).strip().split(".")[0] for m in re.finditer(r"^import time:\s+\d+ \|\s+\d+ \|(.+)$",
+                                                                        proc.stderr, re.MULTILINE)}
+    assert "tiers" in imported and not imported & {"torch", "tensorflow", "matplotlib"}
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        done = run_cli("fit", "--profile", LAPTOP, home=home)
+        best = min(best, time.perf_counter() - t)
+        assert done.returncode == 0
+    assert best < 1.0, best

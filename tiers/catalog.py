@@ -1,0 +1,451 @@
+"""The milestone catalog: tiers/milestones.yaml, validated on load.
+
+The data lives in the YAML; this module says what shape it must have (one
+pydantic model per cost model's ladder rung, so a misspelt parameter is caught
+with the milestone and rung it is in) and gives it to the planner as plain,
+frozen objects. Any problem is a `CatalogError` whose message is one line.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SCHEMA = "tierkit/milestones/v1"
+DEFAULT_PATH = Path(__file__).with_name("milestones.yaml")
+DEFAULT_TRACK = "build"
+
+
+class CatalogError(Exception):
+    """The milestone catalog cannot be read; str() is one line naming the place and the fix."""
+
+
+class _M(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------- one rung of a ladder, per cost model
+
+class Rung(_M):
+    """A size on a ladder: its label, plus the cost model's parameters (subclasses)."""
+
+    size: str = Field(min_length=1)
+    note: str | None = None            # shown with the plan; never priced
+    data: str | None = None            # the data set this size trains on, for the learner
+
+    def params(self) -> dict[str, Any]:
+        """The configuration a runner gets: every field but the label."""
+        return self.model_dump(exclude={"size"}, exclude_none=True)
+
+
+class Probe(Rung):
+    bench: bool = True
+    discover: bool = True
+    mdns_wait: float = Field(0.25, ge=0)
+
+
+class TabularQ(Rung):
+    env: str
+    states: int = Field(gt=0)
+    actions: int = Field(gt=0)
+    episodes: int = Field(gt=0)
+    max_steps: int = Field(gt=0)
+
+
+class BPE(Rung):
+    corpus_bytes: int = Field(gt=0)
+    vocab_size: int = Field(ge=256)
+    impl: Literal["python", "fast"] = "python"
+
+
+class SkipGram(Rung):
+    vocab: int = Field(gt=0)
+    dim: int = Field(gt=0)
+    corpus_tokens: int = Field(gt=0)
+    window: int = Field(gt=0)
+    negatives: int = Field(ge=0)
+    epochs: float = Field(gt=0)
+
+
+class MLPTrain(Rung):
+    widths: list[int] = Field(min_length=2)
+    samples: int = Field(gt=0)
+    epochs: float = Field(gt=0)
+    batch: int = Field(gt=0)
+    framework: Literal["python", "numpy", "torch"] = "numpy"
+    optimizer: Literal["sgd", "momentum", "adam"] = "sgd"
+
+
+class Matmul(Rung):
+    n_min: int = Field(64, gt=0)
+    n_max: int = Field(gt=0)
+    dtype: Literal["float32", "float64"] = "float32"
+    min_seconds: float = Field(0.25, gt=0)
+
+
+class DSCNN(Rung):
+    channels: int = Field(gt=0)
+    blocks: int = Field(gt=0)
+    classes: int = Field(12, gt=1)
+    train_samples: int = Field(gt=0)
+    epochs: float = Field(gt=0)
+    max_latency_ms: float = Field(gt=0)
+
+
+class CNNTrain(Rung):
+    in_hw: tuple[int, int]
+    in_ch: int = Field(gt=0)
+    widths: list[int] = Field(min_length=1)
+    convs_per_stage: int = Field(1, gt=0)
+    fc: list[int] = Field(default_factory=lambda: [128])
+    classes: int = Field(10, gt=1)
+    samples: int = Field(gt=0)
+    epochs: float = Field(gt=0)
+    batch: int = Field(gt=0)
+
+
+class LSTMTrain(Rung):
+    vocab: int = Field(gt=0)
+    embed: int = Field(gt=0)
+    hidden: int = Field(gt=0)
+    layers: int = Field(gt=0)
+    batch: int = Field(gt=0)
+    seq: int = Field(gt=0)
+    steps: int = Field(gt=0)
+
+
+class GPTShaped(Rung):
+    vocab_size: int = Field(gt=0)
+    block_size: int = Field(gt=0)
+    n_layer: int = Field(gt=0)
+    n_head: int = Field(gt=0)
+    n_embd: int = Field(gt=0)
+    bias: bool = True
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> GPTShaped:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+        return self
+
+
+class GPTTrain(GPTShaped):
+    batch_size: int = Field(gt=0)
+    grad_accum: int = Field(1, gt=0)
+    steps: int = Field(gt=0)
+    framework: Literal["numpy", "torch"] = "torch"
+    init: str = "scratch"              # or "pretrained", "your B12 model": same cost either way
+
+
+class DPO(GPTShaped):
+    pairs: int = Field(gt=0)
+    seq: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    epochs: float = Field(1, gt=0)
+
+
+class QuantLab(GPTShaped):
+    eval_tokens: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
+
+
+class GPTInfer(GPTShaped):
+    ctx: int = Field(gt=0)
+    prompt_tokens: int = Field(ge=0)
+    new_tokens: int = Field(gt=0)
+    requests: int = Field(1, gt=0)
+    min_tokens_per_s: float = Field(0, ge=0)
+    dtype: Literal["auto", "fp32", "fp16", "bf16", "int8"] = "auto"
+
+
+class VectorSearch(Rung):
+    n: int = Field(gt=0)
+    dim: int = Field(gt=0)
+    queries: int = Field(gt=0)
+    dtype: Literal["float32", "float16"] = "float32"
+
+
+class GGUF(Rung):
+    model: str
+    quant: str
+    ctx: int = Field(gt=0)
+    prompt_tokens: int = Field(ge=0)
+    new_tokens: int = Field(gt=0)
+    requests: int = Field(1, gt=0)
+    min_tokens_per_s: float = Field(0, ge=0)
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, v: str) -> str:
+        from models.costs import GGUF_MODELS
+
+        if v not in GGUF_MODELS:
+            raise ValueError(f"unknown GGUF model {v!r}; known: {', '.join(GGUF_MODELS)}")
+        return v
+
+    @field_validator("quant")
+    @classmethod
+    def _known_quant(cls, v: str) -> str:
+        from models.costs import GGUF_BYTES_PER_PARAM
+
+        if v not in GGUF_BYTES_PER_PARAM:
+            raise ValueError(f"unknown quantisation {v!r}; known: {', '.join(GGUF_BYTES_PER_PARAM)}")
+        return v
+
+
+# cost model name -> the rung it prices (tiers/fit.py has one pricer per name)
+COST_MODELS: dict[str, type[Rung]] = {
+    "probe": Probe, "tabular-q": TabularQ, "bpe": BPE, "skipgram": SkipGram, "mlp-train": MLPTrain,
+    "matmul": Matmul, "dscnn": DSCNN, "cnn-train": CNNTrain, "lstm-train": LSTMTrain, "gpt-train": GPTTrain,
+    "dpo": DPO, "quant-lab": QuantLab, "gpt-infer": GPTInfer, "vector-search": VectorSearch,
+    "gguf-decode": GGUF, "gguf-split": GGUF,
+}
+
+
+# ---------------------------------------------------------------- a milestone
+
+class TimeBox(_M):
+    hours: float | tuple[float, float]
+    compute_hours: float | None = Field(None, gt=0)
+    estimate: bool = False
+    note: str | None = None
+
+    @field_validator("hours")
+    @classmethod
+    def _positive(cls, v: float | tuple[float, float]) -> float | tuple[float, float]:
+        lo, hi = (v, v) if isinstance(v, (int, float)) else v
+        if not 0 < lo <= hi:
+            raise ValueError("hours must be positive, as a number or [low, high] with low <= high")
+        return v
+
+    @property
+    def budget_seconds(self) -> float:
+        """The most compute time a plan may take."""
+        hi = self.hours if isinstance(self.hours, (int, float)) else self.hours[1]
+        return 3600 * (self.compute_hours or hi)
+
+    def label(self) -> str:
+        h = self.hours
+        text = f"{h:g} h" if isinstance(h, (int, float)) else f"{h[0]:g}-{h[1]:g} h"
+        if self.compute_hours:
+            text += f" (compute up to {self.compute_hours:g} h)"
+        return ("~" if self.estimate else "") + text
+
+
+class BoardNeed(_M):
+    min_sram_kb: int = Field(gt=0)
+    min_flash_kb: int = Field(gt=0)
+
+
+class Needs(_M):
+    packages: list[str] = Field(default_factory=list)        # import names
+    gpu_packages: list[str] = Field(default_factory=list)    # only when the plan runs on a GPU
+    gpu: Literal["none", "optional", "required"] = "none"
+    gpu_backends: list[Literal["cuda", "rocm", "mps"]] = Field(default_factory=lambda: ["cuda", "rocm", "mps"])
+    board: BoardNeed | None = None
+    nodes: int = Field(1, ge=1)
+
+
+class _MilestoneIn(_M):
+    id: str = Field(pattern=r"^[A-Z][0-9]{1,2}$")
+    slug: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
+    title: str
+    phase: str
+    time_box: TimeBox
+    tiers: list[Literal[0, 1, 2, 3]] = Field(min_length=1)
+    needs: Needs = Field(default_factory=Needs)
+    cost: str
+    defaults: dict[str, Any] = Field(default_factory=dict)
+    ladder: list[dict[str, Any]] = Field(min_length=1)
+    notes: str | None = None
+
+    @field_validator("cost")
+    @classmethod
+    def _known_cost(cls, v: str) -> str:
+        if v not in COST_MODELS:
+            raise ValueError(f"unknown cost model {v!r}; known: {', '.join(COST_MODELS)}")
+        return v
+
+    @field_validator("tiers")
+    @classmethod
+    def _unique(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError("a tier is listed twice")
+        return v
+
+
+class _TrackIn(_M):
+    title: str
+    milestones: list[_MilestoneIn] = Field(min_length=1)
+
+
+class _CatalogIn(_M):
+    schema_: Literal["tierkit/milestones/v1"] = Field(alias="schema")
+    extras: dict[str, str] = Field(default_factory=dict)
+    tracks: dict[str, _TrackIn] = Field(min_length=1)
+
+
+@dataclass(frozen=True)
+class Milestone:
+    """One milestone, validated: what the planner sizes and the runner runs."""
+
+    id: str
+    slug: str
+    title: str
+    phase: str
+    track: str
+    time_box: TimeBox
+    tiers: tuple[int, ...]            # in preference order
+    needs: Needs
+    cost: str                         # the cost model (and the calibration's workload name)
+    ladder: tuple[Rung, ...]          # smallest to largest
+    notes: str | None = None
+
+    def rung(self, size: str) -> Rung:
+        for r in self.ladder:
+            if r.size == size:
+                return r
+        raise CatalogError(f"{self.id} has no size {size!r}; sizes: {', '.join(r.size for r in self.ladder)}")
+
+
+@dataclass(frozen=True)
+class Track:
+    name: str
+    title: str
+    milestones: tuple[Milestone, ...]
+
+
+@dataclass(frozen=True)
+class Catalog:
+    tracks: dict[str, Track]
+    extras: dict[str, str]            # import name -> pip extra
+
+    def track(self, name: str = DEFAULT_TRACK) -> Track:
+        try:
+            return self.tracks[name]
+        except KeyError:
+            raise CatalogError(f"no track {name!r}; tracks: {', '.join(self.tracks)}") from None
+
+    def get(self, milestone: str, track: str = DEFAULT_TRACK) -> Milestone:
+        t = self.track(track)
+        key = milestone.strip().upper()
+        for m in t.milestones:
+            if m.id == key:
+                return m
+        raise CatalogError(f"no milestone {milestone!r} in track {track}; "
+                           f"milestones: {', '.join(m.id for m in t.milestones)}")
+
+    def install_hint(self, package: str) -> str:
+        extra = self.extras.get(package)
+        if extra in (None, "base"):
+            return "pip install -e ." if extra == "base" else f"pip install {package}"
+        return f"pip install 'tierkit[{extra}]'"
+
+
+# ---------------------------------------------------------------- loading
+
+def _where(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _error_line(exc: ValidationError, prefix: tuple[Any, ...] = ()) -> str:
+    err = exc.errors(include_url=False)[0]
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown field (misspelt?)"
+    elif err["type"] == "missing":
+        msg = "required field is missing"
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{_where(prefix + tuple(err['loc']))}: {msg}{more}"
+
+
+def parse(data: Any, origin: str = "milestones.yaml") -> Catalog:
+    """Validate parsed YAML into a Catalog; CatalogError with one line on the first problem."""
+    fix = "fix the file (see the comments at its top)"
+    if not isinstance(data, dict):
+        raise CatalogError(f"{origin}: expected a mapping with 'schema: {SCHEMA}'; {fix}")
+    try:
+        raw = _CatalogIn.model_validate(data)
+    except ValidationError as exc:
+        raise CatalogError(f"{origin}: {_error_line(exc)}; {fix}") from None
+    tracks: dict[str, Track] = {}
+    for tname, t in raw.tracks.items():
+        seen: set[str] = set()
+        milestones = []
+        for i, m in enumerate(t.milestones):
+            where = ("tracks", tname, "milestones", i)
+            if m.id in seen:
+                raise CatalogError(f"{origin}: {_where(where)}: milestone {m.id} is listed twice; {fix}")
+            seen.add(m.id)
+            kind = COST_MODELS[m.cost]
+            rungs = []
+            for j, entry in enumerate(m.ladder):
+                try:
+                    rungs.append(kind.model_validate({**m.defaults, **entry}))
+                except ValidationError as exc:
+                    line = _error_line(exc, where + ("ladder", j))
+                    raise CatalogError(f"{origin}: {line} ({m.id}, cost model {m.cost}); {fix}") from None
+            sizes = [r.size for r in rungs]
+            if len(set(sizes)) != len(sizes):
+                raise CatalogError(f"{origin}: {_where(where)}: {m.id} has a size label twice; {fix}")
+            if 0 in m.tiers and m.needs.board is None:
+                raise CatalogError(f"{origin}: {_where(where)}: {m.id} runs on tier 0 but needs no board; {fix}")
+            milestones.append(Milestone(id=m.id, slug=m.slug, title=m.title, phase=m.phase, track=tname,
+                                        time_box=m.time_box, tiers=tuple(m.tiers), needs=m.needs, cost=m.cost,
+                                        ladder=tuple(rungs), notes=m.notes))
+        tracks[tname] = Track(tname, t.title, tuple(milestones))
+    if DEFAULT_TRACK not in tracks:
+        raise CatalogError(f"{origin}: tracks: the default track {DEFAULT_TRACK!r} is missing; {fix}")
+    return Catalog(tracks=tracks, extras=dict(raw.extras))
+
+
+def load(path: str | Path | None = None) -> Catalog:
+    """The catalog at `path` (default: the packaged tiers/milestones.yaml, read once)."""
+    if path is None:
+        return _default()
+    return _load(Path(path))
+
+
+@functools.lru_cache(maxsize=1)
+def _default() -> Catalog:
+    return _load(DEFAULT_PATH)
+
+
+def _load(p: Path) -> Catalog:
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CatalogError(f"{p}: cannot read the milestone catalog ({exc.strerror or exc}); "
+                           "reinstall tierkit or pass a readable file") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = (exc.problem or "syntax error").replace("\n", " ")
+        raise CatalogError(f"{p}: not valid YAML{where}: {problem}; fix the file") from None
+    except yaml.YAMLError as exc:
+        raise CatalogError(f"{p}: not valid YAML ({type(exc).__name__}); fix the file") from None
+    return parse(data, str(p))
+
+
+# ---------------------------------------------------------------- shortcuts
+
+def tracks() -> list[str]:
+    return list(load().tracks)
+
+
+def track(name: str = DEFAULT_TRACK) -> list[Milestone]:
+    return list(load().track(name).milestones)
+
+
+def get(milestone: str, track: str = DEFAULT_TRACK) -> Milestone:
+    """A milestone by id ('B12', 'b12'), from the packaged catalog."""
+    return load().get(milestone, track)

@@ -1,0 +1,598 @@
+"""The milestone runner: a Plan in, a build folder and a Result out.
+
+    run(plan, profile, out_root)
+      1. refuse what cannot run: verdict `no`, unmet needs, a milestone not written yet
+      2. call the milestone's function in a temporary folder beside the build folder,
+         measuring wall time and peak memory around the call
+      3. write README.md (predicted vs actual, the milestone's numbers, its plots) and metrics.json
+      4. swap the temporary folder in for builds/B<nn>-<slug>/ (a failed run leaves the old one)
+      5. append predicted vs actual to the profile's calibration, when the profile is the
+         user's own file (a reference kit is never modified)
+
+What "peak memory" means here. The planner's `Prediction.peak_bytes` is for the
+*whole process* on the chosen device: on a CPU the interpreter, numpy, the
+milestone's imports and its arrays, i.e. the RSS a user would see in `top`. So
+the actual we compare it with is the *absolute* peak RSS of this process while
+the milestone runs (sampled every 20 ms, and exact when the run set a new
+lifetime maximum, see `MemoryMonitor`), not the increase over the baseline. The
+baseline (the RSS just before the call: Python, the CLI, numpy) and the increase
+are recorded too, so the planner's overhead term can be checked. On a CUDA device
+the actual is the GPU memory this process held (NVML, which includes the CUDA
+context and torch's cache), or torch's max reserved bytes where NVML cannot see
+the process; `torch.cuda.max_memory_allocated` is recorded beside it.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import importlib
+import importlib.util
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Self
+
+from inventory.profile import Calibration, Profile, save
+from tiers.plan import Plan, Result
+
+# ---------------------------------------------------------------- the registry
+
+# Milestone id -> "module:function". Imported only when that milestone runs, so
+# its heavy dependencies (matplotlib, torch, tensorflow) load only then. Later
+# issues add their milestones here, one line each.
+REGISTRY: dict[str, str] = {
+    "B0": "tiers.tier1.b00_inventory:run",
+    "B5": "tiers.tier1.b05_roofline:run",
+}
+
+# Milestones not written yet, and the issue that brings each.
+PLANNED: dict[str, str] = {
+    **{m: "P5" for m in ("B1", "B2", "B3", "B4", "B8", "B10", "B15")},
+    **{m: "P6" for m in ("B7", "B9", "B11", "B12", "B13", "B14", "B16")},
+    "B6": "P3",
+    "B17": "P4",
+}
+
+# pip name -> import name, where they differ (the catalog lists import names; this is a safety net).
+_IMPORT_NAMES = {"llama-cpp-python": "llama_cpp", "scikit-learn": "sklearn", "py-cpuinfo": "cpuinfo",
+                 "pyserial": "serial", "nvidia-ml-py": "pynvml", "tflite-micro": "tflite_micro",
+                 "ai-edge-litert": "ai_edge_litert", "pyyaml": "yaml"}
+
+
+class RunError(Exception):
+    """Why a milestone did not run (or did not finish); str() is one line for the user."""
+
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(message)
+        self.code = code
+
+
+# ---------------------------------------------------------------- what a milestone sees and returns
+
+class _Step:
+    """One progress bar; a no-op when nobody is watching."""
+
+    def __init__(self, progress: Any, description: str, total: float | None):
+        self._progress = progress
+        self._task = progress.add_task(description, total=total) if progress is not None else None
+
+    def advance(self, n: float = 1) -> None:
+        if self._progress is not None:
+            self._progress.advance(self._task, n)
+
+    def update(self, **kw: Any) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, **kw)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.remove_task(self._task)
+
+
+@dataclass
+class Context:
+    """What the runner hands a milestone function."""
+
+    out_dir: Path                     # write plots and files here (a temp folder until the run succeeds)
+    device: str                       # the plan's device: "cpu", "cuda:0", ...
+    config: dict[str, Any]            # the sized configuration the planner chose
+    plan: Plan
+    profile: Profile
+    progress_display: Any = None      # a rich Progress, or None when quiet
+    lines: list[str] = field(default_factory=list)
+
+    def progress(self, description: str, total: float | None = None) -> _Step:
+        """A progress bar: `with ctx.progress("matmul", len(sizes)) as bar: ... bar.advance()`."""
+        return _Step(self.progress_display, description, total)
+
+    def log(self, *parts: object) -> None:
+        """A line for the user now, and for metrics.json's log afterwards."""
+        line = " ".join(str(p) for p in parts)
+        self.lines.append(line)
+        if self.progress_display is not None:
+            from rich.markup import escape
+
+            self.progress_display.console.print(f"[dim]{self.plan.milestone}[/] {escape(line)}", highlight=False)
+
+
+@dataclass
+class Output:
+    """What a milestone function returns."""
+
+    metrics: dict[str, Any]                         # its numbers (JSON-able)
+    summary: str = ""                               # a paragraph for the top of the README
+    report: str = ""                                # markdown sections (## ...) for the README
+    plots: list[str] = field(default_factory=list)  # PNG names in out_dir with a caption each: "x.png: caption"
+    profile: Profile | None = None                  # a freshly probed profile to become the live one (B0)
+
+
+# ---------------------------------------------------------------- measuring
+
+def _maxrss_bytes() -> int:
+    """This process's lifetime peak RSS (KiB on Linux, bytes on macOS)."""
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(r if sys.platform == "darwin" else r * 1024)
+
+
+class MemoryMonitor:
+    """Peak memory of this process while a block runs.
+
+    A thread samples RSS every `interval` seconds (children every ~0.5 s, since
+    listing them costs more). Sampling can miss a spike shorter than the
+    interval, so `ru_maxrss`, the kernel's exact lifetime maximum, is read too:
+    if it rose during the block, the block set a new lifetime maximum and that
+    figure is exact; if it did not, the peak of the block was below the earlier
+    maximum and only the samples can tell it. (On Linux a child's ru_maxrss starts
+    at its parent's size before exec, so in a process started by a big one the
+    samples are usually what counts.)
+    """
+
+    def __init__(self, interval: float = 0.02, cuda_index: int | None = None):
+        import psutil
+
+        self.interval = interval
+        self.cuda_index = cuda_index
+        self._proc = psutil.Process()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample_loop, name="tierkit-rss", daemon=True)
+        self.baseline_rss = 0
+        self.sampled_peak = 0
+        self.samples = 0
+        self.maxrss_before = 0
+        self.maxrss_after = 0
+        self.children_peak = 0
+        self.gpu: dict[str, int] = {}
+        self._nvml_peak = 0
+        self._nvml_handle: Any = None
+
+    def _rss(self) -> int:
+        return int(self._proc.memory_info().rss)
+
+    def _children_rss(self) -> int:
+        import psutil
+
+        total = 0
+        try:
+            for c in self._proc.children(recursive=True):
+                try:
+                    total += c.memory_info().rss
+                except psutil.Error:  # it exited between the listing and the read
+                    continue
+        except psutil.Error:
+            return total
+        return total
+
+    def _nvml_used(self) -> int:
+        """GPU memory NVML attributes to this process (context and cache included); 0 if unseen."""
+        if self._nvml_handle is None:
+            return 0
+        try:
+            import pynvml
+
+            for p in pynvml.nvmlDeviceGetComputeRunningProcesses(self._nvml_handle):
+                if p.pid == os.getpid() and p.usedGpuMemory:
+                    return int(p.usedGpuMemory)
+        except Exception:  # noqa: BLE001  (NVML errors vary by driver; the figure is optional)
+            return 0
+        return 0
+
+    def _sample_loop(self) -> None:
+        tick = 0
+        while not self._stop.wait(self.interval):
+            tick += 1
+            rss = self._rss()
+            if tick % 25 == 0:
+                self.children_peak = max(self.children_peak, self._children_rss())
+            if self._nvml_handle is not None and tick % 5 == 0:
+                self._nvml_peak = max(self._nvml_peak, self._nvml_used())
+            self.sampled_peak = max(self.sampled_peak, rss)
+            self.samples += 1
+
+    def __enter__(self) -> Self:
+        if self.cuda_index is not None:
+            import torch
+
+            torch.cuda.reset_peak_memory_stats(self.cuda_index)
+            try:
+                import pynvml
+
+                pynvml.nvmlInit()
+                self._nvml_handle = pynvml.nvmlDeviceGetHandleByIndex(self.cuda_index)
+            except Exception:  # noqa: BLE001  (no NVML here: torch's figures are used instead)
+                self._nvml_handle = None
+        self.maxrss_before = _maxrss_bytes()
+        self.baseline_rss = self.sampled_peak = self._rss()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sampled_peak = max(self.sampled_peak, self._rss())
+        self.maxrss_after = _maxrss_bytes()
+        if self.cuda_index is not None:
+            import torch
+
+            torch.cuda.synchronize(self.cuda_index)
+            self.gpu = {"max_allocated_bytes": int(torch.cuda.max_memory_allocated(self.cuda_index)),
+                        "max_reserved_bytes": int(torch.cuda.max_memory_reserved(self.cuda_index))}
+            self._nvml_peak = max(self._nvml_peak, self._nvml_used())
+            if self._nvml_peak:
+                self.gpu["nvml_process_peak_bytes"] = self._nvml_peak
+
+    @property
+    def rss_peak(self) -> int:
+        """Absolute peak RSS during the block: sampled, or exact when it set a new lifetime maximum."""
+        exact = self.maxrss_after if self.maxrss_after > self.maxrss_before else 0
+        return max(self.sampled_peak, exact)
+
+    @property
+    def rss_peak_method(self) -> str:
+        if self.maxrss_after > self.maxrss_before and self.maxrss_after >= self.sampled_peak:
+            return "ru_maxrss (the run set the process's lifetime maximum: exact)"
+        return f"psutil RSS sampled every {self.interval * 1000:.0f} ms ({self.samples} samples)"
+
+    def device_peak(self) -> tuple[int, str]:
+        """The peak to compare with the plan's prediction on its device, and how it was measured."""
+        if self.cuda_index is None:
+            return self.rss_peak, f"process RSS peak, absolute; {self.rss_peak_method}"
+        if "nvml_process_peak_bytes" in self.gpu:
+            return self.gpu["nvml_process_peak_bytes"], "GPU memory held by this process (NVML: context + torch cache)"
+        return self.gpu["max_reserved_bytes"], "torch.cuda.max_memory_reserved (NVML could not see the process; CUDA context not included)"
+
+
+# ---------------------------------------------------------------- checks
+
+def _cuda_index(device: str) -> int | None:
+    if not device.startswith("cuda"):
+        return None
+    _, _, idx = device.partition(":")
+    return int(idx) if idx.isdigit() else 0
+
+
+def needed_packages(plan: Plan) -> list[str]:
+    """The packages (import names) the milestone needs on the plan's device, from the catalog."""
+    from tiers import catalog
+
+    try:
+        m = catalog.get(plan.milestone)
+    except catalog.CatalogError:
+        return []
+    gpu = plan.device.startswith(("cuda", "mps", "rocm"))
+    return list(dict.fromkeys([*m.needs.packages, *(m.needs.gpu_packages if gpu else [])]))
+
+
+def _install_hint(packages: list[str], tier: int) -> str:
+    from tiers import catalog
+
+    try:
+        hints = sorted({catalog.load().install_hint(p) for p in packages})
+    except catalog.CatalogError:
+        hints = []
+    hints = [h for h in hints if "tierkit[" in h] or [f"pip install 'tierkit[tier{tier}]'"]
+    return "; ".join(hints)
+
+
+def _missing(package: str) -> bool:
+    name = package.split("[")[0].split(">")[0].split("=")[0].split("<")[0].strip()
+    name = _IMPORT_NAMES.get(name.lower(), name.replace("-", "_"))
+    try:
+        return importlib.util.find_spec(name) is None
+    except (ImportError, ValueError):
+        return True
+
+
+def check_needs(plan: Plan) -> None:
+    """Everything that must hold before a milestone starts; RunError (one line) otherwise."""
+    mid = plan.milestone
+    if plan.verdict == "no":
+        why = "; ".join(plan.reasons) or "the planner found no size that fits"
+        raise RunError(f"{mid} does not fit this profile ({plan.profile or 'unnamed'}): {why}")
+    if mid not in REGISTRY:
+        issue = PLANNED.get(mid)
+        raise RunError(f"{mid} is not implemented yet" + (f" (issue {issue})" if issue else "")
+                       + f"; runnable now: {', '.join(sorted(REGISTRY, key=lambda m: int(m[1:])))}")
+    missing = [p for p in needed_packages(plan) if _missing(p)]
+    if missing:
+        raise RunError(f"{mid} needs {', '.join(missing)}, not installed here: {_install_hint(missing, plan.tier)}")
+    idx = _cuda_index(plan.device)
+    if idx is not None:
+        if _missing("torch"):
+            raise RunError(f"{mid} is planned on {plan.device} but torch is not installed: "
+                           "pip install 'tierkit[tier2]' (with the CUDA build of torch)")
+        import torch
+
+        if not torch.cuda.is_available() or idx >= torch.cuda.device_count():
+            raise RunError(f"{mid} is planned on {plan.device} but torch sees no such CUDA device here; "
+                           "run with --tier 1 for the CPU, or probe this machine again")
+
+
+def resolve(milestone: str) -> Callable[[Context], Output]:
+    target = REGISTRY[milestone]
+    module, _, func = target.partition(":")
+    try:
+        return getattr(importlib.import_module(module), func)
+    except ImportError as exc:
+        raise RunError(f"{milestone} cannot load ({exc.name or exc}); pip install 'tierkit[all]'") from None
+
+
+# ---------------------------------------------------------------- the run
+
+def run(plan: Plan, profile: Profile, out_root: Path, progress: Any = None, *,
+        profile_path: Path | None = None) -> Result:
+    """Run a planned milestone; write its build folder; record predicted vs actual.
+
+    `progress` is a rich Progress to draw on (None: quiet). `profile_path` is
+    where the profile came from when it is the user's own file: the calibration
+    record is saved there; None (a reference kit) leaves every profile file alone.
+    """
+    check_needs(plan)
+    fn = resolve(plan.milestone)
+    out_root = Path(out_root)
+    final = out_root / plan.folder
+    try:
+        out_root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{plan.folder}.tmp-", dir=out_root))
+    except OSError as exc:
+        raise RunError(f"cannot write under {out_root}: {exc.strerror}; pass --out to a writable folder") from None
+
+    ctx = Context(out_dir=tmp, device=plan.device, config=dict(plan.config), plan=plan, profile=profile,
+                  progress_display=progress)
+    try:
+        monitor = MemoryMonitor(cuda_index=_cuda_index(plan.device))
+        started = dt.datetime.now(dt.UTC)
+        with monitor:
+            t0 = time.perf_counter()
+            out = fn(ctx)
+            seconds = time.perf_counter() - t0
+        peak, peak_method = monitor.device_peak()
+        actual = {
+            "peak_bytes": peak,
+            "peak_method": peak_method,
+            "seconds": round(seconds, 4),
+            "rss_peak_bytes": monitor.rss_peak,
+            "rss_baseline_bytes": monitor.baseline_rss,
+            "rss_increase_bytes": monitor.rss_peak - monitor.baseline_rss,
+            "children_rss_peak_bytes": monitor.children_peak,
+            **({"gpu": monitor.gpu} if monitor.gpu else {}),
+            "started": started.isoformat(timespec="seconds"),
+        }
+        plots = _plots(tmp, out)
+        result = Result(plan=plan, out_dir=final, actual_peak_bytes=float(peak), actual_seconds=seconds,
+                        metrics=out.metrics, plots=[final / p for p, _ in plots], summary=out.summary)
+        live = out.profile or profile
+        # Plain writes: the whole folder is swapped in at once below, so nobody sees it half-written.
+        (tmp / "metrics.json").write_text(json.dumps(_metrics_doc(result, actual, live, ctx.lines), indent=2,
+                                                     default=_json_default) + "\n", encoding="utf-8")
+        (tmp / "README.md").write_text(readme(result, actual, live, out, plots, saved=profile_path is not None),
+                                       encoding="utf-8")
+        _swap_in(tmp, final)
+    except RunError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)) or os.environ.get("TIERKIT_DEBUG"):
+            raise
+        kept = "; the previous build folder is unchanged" if final.exists() else ""
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise RunError(f"{plan.milestone} failed: {type(exc).__name__}" + (f": {msg}" if msg else "") + kept
+                       + " (set TIERKIT_DEBUG=1 for the traceback)", code=2) from exc
+
+    if profile_path is not None:  # B0's fresh profile replaces the live one, keeping its calibration history
+        record_calibration(live, plan, result, profile_path, history=profile.calibration if out.profile else None)
+    return result
+
+
+def _swap_in(tmp: Path, final: Path) -> None:
+    """Replace `final` with `tmp`: two renames, so no reader ever sees half a folder."""
+    _readable(tmp)
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}-{time.monotonic_ns()}")
+        os.replace(final, old)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        if old is not None:
+            os.replace(old, final)  # put the previous build back
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _readable(folder: Path) -> None:
+    """mkdtemp/mkstemp make private (0700/0600) entries; a build folder is as public as the umask allows."""
+    mask = os.umask(0)
+    os.umask(mask)
+    folder.chmod(0o777 & ~mask)
+    for f in folder.rglob("*"):
+        if f.is_file() and not f.name.startswith("profile"):
+            f.chmod(0o666 & ~mask)
+
+
+def _plots(out_dir: Path, out: Output) -> list[tuple[str, str]]:
+    """(file name, caption) for the milestone's plots: those it named, then any other PNG it wrote."""
+    named: dict[str, str] = {}
+    for entry in out.plots:
+        name, _, caption = entry.partition(":")
+        named[name.strip()] = caption.strip()
+    for png in sorted(out_dir.glob("*.png")):
+        named.setdefault(png.name, "")
+    return [(n, c or Path(n).stem.replace("_", " ")) for n, c in named.items() if (out_dir / n).is_file()]
+
+
+def record_calibration(profile: Profile, plan: Plan, result: Result, path: Path,
+                       history: list[Calibration] | None = None) -> Calibration:
+    """Append predicted vs actual to the profile and save it atomically to `path`."""
+    rec = Calibration(
+        workload=workload(plan), milestone=plan.milestone, size=plan.size, device=plan.device,
+        predicted_peak_bytes=plan.prediction.peak_bytes if plan.prediction else None,
+        actual_peak_bytes=result.actual_peak_bytes,
+        predicted_seconds=plan.prediction.seconds if plan.prediction else None,
+        actual_seconds=round(result.actual_seconds, 4),
+        when=dt.datetime.now(dt.UTC))
+    if history is not None:  # a fresh probe (B0) keeps the earlier runs' records
+        profile.calibration = [*history, *profile.calibration]
+    profile.calibration.append(rec)
+    try:
+        save(profile, path)
+    except OSError as exc:
+        raise RunError(f"the build is written, but the profile {path} could not be updated: {exc.strerror}") from None
+    return rec
+
+
+def workload(plan: Plan) -> str:
+    """The calibration key: the cost model the planner used, else the milestone's folder name."""
+    for key in ("workload", "cost_model"):
+        if isinstance(plan.config.get(key), str):
+            return plan.config[key]
+    return plan.folder
+
+
+# ---------------------------------------------------------------- README and metrics.json
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, (dt.datetime, dt.date)):
+        return o.isoformat()
+    if hasattr(o, "item"):  # numpy scalars
+        return o.item()
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    return str(o)
+
+
+def _hardware(p: Profile) -> dict[str, Any]:
+    return {"profile": p.name, "host": p.host.hostname if p.host else platform.node(),
+            "cpu": p.cpu.model if p.cpu else None,
+            "cores": p.cpu.physical_cores if p.cpu else None,
+            "memory_bytes": p.memory.total_bytes if p.memory else None,
+            "gpus": [g.model for g in p.gpus]}
+
+
+def _ratio(actual: float | None, predicted: float | None) -> float | None:
+    if not actual or not predicted:
+        return None
+    return round(actual / predicted, 3)
+
+
+def _metrics_doc(result: Result, actual: dict[str, Any], profile: Profile, lines: list[str]) -> dict[str, Any]:
+    plan, pred = result.plan, result.plan.prediction
+    return {
+        "schema": "tierkit/metrics/v1",
+        "milestone": plan.milestone,
+        "plan": plan.to_dict(),
+        "hardware": _hardware(profile),
+        "prediction": None if pred is None else {"peak_bytes": pred.peak_bytes, "seconds": pred.seconds,
+                                                 "bound": pred.bound, "basis": pred.basis},
+        "actual": actual,
+        "ratios": {"memory": _ratio(result.actual_peak_bytes, pred.peak_bytes if pred else None),
+                   "time": _ratio(result.actual_seconds, pred.seconds if pred else None)},
+        "metrics": result.metrics,
+        "plots": [p.name for p in result.plots],
+        "log": lines,
+    }
+
+
+def mib(n: float | None) -> str:
+    return "?" if n is None else f"{n / 2**20:,.1f} MiB"
+
+
+def secs(s: float | None) -> str:
+    if s is None:
+        return "?"
+    return f"{s * 1000:.0f} ms" if s < 1 else f"{s:.2f} s" if s < 120 else f"{s / 60:.1f} min"
+
+
+def _verdict_mark(ratio: float | None, lo: float, hi: float) -> str:
+    if ratio is None or not math.isfinite(ratio):
+        return ""
+    return "within target" if lo <= ratio <= hi else "outside target"
+
+
+def readme(result: Result, actual: dict[str, Any], profile: Profile, out: Output,
+           plots: list[tuple[str, str]], saved: bool) -> str:
+    plan, pred = result.plan, result.plan.prediction
+    hw = _hardware(profile)
+    when = actual["started"].replace("T", " ").replace("+00:00", " UTC")
+    lines = [f"# {plan.milestone}: {plan.title}", ""]
+    if out.summary:
+        lines += [out.summary.strip(), ""]
+    lines += ["## What ran", "",
+              (f"- milestone: {plan.milestone} ({plan.slug}), tier {plan.tier}, device `{plan.device}`, "
+               f"size `{plan.size}` (planner's verdict: {plan.verdict})"),
+              f"- when: {when}, {secs(result.actual_seconds)} wall time",
+              f"- profile: {hw['profile'] or '?'} (host {hw['host']})",
+              f"- CPU: {hw['cpu'] or '?'}" + (f", {hw['cores']} cores" if hw['cores'] else "")
+              + (f"; memory {hw['memory_bytes'] / 2**30:.1f} GiB" if hw['memory_bytes'] else ""),
+              f"- GPU: {', '.join(hw['gpus']) or 'none'}",
+              f"- config: `{json.dumps(plan.config, default=_json_default)}`"]
+    lines += ["", "## Predicted vs actual", ""]
+    if pred is None:
+        lines.append("The planner made no prediction for this run.")
+    else:
+        rm = _ratio(result.actual_peak_bytes, pred.peak_bytes)
+        rt = _ratio(result.actual_seconds, pred.seconds)
+        lines += ["| | predicted | actual | actual / predicted | target |", "|---|---|---|---|---|",
+                  (f"| peak memory | {mib(pred.peak_bytes)} | {mib(result.actual_peak_bytes)} | "
+                   f"{rm if rm is not None else '?'} | 0.75-1.25: {_verdict_mark(rm, 0.75, 1.25)} |"),
+                  (f"| wall time | {secs(pred.seconds)} | {secs(result.actual_seconds)} | "
+                   f"{rt if rt is not None else '?'} | 0.5-2: {_verdict_mark(rt, 0.5, 2.0)} |"), ""]
+        lines += ["The prediction is for the whole process on the device "
+                  + ("(the interpreter, its imports and the milestone's arrays), so the actual is the absolute "
+                     "peak RSS of the process during the run, not its increase."
+                     if _cuda_index(plan.device) is None else
+                     "(CUDA context, torch's cache, the tensors), so the actual is the GPU memory the process held.")
+                  + f" Measured: {actual['peak_method']}. RSS before the milestone started: "
+                  f"{mib(actual['rss_baseline_bytes'])}; increase during it: {mib(actual['rss_increase_bytes'])}.", ""]
+        if pred.basis:
+            lines += ["Basis of the prediction:", ""] + [f"- {b}" for b in pred.basis] + [""]
+        if saved:
+            lines.append("This run was appended to the profile's calibration; later plans are corrected by it.")
+        else:
+            lines.append("The profile is a reference kit (or was not read from your file): it was not modified, "
+                         "so this run is not part of any calibration.")
+    if plan.reasons:
+        lines += ["", "Planner's notes: " + "; ".join(plan.reasons)]
+    if out.report:
+        lines += ["", out.report.strip()]
+    if plots:
+        lines += ["", "## Plots", ""]
+        for name, caption in plots:
+            lines += [f"![{caption}]({name})", ""]
+    lines += ["", "---", f"Numbers: `metrics.json` beside this file. Written by `tierkit run {plan.milestone}`."]
+    return "\n".join(lines).rstrip() + "\n"

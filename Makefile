@@ -1,4 +1,4 @@
-# tierkit: `make run` probes this machine (and sizes the milestones once `fit` lands);
+# tierkit: `make run` probes this machine and says which milestones fit it, at what size;
 # `make test` sets up everything the test suite needs and runs it.
 PY      ?= python3
 VENV    ?= .venv
@@ -43,6 +43,7 @@ deb:
 
 run: setup
 	$(BIN)/tierkit probe
+	$(BIN)/tierkit fit
 
 test: setup-dev
 	$(BIN)/python -m pytest -q

@@ -187,16 +187,24 @@ def default_path() -> Path:
     return Path(base) / "tierkit" / "profile.yaml"
 
 
-def _one_line(exc: ValidationError) -> str:
+def where(loc: tuple[Any, ...]) -> str:
+    """('boards', 0, 'vid_pid') -> 'boards[0].vid_pid'."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def one_line(exc: ValidationError, prefix: tuple[Any, ...] = ()) -> str:
+    """The first validation error as 'field.path: what is wrong (and N more)'."""
     err = exc.errors(include_url=False)[0]
-    loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-    msg = err["msg"]
+    msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
-        msg = "unknown field (misspelt, or from a newer tierkit?)"
+        msg = "unknown field (misspelt?)"
     elif err["type"] == "missing":
         msg = "required field is missing"
     more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    return f"{loc}: {msg}{more}"
+    return f"{where(prefix + tuple(err['loc']))}: {msg}{more}"
 
 
 def parse(data: Any, origin: str = "profile") -> Profile:
@@ -212,7 +220,7 @@ def parse(data: Any, origin: str = "profile") -> Profile:
     try:
         return Profile.model_validate(data)
     except ValidationError as exc:
-        raise ProfileError(f"{origin}: {_one_line(exc)}; fix that field or re-run `tierkit probe`") from None
+        raise ProfileError(f"{origin}: {one_line(exc)}; fix that field or re-run `tierkit probe`") from None
     except (RecursionError, ValueError, TypeError) as exc:  # pathological input
         raise ProfileError(f"{origin}: cannot be read as a profile ({type(exc).__name__}); "
                            "re-run `tierkit probe`") from None

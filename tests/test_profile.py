@@ -54,8 +54,8 @@ def test_valid_document_loads():
     (lambda d: d["cpu"].update(thread=8), "cpu.thread: unknown field"),
     (lambda d: d["cpu"].pop("model"), "cpu.model: required field is missing"),
     (lambda d: d["cpu"]["matmul_gflops"]["fp32"].update(source="guess"), "cpu.matmul_gflops.fp32.source"),
-    (lambda d: d["boards"][0].update(vid_pid="2341-805a"), "boards.0.vid_pid"),
-    (lambda d: d["peers"][0].update(port=70000), "peers.0.port"),
+    (lambda d: d["boards"][0].update(vid_pid="2341-805a"), "boards[0].vid_pid"),
+    (lambda d: d["peers"][0].update(port=70000), "peers[0].port"),
     (lambda d: d.update(schema="tierkit/profile/v0"), "schema: expected 'tierkit/profile/v1'"),
     (lambda d: d.pop("schema"), "schema: expected"),
 ])

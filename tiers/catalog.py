@@ -15,6 +15,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from inventory.profile import one_line
+from inventory.profile import where as field_path
+
 SCHEMA = "tierkit/milestones/v1"
 DEFAULT_PATH = Path(__file__).with_name("milestones.yaml")
 DEFAULT_TRACK = "build"
@@ -348,24 +351,6 @@ class Catalog:
 
 # ---------------------------------------------------------------- loading
 
-def _where(loc: tuple[Any, ...]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "(top level)"
-
-
-def _error_line(exc: ValidationError, prefix: tuple[Any, ...] = ()) -> str:
-    err = exc.errors(include_url=False)[0]
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
-        msg = "unknown field (misspelt?)"
-    elif err["type"] == "missing":
-        msg = "required field is missing"
-    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    return f"{_where(prefix + tuple(err['loc']))}: {msg}{more}"
-
-
 def parse(data: Any, origin: str = "milestones.yaml") -> Catalog:
     """Validate parsed YAML into a Catalog; CatalogError with one line on the first problem."""
     fix = "fix the file (see the comments at its top)"
@@ -374,7 +359,7 @@ def parse(data: Any, origin: str = "milestones.yaml") -> Catalog:
     try:
         raw = _CatalogIn.model_validate(data)
     except ValidationError as exc:
-        raise CatalogError(f"{origin}: {_error_line(exc)}; {fix}") from None
+        raise CatalogError(f"{origin}: {one_line(exc)}; {fix}") from None
     tracks: dict[str, Track] = {}
     for tname, t in raw.tracks.items():
         seen: set[str] = set()
@@ -382,7 +367,7 @@ def parse(data: Any, origin: str = "milestones.yaml") -> Catalog:
         for i, m in enumerate(t.milestones):
             where = ("tracks", tname, "milestones", i)
             if m.id in seen:
-                raise CatalogError(f"{origin}: {_where(where)}: milestone {m.id} is listed twice; {fix}")
+                raise CatalogError(f"{origin}: {field_path(where)}: milestone {m.id} is listed twice; {fix}")
             seen.add(m.id)
             kind = COST_MODELS[m.cost]
             rungs = []
@@ -390,13 +375,13 @@ def parse(data: Any, origin: str = "milestones.yaml") -> Catalog:
                 try:
                     rungs.append(kind.model_validate({**m.defaults, **entry}))
                 except ValidationError as exc:
-                    line = _error_line(exc, where + ("ladder", j))
+                    line = one_line(exc, where + ("ladder", j))
                     raise CatalogError(f"{origin}: {line} ({m.id}, cost model {m.cost}); {fix}") from None
             sizes = [r.size for r in rungs]
             if len(set(sizes)) != len(sizes):
-                raise CatalogError(f"{origin}: {_where(where)}: {m.id} has a size label twice; {fix}")
+                raise CatalogError(f"{origin}: {field_path(where)}: {m.id} has a size label twice; {fix}")
             if 0 in m.tiers and m.needs.board is None:
-                raise CatalogError(f"{origin}: {_where(where)}: {m.id} runs on tier 0 but needs no board; {fix}")
+                raise CatalogError(f"{origin}: {field_path(where)}: {m.id} runs on tier 0 but needs no board; {fix}")
             milestones.append(Milestone(id=m.id, slug=m.slug, title=m.title, phase=m.phase, track=tname,
                                         time_box=m.time_box, tiers=tuple(m.tiers), needs=m.needs, cost=m.cost,
                                         ladder=tuple(rungs), notes=m.notes))

@@ -1,0 +1,135 @@
+/*
+ * kws_kernels.h: int8 inference kernels, bit-exact with TensorFlow Lite Micro.
+ *
+ * Every kernel computes exactly what TFLite Micro's reference integer kernel
+ * computes (tensorflow/lite/kernels/internal/reference/integer_ops/ *.h and
+ * reference/softmax.h), so a model compiled by `tierkit kws export` gives the
+ * same int8 outputs as the interpreter, byte for byte. The arithmetic, in short
+ * (the project's REFERENCE.md, "TFLite int8 arithmetic", has the long form):
+ *
+ *   acc = bias + sum(w * (x + input_offset))            int32, input_offset = -zp_in
+ *   out = MultiplyByQuantizedMultiplier(acc, M, shift) + output_offset
+ *   out = clamp(out, act_min, act_max)                  fused RELU/RELU6 live here
+ *
+ * All parameters (multipliers, shifts, paddings, activation ranges) are
+ * computed at export time by tiers/tier0/export.py and stored as const data:
+ * nothing here touches a float, and nothing allocates. Tensors are NHWC int8.
+ *
+ * Two implementations share one interface: a portable C99 one, and on cores
+ * with the Armv7E-M DSP extension (__ARM_FEATURE_DSP: Cortex-M4/M7/M33) one
+ * that does two 16-bit multiply-accumulates per instruction (SMLAD). Integer
+ * sums are exact, so both give identical results; the tests check it.
+ *
+ * In-place safety: a kernel reads the inputs an output element needs before it
+ * writes that element, and after writing it reads only inputs that outputs
+ * later in NHWC order need (the DSP convolution gathers two pixels' patches
+ * before writing either). The exporter's memory planner relies on this to let
+ * an output overlap the part of its input already consumed (export.py,
+ * `overlap_limit`): that is how the MLPerf DS-CNN fits in 0.41x TFLite Micro's
+ * arena.
+ *
+ * Scratch: kws_conv2d_s8 takes kws_conv2d_scratch_bytes(p) bytes of int16
+ * scratch (int32-aligned) for the DSP path; the generated model places it in
+ * its arena. The portable path ignores it (NULL is fine there).
+ *
+ * Plain C99, no OS, no malloc: drop kws_kernels.c and a generated model.c
+ * into any firmware.
+ */
+#ifndef KWS_KERNELS_H
+#define KWS_KERNELS_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* CONV_2D, DEPTHWISE_CONV_2D, AVERAGE_POOL_2D, MAX_POOL_2D: one parameter block. */
+typedef struct {
+  int32_t batches;
+  int32_t in_h, in_w, in_c;
+  int32_t out_h, out_w, out_c;
+  int32_t k_h, k_w;            /* filter (conv) or window (pool) */
+  int32_t stride_h, stride_w;
+  int32_t dil_h, dil_w;        /* dilation; 1 for pools */
+  int32_t pad_h, pad_w;        /* top and left padding; SAME puts any extra at bottom/right */
+  int32_t depth_mult;          /* depthwise: out_c = in_c * depth_mult */
+  int32_t filter_in_c;         /* conv: input channels per group (== in_c unless grouped) */
+  int32_t input_offset;        /* -input zero point */
+  int32_t output_offset;       /* output zero point */
+  int32_t act_min, act_max;    /* quantised activation range (fused RELU/RELU6 or int8 limits) */
+} kws_conv_params_t;
+
+/* FULLY_CONNECTED. */
+typedef struct {
+  int32_t batches;             /* rows of the input: flat size / accum_depth */
+  int32_t accum_depth;         /* input features */
+  int32_t out_depth;           /* output features */
+  int32_t input_offset;        /* -input zero point */
+  int32_t filter_offset;       /* -filter zero point (0 for int8 weights; kept as TFLM does) */
+  int32_t output_offset;
+  int32_t act_min, act_max;
+  int32_t per_channel;         /* 1: one multiplier/shift per output; 0: mult[0], shift[0] */
+} kws_fc_params_t;
+
+/* ADD, with NumPy-style broadcasting up to 6 dimensions. */
+#define KWS_ADD_MAX_DIMS 6
+typedef struct {
+  int32_t size;                              /* elements of the output */
+  int32_t broadcast;                         /* 0: same shapes, a flat loop */
+  int32_t dims[KWS_ADD_MAX_DIMS];            /* output shape, padded in front with 1s */
+  int32_t stride1[KWS_ADD_MAX_DIMS];         /* input 1 element strides, 0 on broadcast axes */
+  int32_t stride2[KWS_ADD_MAX_DIMS];
+  int32_t left_shift;                        /* 20 for int8 */
+  int32_t input1_offset, input1_multiplier, input1_shift;
+  int32_t input2_offset, input2_multiplier, input2_shift;
+  int32_t output_offset, output_multiplier, output_shift;
+  int32_t act_min, act_max;
+} kws_add_params_t;
+
+/* SOFTMAX, int8 in, int8 out (output scale 1/256, zero point -128). */
+typedef struct {
+  int32_t outer;               /* rows */
+  int32_t depth;               /* classes per row */
+  int32_t input_multiplier;    /* beta * input_scale * 2^26, quantised */
+  int32_t input_left_shift;
+  int32_t diff_min;            /* differences below this give exp() == 0 */
+} kws_softmax_params_t;
+
+/* Bytes of int16 scratch the DSP convolution needs (0 on the portable path is fine). */
+int32_t kws_conv2d_scratch_bytes(const kws_conv_params_t *p);
+
+void kws_conv2d_s8(const kws_conv_params_t *p, const int8_t *input, const int8_t *filter,
+                   const int32_t *bias, const int32_t *mult, const int32_t *shift,
+                   int8_t *output, int16_t *scratch);
+
+void kws_depthwise_conv2d_s8(const kws_conv_params_t *p, const int8_t *input, const int8_t *filter,
+                             const int32_t *bias, const int32_t *mult, const int32_t *shift,
+                             int8_t *output);
+
+void kws_fully_connected_s8(const kws_fc_params_t *p, const int8_t *input, const int8_t *filter,
+                            const int32_t *bias, const int32_t *mult, const int32_t *shift,
+                            int8_t *output);
+
+/* Returns 0, or -1 where a window holds no input element (TFLM fails the op there too). */
+int kws_avg_pool_s8(const kws_conv_params_t *p, const int8_t *input, int8_t *output);
+
+void kws_max_pool_s8(const kws_conv_params_t *p, const int8_t *input, int8_t *output);
+
+void kws_add_s8(const kws_add_params_t *p, const int8_t *input1, const int8_t *input2, int8_t *output);
+
+void kws_softmax_s8(const kws_softmax_params_t *p, const int8_t *input, int8_t *output);
+
+/* The fixed-point primitives, exposed for tests. */
+int32_t kws_multiply_by_quantized_multiplier(int32_t x, int32_t multiplier, int32_t shift);
+int32_t kws_saturating_rounding_doubling_high_mul(int32_t a, int32_t b);
+int32_t kws_rounding_divide_by_pot(int32_t x, int32_t exponent);
+
+/* 1 when this build uses the DSP-extension path (for reports and tests). */
+int kws_kernels_dsp(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* KWS_KERNELS_H */

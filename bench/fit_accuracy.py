@@ -5,14 +5,18 @@ planned to fit this machine (`tiers.fit.fit`), each at its planned size, each
 as a user runs it (`tierkit run B<n>` in its own process, so the interpreter's
 baseline memory is the real one). Targets: peak memory within +-25% of the
 prediction, wall time within 0.5-2x. Later issues add milestones by registering
-them; nothing here changes.
+them; nothing here changes. `--size B8=784-32-10-8k` runs a milestone at another
+size of its ladder (a small one, where the planned size would take long or needs
+data that is not here). Milestones that read data find it through the dataset
+registry: set TIERKIT_DATA (e.g. to ../shared/data) before running this.
 
 The live profile is copied into a temporary TIERKIT_HOME (probed there first
 when there is none), so this benchmark never adds calibration records to the
 user's profile. Its own calibration records are stripped from the copy unless
 --calibrated is given: by default the table measures the planner's formulas.
 
-    python bench/fit_accuracy.py [--only B5] [--out bench/results/fit_accuracy.json] [--calibrated]
+    python bench/fit_accuracy.py [--only B5] [--size B8=784-32-10-8k] [--out bench/results/fit_accuracy.json]
+                                 [--calibrated]
 """
 from __future__ import annotations
 
@@ -52,14 +56,14 @@ def live_profile(home: Path, calibrated: bool) -> tuple[Any, str]:
     return prof, origin
 
 
-def runnable(prof: Any) -> tuple[list[tuple[str, Any]], list[dict[str, Any]]]:
+def runnable(prof: Any, sizes: dict[str, str] | None = None) -> tuple[list[tuple[str, Any]], list[dict[str, Any]]]:
     """(milestone, plan) for the registry's milestones that fit; and the ones skipped, with why."""
     from tiers.fit import fit
     from tiers.runner import REGISTRY
 
     todo, skipped = [], []
     for mid in sorted(REGISTRY, key=lambda m: int(m[1:])):
-        plan = fit(prof, mid)
+        plan = fit(prof, mid, size=(sizes or {}).get(mid))
         if plan.verdict == "no":
             skipped.append({"milestone": mid, "why": "; ".join(plan.reasons) or "does not fit"})
         else:
@@ -67,10 +71,11 @@ def runnable(prof: Any) -> tuple[list[tuple[str, Any]], list[dict[str, Any]]]:
     return todo, skipped
 
 
-def run_one(mid: str, home: Path, builds: Path, timeout: float) -> dict[str, Any]:
+def run_one(mid: str, home: Path, builds: Path, timeout: float, size: str | None = None) -> dict[str, Any]:
     env = {**os.environ, "TIERKIT_HOME": str(home), "PYTHONPATH": str(REPO)}
     t = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "tiers.cli", "run", mid, "--out", str(builds)],
+    proc = subprocess.run([sys.executable, "-m", "tiers.cli", "run", mid, "--out", str(builds),
+                           *(["--size", size] if size else [])],
                           check=False, capture_output=True, text=True, env=env, cwd=home,
                           timeout=timeout)
     wall = time.perf_counter() - t
@@ -136,6 +141,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=REPO / "bench/results/fit_accuracy.json")
     ap.add_argument("--only", action="append", default=[], help="Run just these milestones (repeatable).")
+    ap.add_argument("--size", action="append", default=[], metavar="B8=SIZE",
+                    help="Run a milestone at this size of its ladder instead of the planned one (repeatable).")
     ap.add_argument("--calibrated", action="store_true", help="Keep the profile's calibration records.")
     ap.add_argument("--timeout", type=float, default=600.0, help="Seconds allowed per milestone.")
     args = ap.parse_args()
@@ -143,14 +150,16 @@ def main() -> None:
     home = Path(tempfile.mkdtemp(prefix="tierkit-fit-accuracy-"))
     try:
         prof, origin = live_profile(home, args.calibrated)
-        todo, skipped = runnable(prof)
+        sizes = {f"B{int(k.strip().upper().lstrip('B'))}": v.strip()
+                 for k, _, v in (x.partition("=") for x in args.size)}
+        todo, skipped = runnable(prof, sizes)
         if args.only:
             wanted = {f"B{int(m.upper().lstrip('B'))}" for m in args.only}
             todo = [(m, p) for m, p in todo if m in wanted]
         rows = []
         for mid, plan in todo:
             print(f"running {mid} at size {plan.size} on {plan.device} ...", file=sys.stderr)
-            rows.append(run_one(mid, home, home / "builds", args.timeout))
+            rows.append(run_one(mid, home, home / "builds", args.timeout, sizes.get(mid)))
         print_table(rows, skipped, origin)
     finally:
         shutil.rmtree(home, ignore_errors=True)

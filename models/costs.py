@@ -78,6 +78,9 @@ TORCH_BYTES = 300 * MB           # Python + torch on a CPU: ~300 MB (REFERENCE.m
 CUDA_CONTEXT_BYTES = 400 * MB    # the CUDA context on the GPU: 300-500 MB (REFERENCE.md)
 TENSORFLOW_BYTES = 700 * MB      # Python + TensorFlow/Keras on a CPU (estimate: TF 2.x imports ~0.5-0.8 GB)
 LLAMA_CPP_BYTES = 150 * MB       # Python + llama-cpp-python, before model and compute buffers (estimate)
+SKLEARN_BYTES = 75 * MB          # `from sklearn.manifold import TSNE` (scipy included) added 73 MB RSS here
+TIKTOKEN_BYTES = 60 * MB         # tiktoken + regex + the gpt2 and cl100k ranks, in Python and in its Rust core (estimate)
+SPM_BYTES_PER_BYTE = 20          # SentencePiece training holds the corpus and its pieces (estimate)
 
 
 def runtime_overhead(framework: str, on_gpu: bool = False) -> tuple[dict[str, float], str]:
@@ -490,8 +493,21 @@ def bpe(corpus_bytes: float, vocab_size: int, impl: str = "python") -> Cost:
     Python work: merges x corpus elements x 2 passes (count, merge); 'fast' (a Rust
     trainer) is about linear in the corpus. Memory: the corpus as a list of Python
     ints (8 B pointer + 28 B int object) twice, during a merge.
+    'numpy' (B2's trainer) counts each distinct regex chunk once, with its frequency, and
+    does a merge in whole-array numpy steps over the distinct chunks' bytes: Heaps' law
+    gives ~20 x corpus^0.63 of them (25.7K for 90 KB of Shakespeare, 109K for 900 KB).
+    Memory: the regex chunks as Python strings (~15 B per corpus byte) + 2 int64 arrays.
     """
     merges = max(0, vocab_size - 256)
+    if impl == "numpy":
+        distinct = 20 * corpus_bytes ** 0.63
+        elems = merges * distinct
+        mem = 15 * corpus_bytes + 16 * distinct
+        return Cost(params=vocab_size, memory={"chunks and arrays": mem},
+                    basis=[f"{merges} merges over ~{fmt_count(distinct)} distinct chunk bytes (20 x corpus^0.63, numpy):"
+                           f" {fmt_count(elems)} array element steps",
+                           f"regex chunks 15 B per corpus byte + 2 x int64 per distinct byte = {fmt_bytes(mem)}"],
+                    extra={"python_steps": 0, "native_steps": 0, "numpy_steps": elems})
     elems = merges * corpus_bytes * 2 if impl == "python" else corpus_bytes * 20
     mem = 2 * 36 * corpus_bytes if impl == "python" else 10 * corpus_bytes
     return Cost(params=vocab_size, memory={"token lists": mem},
@@ -511,17 +527,74 @@ def skipgram(vocab: int, dim: int, corpus_tokens: float, window: int, negatives:
                 extra={"width": dim})
 
 
-def vector_search(n: int, dim: int, queries: int, dtype: str = "fp32", batch: int = 256) -> Cost:
-    """Brute-force nearest neighbours: the index n x d, scores for a batch of queries; 2*n*d FLOPs per query."""
+def vector_search(n: int, dim: int, queries: int, dtype: str = "fp32", batch: int = 64, singles: int = 0) -> Cost:
+    """Brute-force nearest neighbours: the index n x d, scores for a batch of queries; 2*n*d FLOPs per query.
+
+    Queries go `batch` at a time (one matrix product each); `singles` more go one at a
+    time (latency). Top-k runs row by row: one int64 argpartition index of n at a time.
+    """
     b = BYTES[dtype]
     index = n * dim * b
-    scores = batch * n * 4
-    flops = 2 * n * dim * queries
-    moved = index * ceil(queries / batch)             # the index streams through once per query batch
+    scores = batch * n * 4 + n * 8
+    flops = 2 * n * dim * (queries + singles)
+    moved = index * (ceil(queries / batch) + singles)  # the index streams through once per query batch
     return Cost(flops=flops, bytes_moved=moved, memory={"index": index, "scores": scores},
-                basis=[f"index {n:,} x {dim} x {b} B = {fmt_bytes(index)}; scores {batch} x {n:,} x 4 B",
-                       f"{queries:,} queries x 2*n*d = {fmt_flops(flops)}; index read per batch of {batch}: "
-                       f"{fmt_bytes(moved)}"])
+                basis=[f"index {n:,} x {dim} x {b} B = {fmt_bytes(index)}; scores {batch} x {n:,} x 4 B "
+                       f"+ top-k indices {n:,} x 8 B",
+                       f"{queries + singles:,} queries x 2*n*d = {fmt_flops(flops)}; index read per batch of {batch}"
+                       + (f" and per single query ({singles})" if singles else "") + f": {fmt_bytes(moved)}"])
+
+
+# ---------------------------------------------------------------- a sentence encoder (B3, B15)
+
+@dataclass(frozen=True)
+class EncoderShape:
+    """A BERT-style encoder: token + position + type embeddings, then layers of attention and MLP."""
+
+    name: str
+    vocab: int
+    max_pos: int
+    layers: int
+    hidden: int
+    heads: int
+    intermediate: int
+
+
+MINILM = EncoderShape("all-MiniLM-L6-v2", vocab=30522, max_pos=512, layers=6, hidden=384, heads=12,
+                      intermediate=1536)
+ENCODER_BATCH_TOKENS = 2048      # tiers/tier1/common.py batches texts up to this many (padded) tokens
+TOKENIZERS_BYTES = 30 * MB       # tokenizers + safetensors + scipy.special (for GELU's erf): +30 MB RSS here
+
+
+def encoder_params(s: EncoderShape) -> int:
+    """Exact: embeddings (V + P + 2) * h + LN 2h; per layer 4(h^2 + h) + 2(h*i) + i + h + 2 LN 2h; pooler h^2 + h."""
+    h, i = s.hidden, s.intermediate
+    layer = 4 * (h * h + h) + (h * i + i) + (i * h + h) + 4 * h
+    return (s.vocab + s.max_pos + 2) * h + 2 * h + s.layers * layer + h * h + h
+
+
+def sentence_encoder(s: EncoderShape, texts: int, tokens_per_text: float) -> Cost:
+    """Embedding `texts` texts of ~`tokens_per_text` tokens (with [CLS] and [SEP]) in fp32, forward only.
+
+    FLOPs per token: 2 x the layers' matmul weights, plus attention's Q K^T and A V (4*T*h per layer).
+    Memory: fp32 weights; activations of one batch of ENCODER_BATCH_TOKENS tokens (about 9 h-wide and
+    2 i-wide arrays live at once) and its attention scores (heads x T per token).
+    """
+    h, T = s.hidden, max(1.0, tokens_per_text)
+    n = encoder_params(s)
+    matmul = s.layers * (4 * h * h + 2 * h * s.intermediate)
+    tokens = texts * T
+    flops = tokens * (2 * matmul + 4 * s.layers * T * h)
+    weights = 4 * n
+    bt = ENCODER_BATCH_TOKENS
+    acts = 4 * bt * (9 * h + 2 * s.intermediate) + 4 * bt * s.heads * min(T, bt)
+    basis = [f"{s.name}: {n:,} params (fp32 {fmt_bytes(weights)}); {s.layers} layers, h={h}, {s.heads} heads",
+             f"{texts:,} texts x {T:g} tokens = {fmt_count(tokens)} tokens x (2 x {fmt_count(matmul)} + "
+             f"4*L*T*h) = {fmt_flops(flops)}",
+             f"activations of a {bt}-token batch: 4 B x {bt} x (9h + 2i + heads*T) = {fmt_bytes(acts)}"]
+    return Cost(params=n, flops=flops, memory={"encoder weights": weights, "encoder activations": acts,
+                                               "tokenizer": TOKENIZERS_BYTES},
+                basis=basis, extra={"tokens": tokens})
 
 
 # ---------------------------------------------------------------- the probe (B0)

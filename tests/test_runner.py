@@ -258,8 +258,8 @@ def test_cli_verdict_no_is_one_line_and_writes_nothing(home, live, tmp_path):
 
 
 def test_cli_unimplemented_milestone(home, live):
-    proc = run_cli("run", "B1", home=home)
-    assert_one_line_error(proc, "B1 is not implemented yet (issue P5)")
+    proc = run_cli("run", "B12", home=home)
+    assert_one_line_error(proc, "B12 is not implemented yet (issue P6)")
     assert not (home / "builds").exists()
 
 

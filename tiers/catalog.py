@@ -62,7 +62,7 @@ class TabularQ(Rung):
 class BPE(Rung):
     corpus_bytes: int = Field(gt=0)
     vocab_size: int = Field(ge=256)
-    impl: Literal["python", "fast"] = "python"
+    impl: Literal["python", "numpy", "fast"] = "python"
 
 
 class SkipGram(Rung):
@@ -170,6 +170,9 @@ class VectorSearch(Rung):
     dim: int = Field(gt=0)
     queries: int = Field(gt=0)
     dtype: Literal["float32", "float16"] = "float32"
+    embed_texts: int = Field(0, ge=0)      # texts the sentence encoder (MiniLM) embeds first; 0: none
+    embed_tokens: float = Field(0, ge=0)   # their mean length in tokens, [CLS] and [SEP] included
+    tsne: int = Field(0, ge=0)             # points in a t-SNE map; 0: none
 
 
 class GGUF(Rung):
@@ -206,6 +209,7 @@ COST_MODELS: dict[str, type[Rung]] = {
     "matmul": Matmul, "dscnn": DSCNN, "cnn-train": CNNTrain, "lstm-train": LSTMTrain, "gpt-train": GPTTrain,
     "dpo": DPO, "quant-lab": QuantLab, "gpt-infer": GPTInfer, "vector-search": VectorSearch,
     "gguf-decode": GGUF, "gguf-split": GGUF,
+    "embeddings": VectorSearch,    # B3: priced as vector search, calibrated apart from B15 (the key is the name)
 }
 
 

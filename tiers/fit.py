@@ -22,7 +22,7 @@ import re
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from math import ceil
+from math import ceil, log2
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +70,9 @@ EFF_CPU_CONV = 0.30
 EFF_TF_CPU_CONV = 0.10            # Keras on a CPU, depthwise convs on 25x5 feature maps (estimate)
 EFF_LSTM = 0.30                   # an LSTM steps through time: small matmuls, one per step
 EFF_GATHER = 0.05                 # word2vec: row gathers and scatter-adds, not GEMMs (estimate)
-EFF_BLAS = 0.70                   # a big GEMM inside a larger program (vector search scores)
+EFF_BLAS = 0.70                   # a big GEMM inside a larger program
+EFF_SEARCH_GEMM = 0.45            # vector search scores: a skinny (64 x d) @ (d x n) GEMM; 0.42 measured here
+EFF_GEMV = 0.5                    # one query: a matrix-vector product streams the index (0.39 of STREAM, 1 thread)
 EFF_INFER = 0.50                  # forward passes at batch size ~8 (evaluation, prefill)
 INT8_SPEEDUP = 1.5                # torch dynamic int8 GEMM vs fp32 on AVX2/VNNI CPUs (estimate)
 # LLM decode reaches 50-70% of the bandwidth bound (REFERENCE.md); the profile's bandwidth is
@@ -84,11 +86,20 @@ REF_CLOCK_MHZ = 3500
 PY_Q_STEP_S = 10e-6               # one Q-learning step: env step, argmax over a numpy row, update
 Q_EPISODE_FILL = 0.5              # episodes end early (goal, hole): on average half of max_steps
 PY_BPE_ELEM_S = 1.25e-7           # one list element per pass of a naive (minbpe-style) BPE merge
+NUMPY_BPE_ELEM_S = 17e-9          # one distinct-chunk byte per merge of B2's numpy trainer (np.unique's sort)
+TIKTOKEN_LOAD_S = 0.3             # parse gpt2 + cl100k .tiktoken files, build both encoders
+SPM_BYTE_S = 0.1e-6               # SentencePiece BPE training per corpus byte (0.14 s for 900 KB here)
 NATIVE_ELEM_S = 1e-8              # a Rust tokenizer trainer, per element step
 PY_SCALAR_OP_S = 1e-6             # micrograd: one Python Value object per scalar operation
 RNG_ELEM_S = 16e-9                # rng.standard_normal + astype, per element (0.26 s for 4096^2 here)
 NUMPY_CALL_S = 5e-6               # one numpy call's fixed cost
-TOPK_ELEM_S = 1.5e-9              # np.argpartition per score
+TOPK_ELEM_S = 2.5e-9              # np.argpartition per score (2.5 ns on a 1M-float row here)
+SEARCH_SINGLES = 50               # B15 times this many queries one at a time (latency) ...
+SEARCH_SWEEP = 1.11               # ... and everything at n, n/10 and n/100 vectors
+EFF_ENCODER = 0.25                # MiniLM's forward pass in numpy: GEMMs of ~2K rows, softmax, GELU (estimate)
+ENCODER_LOAD_S = 0.3              # read 91 MB of safetensors, transpose, load the tokenizer
+TSNE_S = 2.8e-4                   # scikit-learn t-SNE (Barnes-Hut, 1000 iterations) per n*log2(n) (16 s for 5,000 here)
+TSNE_BYTES_PER_POINT = 2_000      # its sparse affinities (3 x perplexity neighbours) and 50-d input
 DISK_BPS = 1.5e9                  # reading a model file: an NVMe SSD (a page-cached file loads faster)
 # Microcontrollers: int8 MACs per clock cycle with CMSIS-NN-style kernels. MLPerf Tiny's DS-CNN
 # (2.66M MACs) takes 182 ms on a 120 MHz Cortex-M4 with TFLite Micro (0.12/cycle) and 72-100 ms
@@ -472,6 +483,9 @@ def price_gpt_train(r: catalog.GPTTrain, t: Target, p: Profile, m: Milestone) ->
     tokens = r.steps * r.grad_accum * r.batch_size * r.block_size
     cost = costs.gpt_train(shape, r.batch_size, tokens, dtype, flash)
     runtime, rt_lines = _runtime(r.framework, t)
+    if numpy and "matplotlib" in m.needs.packages:   # a numpy milestone plots in the same process (B10)
+        runtime["matplotlib"] = costs.MATPLOTLIB_BYTES
+        rt_lines.append(f"matplotlib {fmt_bytes(costs.MATPLOTLIB_BYTES)}")
     need = cost.peak_bytes + sum(runtime.values())
     compute, lines = _train_time(p, t, cost.flops, r.n_embd, dtype, r.framework)
     over, over_line = _steps_overhead(r.steps * r.grad_accum, r.n_layer, t, r.framework)
@@ -728,10 +742,22 @@ def price_tabular_q(r: catalog.TabularQ, t: Target, p: Profile, m: Milestone) ->
 def price_bpe(r: catalog.BPE, t: Target, p: Profile, m: Milestone) -> Priced:
     cost = costs.bpe(r.corpus_bytes, r.vocab_size, r.impl)
     scale, sline = python_speed(p)
-    run = (cost.extra["python_steps"] * PY_BPE_ELEM_S + cost.extra["native_steps"] * NATIVE_ELEM_S) * scale
+    run = (cost.extra["python_steps"] * PY_BPE_ELEM_S + cost.extra["native_steps"] * NATIVE_ELEM_S
+           + cost.extra.get("numpy_steps", 0) * NUMPY_BPE_ELEM_S) * scale
     need = costs.PYTHON_NUMPY_BYTES + costs.MATPLOTLIB_BYTES + cost.peak_bytes
     basis = [*cost.basis, sline, f"{PY_BPE_ELEM_S * 1e9:g} ns per Python element step, {NATIVE_ELEM_S * 1e9:g} ns "
-                                 f"native: {fmt_seconds(run)}", f"peak memory {fmt_bytes(need)}"]
+                                 f"native, {NUMPY_BPE_ELEM_S * 1e9:g} ns numpy: {fmt_seconds(run)}"]
+    if "tiktoken" in m.needs.packages:      # B2 compares with GPT-2's and GPT-4's tokenizers
+        need += costs.TIKTOKEN_BYTES
+        run += TIKTOKEN_LOAD_S
+        basis.append(f"tiktoken gpt2 + cl100k ranks: {fmt_bytes(costs.TIKTOKEN_BYTES)}, {TIKTOKEN_LOAD_S:g} s to load")
+    if "sentencepiece" in m.needs.packages:  # ... and trains a SentencePiece model on the same text
+        spm = SPM_BYTE_S * r.corpus_bytes * scale
+        need += costs.SPM_BYTES_PER_BYTE * r.corpus_bytes
+        run += spm
+        basis.append(f"SentencePiece training: {SPM_BYTE_S * 1e9:g} ns per corpus byte = {fmt_seconds(spm)}, "
+                     f"{costs.SPM_BYTES_PER_BYTE:g} B per corpus byte")
+    basis.append(f"peak memory {fmt_bytes(need)}")
     return Priced(need, run + STARTUP_S["numpy"] + PLOTS_S, basis, [_pool(t, need)], {},
                   f"{fmt_bytes(r.corpus_bytes)} corpus, vocab {r.vocab_size:,} ({r.impl})")
 
@@ -808,20 +834,50 @@ def price_lstm_train(r: catalog.LSTMTrain, t: Target, p: Profile, m: Milestone) 
 
 
 def price_vector_search(r: catalog.VectorSearch, t: Target, p: Profile, m: Milestone) -> Priced:
+    """B3, B15: embed texts with a sentence encoder (if any), then brute-force search a flat index of n vectors.
+
+    The search protocol is B15's: `queries` in batches plus SEARCH_SINGLES one at a time, at n, n/10
+    and n/100 vectors (a latency-against-size sweep); the index is padded with random unit vectors.
+    """
     key = "fp16" if r.dtype == "float16" else "fp32"
-    cost = costs.vector_search(r.n, r.dim, r.queries, key)
+    singles = min(SEARCH_SINGLES, r.queries)
+    cost = costs.vector_search(r.n, r.dim, r.queries, key, singles=singles)
     rate, fline = cpu_flops(p)
     bw, bline = cpu_bandwidth(p)
-    build = 3 * cost.memory["index"] / bw                      # write, normalise, read back
-    search = max(cost.flops / (rate * EFF_BLAS), cost.bytes_moved / bw)
-    topk = r.n * r.queries * TOPK_ELEM_S
+    build = r.n * r.dim * RNG_ELEM_S                           # random unit vectors fill the index
+    index_bytes = cost.memory["index"]
+    batched_flops = 2 * r.n * r.dim * r.queries
+    batched = max(batched_flops / (rate * EFF_SEARCH_GEMM), (cost.bytes_moved - singles * index_bytes) / bw)
+    one_by_one = singles * index_bytes / (bw * EFF_GEMV)       # a matrix-vector product is memory-bound
+    search = SEARCH_SWEEP * (batched + one_by_one)
+    topk = SEARCH_SWEEP * r.n * (r.queries + singles) * TOPK_ELEM_S
     need = costs.PYTHON_NUMPY_BYTES + costs.MATPLOTLIB_BYTES + cost.peak_bytes
-    basis = [*cost.basis, fline, bline, f"index build {fmt_seconds(build)}, scores max(compute, memory) "
-                                        f"{fmt_seconds(search)}, top-k {fmt_seconds(topk)}",
-             f"peak memory {fmt_bytes(need)}"]
-    return Priced(need, build + search + topk + STARTUP_S["numpy"] + PLOTS_S, basis, [_pool(t, need)], {},
-                  f"{fmt_count(r.n)} x {r.dim} vectors, {r.queries:,} queries",
-                  bound="memory" if cost.bytes_moved / bw > cost.flops / (rate * EFF_BLAS) else "compute")
+    s = build + search + topk + STARTUP_S["numpy"] + PLOTS_S
+    basis = [*cost.basis, fline, bline,
+             f"index fill {fmt_seconds(build)}; batched scores max(compute at efficiency {EFF_SEARCH_GEMM}, memory) "
+             f"{fmt_seconds(batched)}; {singles} single queries at {EFF_GEMV} of the bandwidth {fmt_seconds(one_by_one)}; "
+             f"all x {SEARCH_SWEEP} (n, n/10, n/100) = {fmt_seconds(search)}; top-k {fmt_seconds(topk)}"]
+    if r.embed_texts:
+        enc = costs.sentence_encoder(costs.MINILM, r.embed_texts, r.embed_tokens)
+        enc_s = ENCODER_LOAD_S + enc.flops / (rate * EFF_ENCODER)
+        need += enc.peak_bytes
+        s += enc_s
+        basis += [*enc.basis, f"encoding at efficiency {EFF_ENCODER} (numpy forward pass) + load "
+                              f"{ENCODER_LOAD_S:g} s = {fmt_seconds(enc_s)}"]
+    if r.tsne:
+        scale, sline = python_speed(p)
+        tsne_s = TSNE_S * r.tsne * max(1.0, log2(r.tsne)) * scale
+        tsne_bytes = costs.SKLEARN_BYTES + r.tsne * TSNE_BYTES_PER_POINT
+        need += tsne_bytes
+        s += tsne_s + PLOTS_S
+        basis += [sline, f"t-SNE of {r.tsne:,} points (scikit-learn, Barnes-Hut): {TSNE_S * 1e6:g} us x n log2 n = "
+                         f"{fmt_seconds(tsne_s)}; scikit-learn + its arrays {fmt_bytes(tsne_bytes)}; more plots"]
+    basis.append(f"peak memory {fmt_bytes(need)}")
+    what = f"{fmt_count(r.n)} x {r.dim} vectors, {r.queries:,} queries"
+    if r.embed_texts:
+        what = f"{r.embed_texts:,} texts embedded, " + what
+    return Priced(need, s, basis, [_pool(t, need)], {}, what,
+                  bound="compute" if batched_flops / (rate * EFF_SEARCH_GEMM) > one_by_one else "memory")
 
 
 def _macs_per_cycle(core: str) -> tuple[float, str]:
@@ -874,7 +930,7 @@ PRICERS: dict[str, Callable[..., Priced]] = {
     "probe": price_probe, "tabular-q": price_tabular_q, "bpe": price_bpe, "skipgram": price_skipgram,
     "mlp-train": price_mlp_train, "matmul": price_matmul, "dscnn": price_dscnn, "cnn-train": price_cnn_train,
     "lstm-train": price_lstm_train, "gpt-train": price_gpt_train, "dpo": price_dpo, "quant-lab": price_quant_lab,
-    "gpt-infer": price_gpt_infer, "vector-search": price_vector_search, "gguf-decode": price_gguf_decode,
+    "gpt-infer": price_gpt_infer, "vector-search": price_vector_search, "embeddings": price_vector_search, "gguf-decode": price_gguf_decode,
     "gguf-split": price_gguf_split,
 }
 

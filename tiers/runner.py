@@ -51,14 +51,20 @@ from tiers.plan import Plan, Result
 # issues add their milestones here, one line each.
 REGISTRY: dict[str, str] = {
     "B0": "tiers.tier1.b00_inventory:run",
+    "B1": "tiers.tier1.b01_qlearning:run",
+    "B2": "tiers.tier1.b02_tokenizers:run",
+    "B3": "tiers.tier1.b03_vectors:run",
+    "B4": "tiers.tier1.b04_gradient_descent:run",
     "B5": "tiers.tier1.b05_roofline:run",
+    "B6": "tiers.tier0.b06_kws:run",
+    "B8": "tiers.tier1.b08_mlp:run",
+    "B10": "tiers.tier1.b10_attention:run",
+    "B15": "tiers.tier1.b15_search:run",
 }
 
 # Milestones not written yet, and the issue that brings each.
 PLANNED: dict[str, str] = {
-    **{m: "P5" for m in ("B1", "B2", "B3", "B4", "B8", "B10", "B15")},
     **{m: "P6" for m in ("B7", "B9", "B11", "B12", "B13", "B14", "B16")},
-    "B6": "P3",
     "B17": "P4",
 }
 

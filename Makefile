@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 # What the tests need from Debian: the Cortex-M toolchain and emulator, espeak-ng
 # and sox for synthetic keywords, iproute2 for network namespaces, inxi for the
 # probe-speed benchmark.
-DEB_PKGS := gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm espeak-ng sox iproute2 inxi
+DEB_PKGS := gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm espeak-ng sox iproute2 inxi dataset-fashion-mnist
 # llama-cpp-python is a source build (~13 min on 2 cores); with RPC on for tier 3.
 # pip's wheel cache serves every later install.
 export CMAKE_ARGS ?= -DGGML_RPC=on

@@ -118,7 +118,7 @@ def test_build_is_cached_and_fits_the_nano(tiny, cache, build):
 
     assert build.warnings == "", build.warnings                 # -Wall -Wextra: not one warning
     again = firmware.build_qemu(tiny[0], cache_dir=cache)
-    assert again.cached and again.elf == build.elf and again.seconds < 1.0
+    assert again.cached and again.elf == build.elf and again.seconds < 5.0   # found by hash: nothing compiled
     other = firmware.build_qemu(tiny[0], cache_dir=cache, extra_cflags=("-DKWS_CACHE_TEST=1",))
     assert not other.cached and other.key != build.key          # any change of sources or flags: a new image
     s = build.size

@@ -191,8 +191,8 @@ class QemuDevice:
         self.info: DeviceInfo = link.info()
 
     @classmethod
-    def start(cls, elf: str | Path, *, icount_shift: int | None = 0, timeout: float = 30.0,
-              boot_timeout: float = 15.0) -> QemuDevice:
+    def start(cls, elf: str | Path, *, icount_shift: int | None = 0, timeout: float = 120.0,
+              boot_timeout: float = 60.0) -> QemuDevice:
         """Launch QEMU on `elf` with `-serial pty`, find the pty, open it with pyserial, ask for info."""
         import serial
 

@@ -137,6 +137,9 @@ def print_table(rows: list[dict[str, Any]], skipped: list[dict[str, Any]], origi
         con.print(f"skipped {sk['milestone']}: {sk['why']}")
 
 
+from inventory.profile import atomic_write  # noqa: E402  (after the sys.path set-up)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=REPO / "bench/results/fit_accuracy.json")
@@ -173,10 +176,7 @@ def main() -> None:
         "rows": rows, "skipped": skipped,
         "all_pass": bool(ok) and len(ok) == len(rows) and all(r["memory_ok"] and r["time_ok"] for r in ok),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(f".{args.out.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    os.replace(tmp, args.out)
+    atomic_write(args.out, json.dumps(doc, indent=2) + "\n")
     print(f"results: {args.out}")
 
 

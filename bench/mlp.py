@@ -57,6 +57,9 @@ def torch_epoch(model: Any, opt: Any, x: Any, y: Any, order: np.ndarray, batch: 
     return time.perf_counter() - t0, seen_loss / len(order), correct / len(order)
 
 
+from inventory.profile import atomic_write  # noqa: E402  (after the sys.path set-up)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--widths", type=int, nargs="+", default=[784, 128, 10])
@@ -159,10 +162,7 @@ def main() -> None:
           f"({doc['torch_fraction_of_peak']:.1%} of peak); test acc {th_test:.2%}")
     print(f"ratio numpy/torch: {ratio:.2f}x best epochs, {med_ratio:.2f}x medians  "
           f"(target <= {TARGET}x: {'PASS' if ratio <= TARGET else 'MISS'})")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(f".{args.out.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    os.replace(tmp, args.out)
+    atomic_write(args.out, json.dumps(doc, indent=2) + "\n")
     print(f"results: {args.out}")
 
 

@@ -38,6 +38,9 @@ def timed(fn, *args) -> float:
     return time.perf_counter() - t
 
 
+from inventory.profile import atomic_write  # noqa: E402  (after the sys.path set-up)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=100_000, help="vectors in the index (chunks)")
@@ -95,10 +98,7 @@ def main() -> None:
         "ratio_latency_numpy_over_faiss": round(ratio_latency, 3),
         "ratio_throughput_faiss_over_numpy": round(ratio_batched, 3),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(f".{args.out.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    os.replace(tmp, args.out)
+    atomic_write(args.out, json.dumps(doc, indent=2) + "\n")
     print(f"results: {args.out}")
 
 

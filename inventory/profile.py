@@ -226,16 +226,20 @@ def parse(data: Any, origin: str = "profile") -> Profile:
                            "re-run `tierkit probe`") from None
 
 
+def yaml_problem(exc: BaseException) -> str:
+    """A YAML parse failure as 'not valid YAML at line L, column C: what' (one line)."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark:
+        mark = exc.problem_mark
+        problem = (exc.problem or "syntax error").replace("\n", " ")
+        return f"not valid YAML at line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    return f"not valid YAML ({type(exc).__name__})"
+
+
 def loads(text: str, origin: str = "profile") -> Profile:
     try:
         data = yaml.safe_load(text)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = (exc.problem or "syntax error").replace("\n", " ")
-        raise ProfileError(f"{origin}: not valid YAML{where}: {problem}; fix the file or re-run `tierkit probe`") from None
     except (yaml.YAMLError, RecursionError, ValueError) as exc:
-        raise ProfileError(f"{origin}: not valid YAML ({type(exc).__name__}); fix the file or re-run `tierkit probe`") from None
+        raise ProfileError(f"{origin}: {yaml_problem(exc)}; fix the file or re-run `tierkit probe`") from None
     return parse(data, origin)
 
 

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from inventory.profile import one_line
+from inventory.profile import one_line, yaml_problem
 from inventory.profile import where as field_path
 
 SCHEMA = "tierkit/milestones/v1"
@@ -415,13 +415,8 @@ def _load(p: Path) -> Catalog:
                            "reinstall tierkit or pass a readable file") from None
     try:
         data = yaml.safe_load(text)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = (exc.problem or "syntax error").replace("\n", " ")
-        raise CatalogError(f"{p}: not valid YAML{where}: {problem}; fix the file") from None
     except yaml.YAMLError as exc:
-        raise CatalogError(f"{p}: not valid YAML ({type(exc).__name__}); fix the file") from None
+        raise CatalogError(f"{p}: {yaml_problem(exc)}; fix the file") from None
     return parse(data, str(p))
 
 

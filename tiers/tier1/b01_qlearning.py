@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from tiers.tier1.common import save
+
 if TYPE_CHECKING:
     from tiers.runner import Context, Output
 
@@ -251,9 +253,7 @@ def policy_plot(plt: Any, path: Any, world: GridWorld, Q: np.ndarray, walk: list
     ax.legend(loc="upper right", fontsize=8, framealpha=0.8)
     fig.colorbar(im, ax=ax, fraction=0.046, label="V(s) = max_a Q(s, a)")
     ax.set_title("Learned greedy policy (arrows) over the learned values; walls black", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
     return f"{path.name}: the learned policy as arrows, and the greedy path from S to G"
 
 
@@ -271,9 +271,7 @@ def values_plot(plt: Any, path: Any, world: GridWorld, snaps: dict[int, np.ndarr
         ax.set_yticks([])
     fig.suptitle(f"V(s) = max_a Q(s, a) as training goes on (colour scale {lo:.0f} .. 0): the values start "
                  "at an optimistic 0 and sink towards minus each cell's distance to G", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
     return f"{path.name}: the value of each cell at {len(keys)} points of training"
 
 
@@ -300,9 +298,7 @@ def curves_plot(plt: Any, path: Any, returns: list[float], lengths: list[int], s
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle("Episode return and length (epsilon-greedy exploration keeps them above the optimum)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
     return f"{path.name}: return and length of every episode"
 
 

@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from tiers.tier1.common import save
+
 if TYPE_CHECKING:
     from tiers.runner import Context, Output
 
@@ -312,9 +314,7 @@ def contour_plot(plt: Any, path: Any, s: Surface, trs: list[Trajectory]) -> str:
     ax.set_ylabel("y")
     ax.set_title(f"{s.name}: contours of log10 f, and where each optimiser went", fontsize=10)
     ax.legend(fontsize=7, loc="lower left" if s.name == "Rosenbrock" else "upper right", framealpha=0.85)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
     return f"{path.name}: {s.name}'s contours with the trajectories of SGD, momentum and Adam"
 
 
@@ -333,9 +333,7 @@ def loss_plot(plt: Any, path: Any, trajectories: dict[str, list[Trajectory]]) ->
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle("The value of the function along each trajectory", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
     return f"{path.name}: f along each trajectory, step by step"
 
 
@@ -352,9 +350,7 @@ def linreg_plot(plt: Any, path: Any, lin: dict[str, Any]) -> str:
                  fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
     return f"{path.name}: loss per epoch of SGD, momentum and Adam from minibatch gradients"
 
 

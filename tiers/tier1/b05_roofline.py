@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from inventory import bench
+from tiers.tier1.common import save
 
 if TYPE_CHECKING:
     from tiers.runner import Context, Output
@@ -254,9 +255,7 @@ def roofline_plot(plt: Any, path: Any, rows: list[dict[str, Any]], bandwidth: fl
     ax.set_title(title, fontsize=10)
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(True, which="both", alpha=0.25)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
 
 def gflops_plot(plt: Any, path: Any, rows: list[dict[str, Any]], roof: float, peak: float | None,
@@ -278,9 +277,7 @@ def gflops_plot(plt: Any, path: Any, rows: list[dict[str, Any]], roof: float, pe
                  fontsize=9)
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
 
 def report(m: dict[str, Any]) -> str:

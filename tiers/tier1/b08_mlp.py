@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from tiers.tier1.common import save
+
 if TYPE_CHECKING:
     from tiers.runner import Context, Output
 
@@ -352,9 +354,7 @@ def curves_plot(plt: Any, path: Any, h: dict[str, list[float]], what: str) -> st
     ax.set_title(f"numpy MLP: {what}", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
     return f"{path.name}: {what} per epoch, train and test"
 
 
@@ -369,9 +369,7 @@ def weights_plot(plt: Any, path: Any, W1: np.ndarray, side: int) -> str:
             lim = np.abs(w).max()
             ax.imshow(w, cmap="RdBu_r", vmin=-lim, vmax=lim)
     fig.suptitle("first-layer weights of 16 hidden units (red: pixel excites, blue: inhibits)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
     return f"{path.name}: what 16 hidden units respond to"
 
 

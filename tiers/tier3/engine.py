@@ -1,0 +1,82 @@
+"""The one interface every tier-3 engine implements, so the server needs to know none of them.
+
+    head side:  engine = make(...); engine.start(); engine.generate(...) -> iterator of Piece; engine.close()
+    worker side: an agent starts `worker_command(args)` of the engine named in an authenticated
+                 launch request; the engine validates the arguments (the agent never runs anything else)
+
+Errors the server turns into HTTP answers:
+- ``EngineUnavailable``: a peer was lost or is not up yet -> 503; the server stays up.
+- ``EngineError``: anything else the engine refuses (a prompt longer than the context, ...) -> 400.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class EngineError(Exception):
+    """A request the engine refuses; str() is one line for the client (HTTP 400)."""
+
+
+class EngineUnavailable(EngineError):
+    """A worker is gone or not ready; str() names which and what to do (HTTP 503)."""
+
+
+@dataclass
+class Sampling:
+    max_tokens: int = 16
+    temperature: float = 1.0     # 0: greedy
+    top_p: float = 1.0
+    top_k: int | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Piece:
+    """One step of a generation: the text it adds and the token id(s) it came from."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None   # set on the last piece: "stop" | "length"
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class Engine(ABC):
+    """A model served by one or more nodes. Thread-safe: the server calls generate() from many threads."""
+
+    name: str = ""        # "llama-rpc" | "pipeline" | "vllm"
+    model_id: str = ""    # what /v1/models lists
+
+    @abstractmethod
+    def start(self) -> None:
+        """Connect to the workers (already launched through the agents) and load the model."""
+
+    @abstractmethod
+    def tokenize(self, text: str) -> list[int]: ...
+
+    @abstractmethod
+    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+        """The model's chat template applied to OpenAI-style messages, ending where the assistant speaks."""
+
+    @abstractmethod
+    def generate(self, prompt_ids: list[int], sampling: Sampling) -> Iterator[Piece]:
+        """Yield pieces as they are produced. Raises EngineUnavailable if a worker is lost mid-way."""
+
+    @abstractmethod
+    def stats(self) -> dict[str, Any]:
+        """For /metrics: tokens/s, per-stage latency, bytes per hop, ... (JSON-able)."""
+
+    def health(self) -> dict[str, Any]:
+        """For /health: {"ok": bool, "workers": [...]}; ok False turns /health into a 503."""
+        return {"ok": True}
+
+    def close(self) -> None:
+        """Release the workers' connections; safe to call twice."""

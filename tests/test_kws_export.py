@@ -37,6 +37,7 @@ M4_FLAGS = ["-mcpu=cortex-m4", "-mthumb", "-mfloat-abi=hard", "-mfpu=fpv4-sp-d16
 HAVE_GCC = shutil.which("gcc") is not None
 HAVE_ARM = shutil.which("arm-none-eabi-gcc") is not None
 HAVE_QEMU = shutil.which("qemu-system-arm") is not None
+DSP_PER_KIND = 6           # layers shaped for the DSP paths, per kind and requantisation form
 
 OPCODES = {"ADD": 0, "AVERAGE_POOL_2D": 1, "CONV_2D": 3, "DEPTHWISE_CONV_2D": 4, "FULLY_CONNECTED": 9,
            "MAX_POOL_2D": 17, "RESHAPE": 22, "SOFTMAX": 25, "TANH": 28, "UNIDIRECTIONAL_SEQUENCE_LSTM": 44}
@@ -339,6 +340,37 @@ def single_op_model(kind: str, seed: int) -> bytes:
     raise ValueError(kind)
 
 
+def dsp_shaped_model(kind: str, seed: int, exact: bool = False) -> bytes:
+    """A CONV_2D or DEPTHWISE_CONV_2D shaped for the kernels' DSP paths (channels in fours, depth
+    multiplier 1, 3x3 windows often, pointwise convolutions, odd output channel counts, K % 4 tails),
+    with random strides, dilations, paddings and batches. exact=True: small weights and an output
+    scale near the input*weight scale, so the requantisation multiplier has no right shift (or a left
+    one) and the exporter must choose the exact requantisation form."""
+    rng = np.random.default_rng(seed)
+    g = Graph()
+    in_q = _q(rng)
+    n = 2 if rng.random() < 0.2 else 1
+    c = int(rng.choice([4, 8, 12, 16])) if kind == "DEPTHWISE_CONV_2D" or rng.random() < 0.7 else int(rng.choice([1, 3]))
+    shape = (n, int(rng.integers(3, 12)), int(rng.integers(3, 9)), c)
+    x = g.act(shape, *in_q)
+    k = (3, 3) if rng.random() < 0.5 else (1, 1) if kind == "CONV_2D" and rng.random() < 0.5 else None
+    if kind == "CONV_2D":
+        y, *_ = add_conv(g, rng, x, shape, in_q, k=k, out_c=int(rng.integers(1, 12)))
+    else:
+        y, *_ = add_depthwise(g, rng, x, shape, in_q, mult=1, k=k)
+    if exact:
+        op = g.ops[-1]
+        w, b = g.tensors[op.inputs[1]], op.inputs[2]
+        small = rng.integers(-1, 2, w.shape).astype(np.int8)
+        g.buffers[w.buffer].data = np.frombuffer(small.tobytes(), np.uint8).copy()
+        if b >= 0:
+            g.buffers[g.tensors[b].buffer].data = np.frombuffer(
+                rng.integers(-40, 40, g.tensors[b].shape).astype(np.int32).tobytes(), np.uint8).copy()
+        ws = float(np.mean(w.quantization.scale))
+        g.tensors[y].quantization.scale = [float(np.float32(in_q[0] * ws / rng.uniform(0.55, 1.3)))]
+    return g.build([x], [y])
+
+
 def graph_model(seed: int) -> bytes:
     """A small network of random layers: conv, depthwise, residual ADD, pool, reshape, FC, softmax."""
     rng = np.random.default_rng(seed)
@@ -521,6 +553,11 @@ def random_layers(tmp_path_factory) -> tuple[CModels, dict[str, bytes]]:
             models[f"{kind.lower()}_{s}"] = single_op_model(kind, 1000 * ki + s)
     for s in range(8):
         models[f"graph_{s}"] = graph_model(50 + s)
+    for s in range(DSP_PER_KIND):
+        models[f"dspconv_{s}"] = dsp_shaped_model("CONV_2D", 7000 + s)
+        models[f"dspdw_{s}"] = dsp_shaped_model("DEPTHWISE_CONV_2D", 8000 + s)
+        models[f"exactconv_{s}"] = dsp_shaped_model("CONV_2D", 9000 + s, exact=True)
+        models[f"exactdw_{s}"] = dsp_shaped_model("DEPTHWISE_CONV_2D", 9500 + s, exact=True)
     models["dscnn_s"] = dscnn_model()
     return CModels(models, tmp_path_factory.mktemp("random_layers")), models
 
@@ -533,6 +570,62 @@ def test_random_single_layers_match_tflite_micro(random_layers, kind):
     names = [n for n in models if n.startswith(kind.lower() + "_")]
     total = sum(assert_bit_exact(c, n, models[n], rng) for n in names)
     assert total > 0
+
+
+@needs_gcc
+def test_dsp_shaped_layers_and_both_requantisation_forms_match_tflite_micro(random_layers):
+    """Layers shaped for the DSP paths, and layers whose requantisation the exporter must leave in
+    the exact form: bit-exact here (portable path) and, in the QEMU test, on the M4's DSP path."""
+    c, models = random_layers
+    rng = np.random.default_rng(13)
+    names = [n for n in models if n.startswith(("dspconv_", "dspdw_", "exactconv_", "exactdw_"))]
+    for n in names:
+        assert_bit_exact(c, n, models[n], rng, n_inputs=3)
+    fast = {n: [s.params["requant_fast"] for s in ex.lower(ex.read_model(models[n]))
+                if s.kernel in ("conv", "depthwise")] for n in names}
+    assert all(f == [1] for n, f in fast.items() if n.startswith("dsp")), fast
+    assert all(f == [0] for n, f in fast.items() if n.startswith("exact")), fast
+    # the DSP depthwise path (channels in fours, multiplier 1) is what these exercise, 3x3 included
+    dw = [s.params for n in names if "dw_" in n for s in ex.lower(ex.read_model(models[n]))]
+    assert all(p["in_c"] % 4 == 0 and p["depth_mult"] == 1 for p in dw)
+    assert any(p["k_w"] == 3 and p["dil_w"] == 1 for p in dw) and any(p["stride_w"] > 1 or p["dil_w"] > 1 for p in dw)
+
+
+def test_fast_requantisation_equals_the_reference_on_its_whole_range():
+    """The fast form (SMMULR, add, shift; kws_kernels.c) against MultiplyByQuantizedMultiplier, in
+    Python integers, for rows the exporter marks fast: random accumulators and the bounds themselves."""
+    rng = np.random.default_rng(17)
+
+    def srdhm(a, b):
+        ab = a * b
+        return _trunc_div(ab + (2 ** 30 if ab >= 0 else 1 - 2 ** 30), 2 ** 31)
+
+    def rdbpot(x, e):
+        mask = (1 << e) - 1
+        return (x >> e) + (1 if (x & mask) > (mask >> 1) + (1 if x < 0 else 0) else 0)
+
+    checked = refused = 0
+    for _ in range(400):
+        scale = float(np.exp(rng.uniform(np.log(1e-6), np.log(2.0))))
+        m, s = ex.quantize_multiplier(scale)
+        bound = int(np.exp(rng.uniform(0, np.log(2 ** 31))))
+        off = int(rng.integers(-128, 128))
+        rq, fast = ex.requant_table([m], [s], off, [bound])
+        if not fast:
+            refused += 1
+            continue
+        mm, lsh1, right, rnd = (int(v) for v in rq)
+        assert (mm, lsh1 - 1, right) == ((m, max(s, 0), max(-s, 0)) if m else (0, 0, 1))
+        for acc in [bound, -bound, 0, 1, -1, *(int(v) for v in rng.integers(-bound, bound + 1, 50))]:
+            want = rdbpot(srdhm(_wrap32(acc << max(s, 0)), m), max(-s, 0)) + off
+            a = acc << lsh1
+            assert -2 ** 31 <= a < 2 ** 31
+            v = (a * mm + 2 ** 31) >> 32                    # SMMULR
+            t = v + (v >> 31) + rnd
+            assert -2 ** 31 <= t < 2 ** 31
+            assert t >> right == want, (acc, m, s, off)
+            checked += 1
+    assert checked > 5000 and refused > 10
 
 
 @needs_gcc

@@ -64,7 +64,23 @@ def lib(tmp_path_factory) -> ctypes.CDLL:
     lib.kws_mel_frame.argtypes = [i16, ctypes.c_float, f32]
     lib.kws_mfcc_from_mel.argtypes = [f32, ctypes.c_float, f32]
     lib.kws_quantize_int8.argtypes = [f32, i8, ctypes.c_size_t, ctypes.c_float, ctypes.c_int32]
+    lib.kws_log.argtypes, lib.kws_log.restype = [ctypes.c_float], ctypes.c_float
     return lib
+
+
+def test_own_log_is_within_two_ulp(lib):
+    """The front end's logarithm (ours, not libm's, so board and host agree bit for bit) against
+    float64, over the whole float32 range, subnormals and the values around 1."""
+    rng = np.random.default_rng(0)
+    xs = np.concatenate([np.exp(rng.uniform(np.log(1e-45), np.log(3e38), 20000)), rng.uniform(0.5, 2, 20000),
+                         1 + rng.normal(0, 1e-3, 2000), [1.0, 2.0, 0.5, 1e-6, 1.4142135, 1.4142136]]).astype(np.float32)
+    xs = xs[xs > 0]
+    got = np.array([lib.kws_log(float(x)) for x in xs], np.float32)
+    true = np.log(xs.astype(np.float64))
+    ulps = np.abs(got - true) / np.spacing(np.abs(true).astype(np.float32)).astype(np.float64)
+    assert ulps.max() <= 2.0, (ulps.max(), xs[ulps.argmax()])
+    assert lib.kws_log(1.0) == 0.0 and lib.kws_log(0.0) == -np.inf and np.isnan(lib.kws_log(-1.0))
+    assert lib.kws_log(float("inf")) == np.inf
 
 
 def c_mfcc(lib: ctypes.CDLL, audio: np.ndarray) -> np.ndarray:

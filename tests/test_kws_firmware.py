@@ -167,9 +167,10 @@ def test_features_and_scores_equal_host_and_tflite_micro(device, host, tiny, cli
         worst = max(worst, float(np.abs(r.features.reshape(-1) - feats).max()))
         ref = verify.run(tiny[1], q).reshape(-1)
         np.testing.assert_array_equal(r.scores, ref)
-    # The floats differ in the last bits only: newlib's logf is not glibc's.
+    # The same bits: the front end uses only correctly rounded float32 operations, no fused
+    # multiply-add, and its own logarithm (newlib's logf and glibc's differ in the last bit).
     print(f"features: device vs host max |diff| {worst:.1e}")
-    assert worst < 1e-4
+    assert worst == 0.0
     print(f"per inference: features {device.instructions(r.feature_count):,} instructions, "
           f"model {device.instructions(r.invoke_count):,} instructions")
 
@@ -338,7 +339,8 @@ def test_mlperf_size_dscnn_on_the_device(tmp_path, cache, clips):
         n, macs = dev.instructions(r.invoke_count), kws.macs("s")
     print(f"DS-CNN 64x4: {n:,} instructions per inference for {macs:,} MACs = {n / macs:.2f} per MAC; "
           f"features {dev.instructions(r.feature_count):,}; image flash {b.size.flash:,} B, RAM {b.size.ram:,} B")
-    assert n / macs < 10
+    # the kernels' target on the M4 (instructions are deterministic under -icount: no flakiness)
+    assert n / macs <= 2.0
 
 
 # ====================================================================== B6 and the kws commands

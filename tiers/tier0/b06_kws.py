@@ -325,8 +325,14 @@ def run(ctx: Context) -> Output:
                    f"on the device ({dev.where.split(' (')[0]}), {n} test clips" if n else "TFLite Micro")
     metrics["confusion_matrix"] = {"labels": list(D.CLASSES), "rows_true_cols_predicted": cm.tolist()}
     (out / "kws.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    # The plan's memory prediction is the board's SRAM; what compares with it is the image's RAM, not
+    # this host's RSS (training). Handed to the runner where it takes a device-side peak.
+    extra: dict[str, Any] = {}
+    if "device_peak" in getattr(Output, "__dataclass_fields__", {}) and dev.image.get("ram"):
+        extra["device_peak"] = (int(dev.image["ram"]), (f"the firmware image's RAM (data + bss + stack) as "
+                                                        f"built for {dev.where}, arm-none-eabi-size"))
     return Output(metrics=metrics, summary=_summary(metrics), report=_report(metrics),
-                  plots=["confusion_matrix.png: confusion matrix on the device"])
+                  plots=["confusion_matrix.png: confusion matrix on the device"], **extra)
 
 
 def _metrics(cfg: dict[str, Any], source: str, splits: dict[str, D.ClipSet], c: Compiled, dev: DeviceRun,
@@ -356,6 +362,25 @@ def _metrics(cfg: dict[str, Any], source: str, splits: dict[str, D.ClipSet], c: 
         "latency": {"model": invoke, "features": feats, "unit": dev.unit,
                     "model_per_mac": round(invoke / macs, 3) if invoke and macs else None},
     }
+    # The planner's board-side predictions (its sized config) against what was built: the image's real
+    # flash and RAM (arm-none-eabi-size, or the board build's), our arena, the instructions measured.
+    img = dev.image or {}
+    pred = {k: cfg.get(k) for k in ("sram_bytes", "flash_bytes", "arena_bytes", "model_bytes", "latency_ms")}
+    if any(v is not None for v in pred.values()):
+        def ratio(a: float | None, p: float | None) -> float | None:
+            return round(a / p, 3) if a and p else None
+        m["prediction"] = {
+            "predicted": pred,
+            "actual": {"image_ram_bytes": img.get("ram"), "image_flash_bytes": img.get("flash"),
+                       "arena_bytes": c.export.arena_bytes, "tflm_arena_bytes": c.tflm_arena,
+                       "model_const_bytes": c.export.const_bytes, "tflite_bytes": len(c.tflite)},
+            "ratios": {"ram": ratio(img.get("ram"), pred["sram_bytes"]),
+                       "flash": ratio(img.get("flash"), pred["flash_bytes"]),
+                       "arena": ratio(c.export.arena_bytes, pred["arena_bytes"]),
+                       "tflm_arena": ratio(c.tflm_arena, pred["arena_bytes"]),
+                       "model": ratio(c.export.const_bytes, pred["model_bytes"])},
+            "image_from": dev.where,
+        }
     if spec is not None and invoke:
         hz = spec.clock_mhz * 1e6
         m["latency"]["board"] = spec.name
@@ -402,6 +427,28 @@ def _report(m: dict[str, Any]) -> str:
              f"| TFLite Micro's arena | {mod['tflm_arena_bytes']:,} ({mod['arena_vs_tflm']}x) |",
              f"| firmware image: flash (text + data) | {img['flash']:,} |",
              f"| firmware image: RAM (data + bss + stack) | {img['ram']:,} |", ""]
+    if m.get("prediction"):
+        pr = m["prediction"]
+        p, act, r = pr["predicted"], pr["actual"], pr["ratios"]
+
+        def nb(v: float | None) -> str:
+            return "-" if v is None else f"{v:,.0f}"
+
+        lines += ["### Board budget: predicted vs the image", "",
+                  ("The planner sized the model for the board from its own estimates (a TFLite Micro firmware: "
+                   "arena plus a fixed firmware allowance in SRAM, .tflite plus firmware in flash). Against them, "
+                   f"the real sizes of the image built here ({pr['image_from']}; arm-none-eabi-size). The runner's "
+                   "'peak memory' row above is this host's process (training), not the board."), "",
+                  "| | predicted | actual | actual / predicted |", "|---|---|---|---|",
+                  (f"| board SRAM (image RAM: data + bss + stack) | {nb(p['sram_bytes'])} | "
+                   f"{nb(act['image_ram_bytes'])} | {r['ram'] or '-'} |"),
+                  (f"| board flash (image text + data) | {nb(p['flash_bytes'])} | {nb(act['image_flash_bytes'])} "
+                   f"| {r['flash'] or '-'} |"),
+                  f"| arena (ours) | {nb(p['arena_bytes'])} | {nb(act['arena_bytes'])} | {r['arena'] or '-'} |",
+                  (f"| arena (TFLite Micro, same model) | {nb(p['arena_bytes'])} | {nb(act['tflm_arena_bytes'])} "
+                   f"| {r['tflm_arena'] or '-'} |"),
+                  (f"| model in flash (our C constants; .tflite {act['tflite_bytes']:,}) | {nb(p['model_bytes'])} "
+                   f"| {nb(act['model_const_bytes'])} | {r['model'] or '-'} |"), ""]
     if lat["model"]:
         lines += [f"Latency on {m['device']['where']}: model {lat['model']:,.0f} {lat['unit']} "
                   f"({lat['model_per_mac']} per MAC, {mod['macs']:,} MACs), features {lat['features']:,.0f} "

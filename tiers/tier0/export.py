@@ -401,7 +401,7 @@ class Step:
     params: dict[str, int]           # the C parameter struct's fields
     act_inputs: list[int]            # activation tensors read (graph order)
     output: int
-    consts: dict[str, np.ndarray] = field(default_factory=dict)   # filter, bias, mult, shift
+    consts: dict[str, np.ndarray] = field(default_factory=dict)   # filter, bias, and rq or mult/shift
     scratch: int = 0                 # bytes of scratch the kernel may use
     scratch_buffer: int = -1         # the plan's buffer for it
     lo: np.ndarray | None = None     # per output element: the lowest input index still to be read
@@ -497,11 +497,14 @@ def _lower_conv(m: Model, op: Op) -> Step:
              "stride_w": sw, "dil_h": dh, "dil_w": dw, "pad_h": pad_before(sh, dh, ih, kh, oh),
              "pad_w": pad_before(sw, dw, iw, kw, ow), "depth_mult": 1, "filter_in_c": fic, "input_offset": -x.zero_point,
              "output_offset": y.zero_point, "act_min": lo_, "act_max": hi_}
+    wk = w.data.reshape(oc, -1).astype(np.int64)
+    rq, p["requant_fast"] = requant_table(mult, shift, y.zero_point, _acc_bounds(wk, bias, -x.zero_point))
     per_group = oc // (ic // fic)
     chan = (np.arange(oc) // per_group) * fic
     lo = _window_lo(nb, ih, iw, ic, oh, ow, oc, kh, kw, sh, sw, dh, dw, p["pad_h"], p["pad_w"], chan)
-    return Step(op, "conv", p, [x.index], y.index, _consts(w, bias, mult, shift), scratch=2 * 2 * kh * kw * ic,
-                lo=lo)
+    consts = _consts(w, bias, mult, shift)
+    consts = {"filter": pack_conv_filter(wk), **({"bias": consts["bias"]} if "bias" in consts else {}), "rq": rq}
+    return Step(op, "conv", p, [x.index], y.index, consts, scratch=2 * 2 * kh * kw * ic, lo=lo)
 
 
 def _lower_depthwise(m: Model, op: Op) -> Step:
@@ -529,9 +532,17 @@ def _lower_depthwise(m: Model, op: Op) -> Step:
              "stride_w": sw, "dil_h": dh, "dil_w": dw, "pad_h": pad_before(sh, dh, ih, kh, oh),
              "pad_w": pad_before(sw, dw, iw, kw, ow), "depth_mult": mult_d, "filter_in_c": 1, "input_offset": -x.zero_point,
              "output_offset": y.zero_point, "act_min": lo_, "act_max": hi_}
+    wt = w.data.reshape(kh * kw, oc).astype(np.int64)
+    rq, p["requant_fast"] = requant_table(mult, shift, y.zero_point, _acc_bounds(wt.T, bias, -x.zero_point))
     lo = _window_lo(nb, ih, iw, ic, oh, ow, oc, kh, kw, sh, sw, dh, dw, p["pad_h"], p["pad_w"],
                     np.arange(oc) // mult_d)
-    return Step(op, "depthwise", p, [x.index], y.index, _consts(w, bias, mult, shift), lo=lo)
+    _consts(w, bias, mult, shift)       # the checks
+    # the input offset folded into the bias (int32 arithmetic wraps, as the kernel's sum does)
+    folded = (np.zeros(oc, np.int64) if bias is None else bias.astype(np.int64)) - x.zero_point * wt.sum(axis=0)
+    folded = ((folded + 2 ** 31) % 2 ** 32 - 2 ** 31).astype(np.int32)
+    consts = {"filter": pack_depthwise_filter(wt), "bias": folded, "rq": rq}
+    scratch = oc * kh * ((ow - 1) * sw + (kw - 1) * dw + 1) if mult_d == 1 and ic % 4 == 0 else 0
+    return Step(op, "depthwise", p, [x.index], y.index, consts, scratch=scratch, lo=lo)
 
 
 def _lower_fc(m: Model, op: Op) -> Step:
@@ -646,6 +657,58 @@ def _consts(w: Tensor, bias: np.ndarray | None, mult: list[int], shift: list[int
     if (c["mult"] < 0).any():
         raise ExportError(f"negative requantisation multiplier for filter '{w.name}' (negative scale?)")
     return c
+
+
+def pack_conv_filter(w: np.ndarray) -> np.ndarray:
+    """(out_c, K) int8 weights in the kernels' CONV_2D layout (kws_kernels.h): channel pairs, each
+    group of four K positions as 4 bytes of one channel then 4 of the other, the K % 4 tails after;
+    pairs KWS_CONV_PAIR_STRIDE(K) bytes apart; a last odd channel in natural order."""
+    oc, k = w.shape
+    k4, stride = k & ~3, (2 * k + 3) & ~3
+    out = np.zeros((oc // 2) * stride + (k if oc % 2 else 0), np.int8)
+    for q in range(oc // 2):
+        a, b = w[2 * q].astype(np.int8), w[2 * q + 1].astype(np.int8)
+        groups = np.stack([a[:k4].reshape(-1, 4), b[:k4].reshape(-1, 4)], axis=1).reshape(-1)
+        out[q * stride:q * stride + 2 * k] = np.concatenate([groups, a[k4:], b[k4:]])
+    if oc % 2:
+        out[(oc // 2) * stride:] = w[-1]
+    return out
+
+
+def pack_depthwise_filter(w: np.ndarray) -> np.ndarray:
+    """(taps, out_c) weights as the kernels' int16 DEPTHWISE_CONV_2D layout: for each full group of
+    four channels, every tap's four weights as c0 c2 c1 c3 (the order SXTB16 unpacks a word of input
+    in); then the channels past the last full group, [tap][channel]."""
+    taps, oc = w.shape
+    full = oc & ~3
+    groups = w[:, :full].reshape(taps, full // 4, 4)[:, :, [0, 2, 1, 3]].transpose(1, 0, 2).reshape(-1)
+    return np.concatenate([groups, w[:, full:].reshape(-1)]).astype(np.int16)
+
+
+def _acc_bounds(w: np.ndarray, bias: np.ndarray | None, input_offset: int) -> list[int]:
+    """Per output channel (rows of w), the largest |accumulator| any int8 input can give:
+    |bias| + max|x + input_offset| * sum|w|."""
+    most = max(abs(-128 + input_offset), abs(127 + input_offset))
+    b = np.zeros(w.shape[0], np.int64) if bias is None else np.abs(bias.astype(np.int64))
+    return [int(v) for v in b + most * np.abs(w).sum(axis=1)]
+
+
+def requant_table(mult: list[int], shift: list[int], output_offset: int, bounds: list[int]) -> tuple[np.ndarray, int]:
+    """The kernels' requantisation rows {M, left + 1, right, rounding} per channel, and 1 when the
+    fast form (SMMULR, then one add and an arithmetic shift; kws_kernels.c) is exact for every
+    accumulator the layer can produce: right >= 1, acc << (left + 1) stays in int32, and so does
+    v + (v >> 31) + 2^(right-1) + output_offset * 2^right with |v| <= |acc| * 2^left + 1."""
+    rows, fast = [], True
+    for m, s, bound in zip(mult, shift, bounds):
+        left, right = max(s, 0), max(-s, 0)
+        if m == 0:                      # the result is output_offset either way; right >= 1 keeps it fast
+            left, right = 0, 1
+        rows.append((m, left, right))
+        fast = fast and right >= 1 and (bound << (left + 1)) < 2 ** 31 and \
+            (bound << left) + 2 + (1 << (right - 1)) + (128 << right) < 2 ** 31
+    table = [(m, left + 1, right, ((1 << (right - 1)) + (output_offset << right)) if fast else 0)
+             for m, left, right in rows]
+    return np.array(table, np.int64).reshape(-1), int(fast)
 
 
 _LOWER = {"CONV_2D": _lower_conv, "DEPTHWISE_CONV_2D": _lower_depthwise, "FULLY_CONNECTED": _lower_fc,
@@ -870,13 +933,13 @@ class ExportResult:
                 f"input {'+'.join(map(str, self.input_bytes))} B, output {'+'.join(map(str, self.output_bytes))} B")
 
 
-def _c_array(ctype: str, name: str, values: np.ndarray, per_line: int = 24) -> str:
+def _c_array(ctype: str, name: str, values: np.ndarray, per_line: int = 24, align: bool = False) -> str:
     vals = [str(int(v)) for v in np.asarray(values).reshape(-1)]
     if not vals:
         vals = ["0"]
     lines = [", ".join(vals[i:i + per_line]) for i in range(0, len(vals), per_line)]
     body = ",\n  ".join(lines)
-    return f"static const {ctype} {name}[{len(vals)}] = {{\n  {body}\n}};\n"
+    return f"static const {ctype} {name}[{len(vals)}]{' KWS_ALIGN4' if align else ''} = {{\n  {body}\n}};\n"
 
 
 def _c_struct(ctype: str, name: str, params: dict[str, Any]) -> str:
@@ -930,11 +993,14 @@ def generate_c(m: Model, steps: list[Step], plan: MemoryPlan, *, prefix: str = "
         op = s.op
         tag = f"op{i}"
         names = {}
-        for key, ctype in (("filter", "int8_t"), ("bias", "int32_t"), ("mult", "int32_t"), ("shift", "int32_t")):
+        for key, ctype in (("filter", "int8_t"), ("bias", "int32_t"), ("mult", "int32_t"), ("shift", "int32_t"),
+                           ("rq", "int32_t")):
             if key in s.consts:
+                if key == "filter" and s.kernel == "depthwise":
+                    ctype = "int16_t"
                 names[key] = f"{tag}_{key}"
-                decls.append(_c_array(ctype, names[key], s.consts[key]))
-                const_bytes += s.consts[key].size * (1 if ctype == "int8_t" else 4)
+                decls.append(_c_array(ctype, names[key], s.consts[key], align=key == "filter"))
+                const_bytes += s.consts[key].size * {"int8_t": 1, "int16_t": 2, "int32_t": 4}[ctype]
         out = ptr(s.output, writable=s.kernel != "reshape")
         ins = [ptr(t) for t in s.act_inputs]
         y = m.tensors[s.output]
@@ -942,14 +1008,15 @@ def generate_c(m: Model, steps: list[Step], plan: MemoryPlan, *, prefix: str = "
         bias = names.get("bias", "0")
         if s.kernel in ("conv", "depthwise", "avg_pool", "max_pool"):
             decls.append(_c_struct("kws_conv_params_t", f"{tag}_p", s.params))
-            const_bytes += 4 * 19
+            const_bytes += 4 * 20
         if s.kernel == "conv":
             sb = plan.buffers[s.scratch_buffer]
-            call = (f"kws_conv2d_s8(&{tag}_p, {ins[0]}, {names['filter']}, {bias}, {names['mult']}, "
-                    f"{names['shift']}, {out}, (int16_t *)(void *)(ARENA + {sb.offset}));")
+            call = (f"kws_conv2d_s8(&{tag}_p, {ins[0]}, {names['filter']}, {bias}, {names['rq']}, {out}, "
+                    f"(int16_t *)(void *)(ARENA + {sb.offset}));")
         elif s.kernel == "depthwise":
-            call = (f"kws_depthwise_conv2d_s8(&{tag}_p, {ins[0]}, {names['filter']}, {bias}, {names['mult']}, "
-                    f"{names['shift']}, {out});")
+            scratch = (f"ARENA + {plan.buffers[s.scratch_buffer].offset}" if s.scratch_buffer >= 0 else "0")
+            call = (f"kws_depthwise_conv2d_s8(&{tag}_p, {ins[0]}, {names['filter']}, {bias}, {names['rq']}, {out}, "
+                    f"{scratch});")
         elif s.kernel == "fc":
             decls.append(_c_struct("kws_fc_params_t", f"{tag}_p", s.params))
             const_bytes += 4 * 9

@@ -7,12 +7,15 @@
  *           packed as re/im, plus one split pass: half the work of a complex 512;
  *   |X|     magnitude (not power), as tf.abs(stft);
  *   mel     sparse triangles: only the ~256 non-zero weights are stored and used;
- *   log     ln(mel x gain + 1e-6), gain 1 unless streaming (see kws_features.h);
+ *   log     ln(mel x gain + 1e-6), gain 1 unless streaming (see kws_features.h), with our
+ *           own kws_log: libm's logf differs between newlib and glibc in the last bit,
+ *           ours gives the same bits on the board and on the host;
  *   DCT     10 x 40 matrix, rows already scaled like tf.signal's MFCC.
  */
 #include "kws_features.h"
 
 #include <math.h>
+#include <string.h>
 
 #include "kws_features_tables.h"
 
@@ -117,11 +120,44 @@ void kws_mel_frame(const int16_t *frame, float peak, float *mel_out)
     mel(mel_out);
 }
 
+/* ln(x) from +, -, *, / in float32 only (each correctly rounded by IEEE 754, and no fused
+ * multiply-add: -ffp-contract=off), so every IEEE single-precision machine gets the same bits.
+ * x = m * 2^e with m in [sqrt(1/2), sqrt(2)); ln m = 2 atanh(s), s = (m - 1) / (m + 1), |s| <= 0.172,
+ * by its series to s^9 (the next term is below 1e-9); e ln 2 in two parts (Cody and Waite), the
+ * high part exact. Within 2 ulp of the true logarithm (tested against float64). */
+float kws_log(float x)
+{
+    static const float ln2_hi = 0.693145751953125f, ln2_lo = 1.42860682e-06f;
+    uint32_t u;
+    int32_t e;
+    float m, s, s2, t, fe;
+    if (!(x > 0.0f)) return x == 0.0f ? -HUGE_VALF : (x - x) / (x - x);   /* -inf; NaN below 0 */
+    if (x == HUGE_VALF) return x;
+    memcpy(&u, &x, 4);
+    e = (int32_t)(u >> 23) - 127;
+    if (e == -127) {                                   /* subnormal: scale into the normal range */
+        x *= 8388608.0f;                               /* 2^23, exact */
+        memcpy(&u, &x, 4);
+        e = (int32_t)(u >> 23) - 127 - 23;
+    }
+    u = (u & 0x007FFFFFu) | 0x3F800000u;               /* m in [1, 2) */
+    memcpy(&m, &u, 4);
+    if (m > 1.41421354f) {
+        m *= 0.5f;                                     /* exact */
+        e += 1;
+    }
+    s = (m - 1.0f) / (m + 1.0f);
+    s2 = s * s;
+    t = s * s2 * (0.666666686f + s2 * (0.400000006f + s2 * (0.285714298f + s2 * 0.222222224f)));
+    fe = (float)e;
+    return fe * ln2_hi + ((s + s) + (t + fe * ln2_lo));
+}
+
 void kws_mfcc_from_mel(const float *mel_in, float gain, float *out)
 {
     float log_mel[KWS_NUM_MEL];
     int k, n;
-    for (n = 0; n < KWS_NUM_MEL; n++) log_mel[n] = logf(mel_in[n] * gain + 1e-6f);
+    for (n = 0; n < KWS_NUM_MEL; n++) log_mel[n] = kws_log(mel_in[n] * gain + 1e-6f);
     for (k = 0; k < KWS_NUM_MFCC; k++) {
         float acc = 0.0f;
         for (n = 0; n < KWS_NUM_MEL; n++) acc += kws_dct[k][n] * log_mel[n];

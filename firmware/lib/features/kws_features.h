@@ -58,13 +58,17 @@ void kws_mfcc(const int16_t *audio /* [16000] */, float *out /* [49 * 10] */);
  * Dividing audio by p scales every mel energy by 1/p, so the stored energies times
  * `gain` are what the reference computes, up to float rounding, and the log (with
  * its 1e-6) is taken after, as there: equal to kws_mfcc on the same second (tested).
- * Costs 40 floats of RAM per frame (49 x 160 B) and 49 x 40 logf per inference. */
+ * Costs 40 floats of RAM per frame (49 x 160 B) and 49 x 40 kws_log per inference. */
 void kws_mel_frame(const int16_t *frame, float peak, float *mel /* [40] */);
 void kws_mfcc_from_mel(const float *mel /* [40] */, float gain, float *out /* [10] */);
 
 /* float -> int8 as TFLite's QUANTIZE: round(x / scale) half away from zero,
  * plus zero_point, clamped to [-128, 127]. Use the model input's scale and
  * zero point. */
+/* Natural logarithm, bit-identical on every IEEE-754 float32 machine (newlib's and glibc's
+ * logf differ in the last bit); within 2 ulp. The front end's log step uses it. */
+float kws_log(float x);
+
 void kws_quantize_int8(const float *in, int8_t *out, size_t n, float scale, int32_t zero_point);
 
 #ifdef __cplusplus

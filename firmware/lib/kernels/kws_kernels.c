@@ -9,20 +9,26 @@
  * same way in both paths), so the order of the sums does not change a bit of
  * the result; the requantisation after the sum is shared code.
  *
+ * Where the instructions go on a Cortex-M4 (QEMU -icount, the MLPerf DS-CNN: 1.88
+ * instructions per MAC overall):
+ *   CONV_2D      two pixels x two output channels per inner turn: the two pixels'
+ *                patches as int16 (im2col, offset added), the filter packed at export
+ *                time so one LDRD fetches four K positions of both channels; 17
+ *                instructions per 16 MACs (inline assembly, unrolled twice);
+ *   DEPTHWISE    four channels per pass over a padded, channel-group-major copy of the
+ *                rows an output row reads (so every window is whole and a row of three
+ *                taps is three loads at fixed offsets), int16 filter pairs, the input
+ *                offset folded into the bias at export time: 8 instructions per 4 MACs;
+ *   requantise   SMMULR, then one add and an arithmetic shift where the exporter has
+ *                proved that exact (requant_fast), four results packed into one word
+ *                and clamped with SSUB8/SEL: about 9 instructions per output.
+ *
  * Define KWS_KERNELS_PORTABLE to force the portable path on a DSP core.
  */
 #include "kws_kernels.h"
 
 #include <limits.h>
 #include <string.h>
-
-#if defined(__ARM_FEATURE_DSP) && (__ARM_FEATURE_DSP == 1) && !defined(KWS_KERNELS_PORTABLE)
-#define KWS_USE_DSP 1
-#else
-#define KWS_USE_DSP 0
-#endif
-
-int kws_kernels_dsp(void) { return KWS_USE_DSP; }
 
 /* ------------------------------------------------------------------ fixed point (gemmlowp) */
 
@@ -55,13 +61,11 @@ static inline int32_t rdbpot(int32_t x, int32_t e) {
   return (x >> e) + (remainder > threshold ? 1 : 0);
 }
 
-/* tflite::MultiplyByQuantizedMultiplier (double rounding): a left shift before the doubling
- * high multiply, a rounding right shift after. The left shift wraps, as the reference's
- * x * (1 << left_shift) does on every compiler TFLM is built with. Written without branches:
- * this runs once per output value, and on a Cortex-M4 it costs as much as ~20 MACs. */
-static inline int32_t mbqm(int32_t x, int32_t m, int32_t shift) {
-  const int32_t left = shift > 0 ? shift : 0;
-  const int32_t right = left - shift;
+/* tflite::MultiplyByQuantizedMultiplier (double rounding) for m >= 0, with the shift already split
+ * into its left and right parts: a left shift before the doubling high multiply, a rounding right
+ * shift after. The left shift wraps, as the reference's x * (1 << left_shift) does on every
+ * compiler TFLM is built with. Branch-free. */
+static inline int32_t mbqm_lr(int32_t x, int32_t m, int32_t left, int32_t right) {
   const int32_t v = srdhm_pos((int32_t)((uint32_t)x << left), m);
   const int32_t mask = (int32_t)((1u << right) - 1u);
   const int32_t threshold = (mask >> 1) + (int32_t)((uint32_t)v >> 31);
@@ -77,17 +81,82 @@ int32_t kws_multiply_by_quantized_multiplier(int32_t x, int32_t multiplier, int3
   return rdbpot(srdhm((int32_t)((uint32_t)x << left), multiplier), right);
 }
 
-static inline int8_t requant(int32_t acc, int32_t m, int32_t shift, int32_t out_offset, int32_t lo, int32_t hi) {
-  acc = mbqm(acc, m, shift) + out_offset;
-  acc = acc < lo ? lo : acc;
-  acc = acc > hi ? hi : acc;
-  return (int8_t)acc;
+static inline int32_t clamp(int32_t v, int32_t lo, int32_t hi) {
+  v = v < lo ? lo : v;
+  return v > hi ? hi : v;
+}
+
+/* ------------------------------------------------------------------ requantisation tables
+ *
+ * Convolutions take one row of four int32 per output channel (kws_kernels.h, "Requantisation"):
+ * q[0] = multiplier M >= 0, q[1] = left shift + 1, q[2] = right shift, q[3] = rounding term.
+ *
+ * Exact, any row:      MultiplyByQuantizedMultiplier(acc, M, left - right) + output_offset
+ * Fast (requant_fast): v = SMMULR(acc << (left + 1), M)             = SRDHM(acc << left, M)
+ *                      (v + (v >> 31) + q[3]) >> right              = RoundingDivideByPOT(v, right)
+ *                                                                     + output_offset
+ * SMMULR is (a*b + 2^31) >> 32: with a doubled, that is floor((x*M + 2^30) / 2^31), which is
+ * SRDHM for M >= 0 (see srdhm_pos). With q[3] = 2^(right-1) + output_offset * 2^right, the sum
+ * floor((v + 2^(right-1) - [v < 0]) / 2^right) rounds half away from zero as RoundingDivideByPOT
+ * does, and adding output_offset * 2^right under the floor adds output_offset after it. The
+ * exporter sets requant_fast only where every step is exact for every accumulator the layer can
+ * produce: right >= 1, and no shift or sum can leave int32 (it bounds |acc| from the weights and
+ * bias; tiers/tier0/export.py, `requant_table`). Five instructions on a Cortex-M4 instead of ~20. */
+static inline int32_t smmulr_c(int32_t a, int32_t b) {
+  return (int32_t)(((int64_t)a * (int64_t)b + ((int64_t)1 << 31)) >> 32);
+}
+
+static inline int32_t rq_exact(int32_t acc, const int32_t *q, int32_t out_offset) {
+  return mbqm_lr(acc, q[0], q[1] - 1, q[2]) + out_offset;
+}
+
+#if defined(__ARM_FEATURE_DSP) && (__ARM_FEATURE_DSP == 1) && !defined(KWS_KERNELS_PORTABLE)
+#define KWS_USE_DSP 1
+#else
+#define KWS_USE_DSP 0
+#endif
+
+int kws_kernels_dsp(void) { return KWS_USE_DSP; }
+
+#if KWS_USE_DSP
+static inline int32_t smmulr(int32_t a, int32_t b) {
+  int32_t r; __asm__("smmulr %0, %1, %2" : "=r"(r) : "r"(a), "r"(b)); return r;
+}
+#else
+#define smmulr smmulr_c
+#endif
+
+static inline int32_t rq_fast(int32_t acc, const int32_t *q) {
+  const int32_t v = smmulr((int32_t)((uint32_t)acc << q[1]), q[0]);
+  return (v + (v >> 31) + q[3]) >> q[2];
+}
+
+static inline int8_t requant(int32_t acc, const int32_t *q, int fast, int32_t out_offset, int32_t lo, int32_t hi) {
+  return (int8_t)clamp(fast ? rq_fast(acc, q) : rq_exact(acc, q, out_offset), lo, hi);
+}
+
+/* ------------------------------------------------------------------ packed filter layouts */
+
+/* CONV_2D: where w[oc][k] (k over k_h, k_w, filter_in_c) lives in the packed filter. */
+static inline int32_t conv_w_index(int32_t oc, int32_t k, int32_t K, int32_t out_c) {
+  const int32_t K4 = K & ~3, base = (oc >> 1) * KWS_CONV_PAIR_STRIDE(K), j = oc & 1;
+  if ((oc | 1) >= out_c) return base + k;       /* a last odd channel: natural order */
+  return base + (k < K4 ? 8 * (k >> 2) + 4 * j + (k & 3) : 2 * K4 + j * (K - K4) + (k - K4));
+}
+
+/* DEPTHWISE_CONV_2D: int16; for each full group of four channels, every tap's four weights stored
+ * c0 c2 c1 c3; then the channels past the last full group, [tap][channel]. */
+static inline int32_t dw_w_index(int32_t tap, int32_t oc, int32_t out_c, int32_t taps) {
+  static const int8_t perm[4] = {0, 2, 1, 3};
+  const int32_t C4 = out_c & ~3;
+  return oc < C4 ? ((oc >> 2) * taps + tap) * 4 + perm[oc & 3] : C4 * taps + tap * (out_c - C4) + (oc - C4);
 }
 
 /* ------------------------------------------------------------------ DSP helpers */
 #if KWS_USE_DSP
 static inline uint32_t ld32(const void *p) { uint32_t v; memcpy(&v, p, 4); return v; }
 static inline void st32(void *p, uint32_t v) { memcpy(p, &v, 4); }
+static inline void st16(void *p, uint32_t v) { const uint16_t h = (uint16_t)v; memcpy(p, &h, 2); }
 /* bytes 0 and 2, sign-extended to two halfwords */
 static inline uint32_t sxtb16(uint32_t x) { uint32_t r; __asm__("sxtb16 %0, %1" : "=r"(r) : "r"(x)); return r; }
 /* bytes 1 and 3 */
@@ -107,6 +176,73 @@ static inline int32_t smlabb(uint32_t a, uint32_t b, int32_t acc) {
 static inline int32_t smlatt(uint32_t a, uint32_t b, int32_t acc) {
   int32_t r; __asm__("smlatt %0, %1, %2, %3" : "=r"(r) : "r"(a), "r"(b), "r"(acc)); return r;
 }
+static inline int32_t ssat8(int32_t x) { int32_t r; __asm__("ssat %0, #8, %1" : "=r"(r) : "r"(x)); return r; }
+/* four int32 already in [-128, 127] to one word of int8 (little-endian: r0 is the lowest byte) */
+static inline uint32_t pack4(int32_t r0, int32_t r1, int32_t r2, int32_t r3) {
+  uint32_t w = (uint32_t)r0;
+  __asm__("bfi %0, %1, #8, #8\n\tbfi %0, %2, #16, #8\n\tbfi %0, %3, #24, #8"
+          : "+&r"(w) : "r"(r1), "r"(r2), "r"(r3));
+  return w;
+}
+/* per byte: max(w, lo), then min(., hi); SSUB8 sets a GE flag per byte that SEL reads */
+static inline uint32_t clamp4(uint32_t w, uint32_t lo4, uint32_t hi4) {
+  uint32_t t;
+  __asm__("ssub8 %[t], %[w], %[lo]\n\t"
+          "sel   %[w], %[w], %[lo]\n\t"
+          "ssub8 %[t], %[hi], %[w]\n\t"
+          "sel   %[w], %[w], %[hi]"
+          : [w] "+&r"(w), [t] "=&r"(t) : [lo] "r"(lo4), [hi] "r"(hi4) : "cc");
+  return w;
+}
+static inline uint32_t bytes4(int32_t v) { return (uint32_t)(v & 0xFF) * 0x01010101u; }
+
+/* rq_fast (see "requantisation tables") of one accumulator with the row loaded in m l r c, then
+ * saturated to int8: 6 instructions */
+#define KWS_RQ_FAST_ASM(a)                          \
+  "lsl    " a ", " a ", %[l]\n\t"                  \
+  "smmulr " a ", " a ", %[m]\n\t"                  \
+  "add    " a ", " a ", " a ", asr #31\n\t"        \
+  "add    " a ", " a ", %[c]\n\t"                  \
+  "asr    " a ", " a ", %[r]\n\t"                  \
+  "ssat   " a ", #8, " a "\n\t"
+#define KWS_RQ_LOAD_ASM(off)                                   \
+  "ldrd   %[m], %[l], [%[q], #" off "]\n\t"                   \
+  "ldrd   %[r], %[c], [%[q], #" off "+8]\n\t"
+/* four saturated results to one word (a0 the lowest byte), clamped bytewise to [lo, hi] */
+#define KWS_PACK_CLAMP_ASM                          \
+  "bfi    %[a0], %[a1], #8, #8\n\t"                \
+  "bfi    %[a0], %[a2], #16, #8\n\t"               \
+  "bfi    %[a0], %[a3], #24, #8\n\t"               \
+  "ssub8  %[m], %[a0], %[lo]\n\t"                  \
+  "sel    %[a0], %[a0], %[lo]\n\t"                 \
+  "ssub8  %[m], %[hi], %[a0]\n\t"                  \
+  "sel    %[a0], %[a0], %[hi]\n\t"
+#define KWS_RQ_OPERANDS                                                                             \
+  : [a0] "+&r"(a0), [a1] "+&r"(a1), [a2] "+&r"(a2), [a3] "+&r"(a3), [m] "=&r"(m), [l] "=&r"(l),      \
+    [r] "=&r"(r), [c] "=&r"(c)                                                                      \
+  : [q] "r"(q), [lo] "r"(lo4), [hi] "r"(hi4)                                                        \
+  : "cc"
+
+/* four channels' accumulators with table rows q[0..15]: the int8 results as one word */
+static inline uint32_t rq4_fast(int32_t a0, int32_t a1, int32_t a2, int32_t a3, const int32_t *q,
+                                uint32_t lo4, uint32_t hi4) {
+  int32_t m, l, r, c;
+  __asm__(KWS_RQ_LOAD_ASM("0") KWS_RQ_FAST_ASM("%[a0]") KWS_RQ_LOAD_ASM("16") KWS_RQ_FAST_ASM("%[a1]")
+          KWS_RQ_LOAD_ASM("32") KWS_RQ_FAST_ASM("%[a2]") KWS_RQ_LOAD_ASM("48") KWS_RQ_FAST_ASM("%[a3]")
+          KWS_PACK_CLAMP_ASM KWS_RQ_OPERANDS);
+  return (uint32_t)a0;
+}
+
+/* two channels (rows q[0..7]) of two pixels: a0 a1 are pixel A's, a2 a3 pixel B's; the word holds
+ * A's two bytes then B's */
+static inline uint32_t rq2x2_fast(int32_t a0, int32_t a1, int32_t a2, int32_t a3, const int32_t *q,
+                                  uint32_t lo4, uint32_t hi4) {
+  int32_t m, l, r, c;
+  __asm__(KWS_RQ_LOAD_ASM("0") KWS_RQ_FAST_ASM("%[a0]") KWS_RQ_FAST_ASM("%[a2]")
+          KWS_RQ_LOAD_ASM("16") KWS_RQ_FAST_ASM("%[a1]") KWS_RQ_FAST_ASM("%[a3]")
+          KWS_PACK_CLAMP_ASM KWS_RQ_OPERANDS);
+  return (uint32_t)a0;
+}
 
 /* Convolution patches, two output pixels at a time, as int16 (input + offset) in the order the
  * inner loop reads them: for each group of four K positions, pixel A's x0 x2 x1 x3 then pixel B's
@@ -121,33 +257,68 @@ static inline int32_t patch_pos(int32_t k, int32_t pixel, int32_t K) {
 
 static void im2col_q15(const kws_conv_params_t *p, const int8_t *input, int32_t pix, int32_t which,
                        int16_t *dst) {
-  const int32_t C = p->in_c, K = p->k_h * p->k_w * C, K4 = K & ~3, run = p->k_w * C;
+  const int32_t C = p->in_c, K = p->k_h * p->k_w * C, run = p->k_w * C;
   const int32_t ox = pix % p->out_w, oy = (pix / p->out_w) % p->out_h, b = pix / (p->out_w * p->out_h);
   const int32_t y0 = oy * p->stride_h - p->pad_h, x0 = ox * p->stride_w - p->pad_w;
   const uint32_t off2 = ((uint32_t)p->input_offset & 0xFFFFu) | ((uint32_t)p->input_offset << 16);
   /* a filter row reads one contiguous run of input bytes when it is not dilated and lies inside */
   const int row_contiguous = p->dil_w == 1 && x0 >= 0 && x0 + p->k_w <= p->in_w && (run & 3) == 0;
   int32_t fy, fx, c;
+  if (p->k_h == 1 && p->k_w == 1 && (C & 3) == 0 && y0 >= 0 && y0 < p->in_h && x0 >= 0 && x0 < p->in_w) {
+    /* 1x1 (pointwise): the patch is one pixel's channels, a word at a time */
+    const int8_t *src = input + ((b * p->in_h + y0) * p->in_w + x0) * C, *const end = src + C;
+    int16_t *d = dst + which * 4;
+    for (; src != end; src += 4, d += 8) {
+      const uint32_t v = ld32(src);
+      st32(d, sadd16(sxtb16(v), off2));
+      st32(d + 2, sadd16(sxtb16_ror8(v), off2));
+    }
+    return;
+  }
+  if ((run & 3) == 0) {
+    /* every filter row is whole groups of four: walk the patch with one pointer */
+    static const int8_t perm[4] = {0, 2, 1, 3};
+    const int32_t in_w = p->in_w, in_h = p->in_h, dil_w = p->dil_w, kw = p->k_w, off = p->input_offset;
+    int16_t *d = dst + which * 4;
+    for (fy = 0; fy < p->k_h; ++fy) {
+      const int32_t iy = y0 + p->dil_h * fy;
+      const int8_t *src = input + ((b * in_h + iy) * in_w + x0) * C;
+      if (iy < 0 || iy >= in_h) {
+        for (c = 0; c < run; c += 4, d += 8) {     /* a padding row: zeros */
+          st32(d, 0);
+          st32(d + 2, 0);
+        }
+      } else if (row_contiguous) {
+        for (c = 0; c < run; c += 4, d += 8) {     /* a word of input at a time */
+          const uint32_t v = ld32(src + c);
+          st32(d, sadd16(sxtb16(v), off2));
+          st32(d + 2, sadd16(sxtb16_ror8(v), off2));
+        }
+      } else {
+        int32_t kk = 0;                            /* position in the row: its lane in the group */
+        for (fx = 0; fx < kw; ++fx) {
+          const int32_t ix = x0 + dil_w * fx;
+          const int8_t *px = src + dil_w * fx * C;
+          if (ix < 0 || ix >= in_w) {
+            for (c = 0; c < C; ++c, ++kk) {
+              d[perm[kk & 3]] = 0;
+              if ((kk & 3) == 3) d += 8;
+            }
+          } else {
+            for (c = 0; c < C; ++c, ++kk) {
+              d[perm[kk & 3]] = (int16_t)(px[c] + off);
+              if ((kk & 3) == 3) d += 8;
+            }
+          }
+        }
+      }
+    }
+    return;
+  }
   for (fy = 0; fy < p->k_h; ++fy) {
     const int32_t iy = y0 + p->dil_h * fy;
     const int32_t k0 = fy * run;
     const int row_inside = iy >= 0 && iy < p->in_h;
-    if ((row_contiguous || !row_inside) && (k0 & 3) == 0 && k0 + run <= K4 && (run & 3) == 0) {
-      /* whole groups of four: a word of input at a time (or zeros for a padding row) */
-      const int8_t *src = input + ((b * p->in_h + iy) * p->in_w + x0) * C;
-      int16_t *d = dst + k0 * 2 + which * 4;
-      for (c = 0; c < run; c += 4, d += 8) {
-        if (row_inside) {
-          const uint32_t v = ld32(src + c);
-          st32(d, sadd16(sxtb16(v), off2));
-          st32(d + 2, sadd16(sxtb16_ror8(v), off2));
-        } else {
-          st32(d, 0);
-          st32(d + 2, 0);
-        }
-      }
-      continue;
-    }
     for (fx = 0; fx < p->k_w; ++fx) {
       const int32_t ix = x0 + p->dil_w * fx;
       const int inside = row_inside && ix >= 0 && ix < p->in_w;
@@ -158,45 +329,99 @@ static void im2col_q15(const kws_conv_params_t *p, const int8_t *input, int32_t 
   }
 }
 
-/* All output channels of two pixels from their interleaved patches; ob == 0: one pixel only. */
-static void pixels_out(const kws_conv_params_t *p, const int8_t *filter, const int32_t *bias, const int32_t *mult,
-                       const int32_t *shift, const int16_t *x, int8_t *oa, int8_t *ob) {
-  const int32_t K = p->k_h * p->k_w * p->in_c, K4 = K & ~3, n4 = K4 >> 2;
-  int32_t oc = 0;
-  for (; oc < p->out_c; oc += 2) {
-    const int32_t two = oc + 1 < p->out_c;
-    const int8_t *w0 = filter + oc * K;
-    const int8_t *w1 = two ? w0 + K : w0;
+/* 2 pixels x 2 channels, one group of four K positions: 16 MACs in 8 SMLADs. The patch holds
+ * A's (x0,x2) (x1,x3) then B's; the packed filter a word of channel oc then one of oc+1. */
+#define KWS_MAC_2X2                                   \
+  "ldrd   %[wa], %[wb], [%[wp]], #8\n\t"              \
+  "ldrd   %[x0], %[x1], [%[xp]], #8\n\t"              \
+  "sxtb16 %[t0], %[wa]\n\t"                           \
+  "sxtb16 %[wa], %[wa], ror #8\n\t"                   \
+  "smlad  %[a0], %[t0], %[x0], %[a0]\n\t"             \
+  "smlad  %[a0], %[wa], %[x1], %[a0]\n\t"             \
+  "sxtb16 %[t1], %[wb]\n\t"                           \
+  "sxtb16 %[wb], %[wb], ror #8\n\t"                   \
+  "smlad  %[a1], %[t1], %[x0], %[a1]\n\t"             \
+  "smlad  %[a1], %[wb], %[x1], %[a1]\n\t"             \
+  "ldrd   %[x0], %[x1], [%[xp]], #8\n\t"              \
+  "smlad  %[b0], %[t0], %[x0], %[b0]\n\t"             \
+  "smlad  %[b0], %[wa], %[x1], %[b0]\n\t"             \
+  "smlad  %[b1], %[t1], %[x0], %[b1]\n\t"             \
+  "smlad  %[b1], %[wb], %[x1], %[b1]\n\t"
+
+#define KWS_MAC_2X2_OPERANDS                                                                  \
+  : [a0] "+r"(a0), [a1] "+r"(a1), [b0] "+r"(b0), [b1] "+r"(b1), [xp] "+r"(xp), [wp] "+r"(wp),  \
+    [n] "+r"(n), [wa] "=&r"(wa), [wb] "=&r"(wb), [x0] "=&r"(x0), [x1] "=&r"(x1), [t0] "=&r"(t0), \
+    [t1] "=&r"(t1)                                                                             \
+  :                                                                                            \
+  : "cc", "memory"
+
+/* All output channels of two pixels from their interleaved patches (a lone last pixel is passed as
+ * both A and B, and written twice with the same bytes). */
+static void pixels_out(const kws_conv_params_t *p, const int8_t *filter, const int32_t *bias, const int32_t *rq,
+                       const int16_t *x, int8_t *oa, int8_t *ob) {
+  const int32_t K = p->k_h * p->k_w * p->in_c, K4 = K & ~3, n4 = K4 >> 2, tail = K - K4;
+  const int32_t out_c = p->out_c, stride = KWS_CONV_PAIR_STRIDE(K);
+  const int32_t off = p->output_offset, lo = p->act_min, hi = p->act_max, fast = p->requant_fast;
+  const uint32_t lo4 = bytes4(lo), hi4 = bytes4(hi);
+  const int16_t *const xt = x + 2 * K4;          /* the K % 4 tails: A's, then B's */
+  const int8_t *w = filter;
+  const int32_t *q = rq;
+  int32_t oc, k;
+  for (oc = 0; oc + 1 < out_c; oc += 2, w += stride, q += 8) {
+    int32_t a0 = bias ? bias[oc] : 0, a1 = bias ? bias[oc + 1] : 0, b0 = a0, b1 = a1;
     const int16_t *xp = x;
-    int32_t a0 = bias ? bias[oc] : 0, a1 = bias && two ? bias[oc + 1] : 0;
-    int32_t b0 = a0, b1 = a1, n, k;
-    for (n = n4; n > 0; --n) {
-      uint32_t wa = ld32(w0), wb = ld32(w1), xa, xb;
-      uint32_t wae = sxtb16(wa), wbe = sxtb16(wb);
-      w0 += 4; w1 += 4;
-      wa = sxtb16_ror8(wa); wb = sxtb16_ror8(wb);
-      xa = ld32(xp); xb = ld32(xp + 4);
-      a0 = smlad(wae, xa, a0); a1 = smlad(wbe, xa, a1);
-      b0 = smlad(wae, xb, b0); b1 = smlad(wbe, xb, b1);
-      xa = ld32(xp + 2); xb = ld32(xp + 6);
-      a0 = smlad(wa, xa, a0); a1 = smlad(wb, xa, a1);
-      b0 = smlad(wa, xb, b0); b1 = smlad(wb, xb, b1);
-      xp += 8;
+    const int8_t *wp = w;
+    uint32_t wa, wb, x0, x1, t0, t1;
+    int32_t n = n4;
+    if (n) {
+      /* n4 groups of four K positions, two per turn; an odd one first */
+      __asm__("lsrs   %[n], %[n], #1\n\t"
+              "bcc    2f\n\t"
+              KWS_MAC_2X2
+              "cmp    %[n], #0\n\t"
+              "beq    3f\n\t"
+              "2:\n\t"
+              KWS_MAC_2X2 KWS_MAC_2X2
+              "subs   %[n], %[n], #1\n\t"
+              "bne    2b\n\t"
+              "3:\n\t"
+              KWS_MAC_2X2_OPERANDS);
     }
-    for (k = 0; k < K - K4; ++k) {
-      const int32_t xv = xp[k], yv = xp[K - K4 + k];
-      a0 += w0[k] * xv; a1 += w1[k] * xv;
-      b0 += w0[k] * yv; b1 += w1[k] * yv;
+    if (tail) for (k = 0; k < tail; ++k) {
+      const int32_t xa = xt[k], xb = xt[tail + k], w0 = w[2 * K4 + k], w1 = w[2 * K4 + tail + k];
+      a0 += w0 * xa; a1 += w1 * xa;
+      b0 += w0 * xb; b1 += w1 * xb;
     }
+    /* all four results before any store (an int8 store may alias the table), then saturate,
+     * pack A's two bytes and B's two into one word, clamp all four at once, two halfword stores */
     {
-      const int32_t off = p->output_offset, lo = p->act_min, hi = p->act_max;
-      oa[oc] = requant(a0, mult[oc], shift[oc], off, lo, hi);
-      if (ob) ob[oc] = requant(b0, mult[oc], shift[oc], off, lo, hi);
-      if (two) {
-        oa[oc + 1] = requant(a1, mult[oc + 1], shift[oc + 1], off, lo, hi);
-        if (ob) ob[oc + 1] = requant(b1, mult[oc + 1], shift[oc + 1], off, lo, hi);
+      uint32_t v;
+      if (fast) {
+        v = rq2x2_fast(a0, a1, b0, b1, q, lo4, hi4);
+      } else {
+        a0 = rq_exact(a0, q, off); b0 = rq_exact(b0, q, off);
+        a1 = rq_exact(a1, q + 4, off); b1 = rq_exact(b1, q + 4, off);
+        v = clamp4(pack4(ssat8(a0), ssat8(a1), ssat8(b0), ssat8(b1)), lo4, hi4);
       }
+      st16(oa + oc, v);
+      st16(ob + oc, v >> 16);
     }
+  }
+  if (oc < out_c) {
+    /* a last odd channel: its filter row is in natural order */
+    const int16_t *xp = x;
+    int32_t a0 = bias ? bias[oc] : 0, b0 = a0, n;
+    for (n = n4; n > 0; --n, w += 4, xp += 8) {
+      const uint32_t wv = ld32(w), we = sxtb16(wv), wo = sxtb16_ror8(wv);
+      a0 = smlad(wo, ld32(xp + 2), smlad(we, ld32(xp), a0));
+      b0 = smlad(wo, ld32(xp + 6), smlad(we, ld32(xp + 4), b0));
+    }
+    for (k = 0; k < tail; ++k) {
+      a0 += w[k] * xt[k];
+      b0 += w[k] * xt[tail + k];
+    }
+    oa[oc] = requant(a0, q, fast, off, lo, hi);
+    ob[oc] = requant(b0, q, fast, off, lo, hi);
   }
 }
 #endif /* KWS_USE_DSP */
@@ -210,9 +435,10 @@ int32_t kws_conv2d_scratch_bytes(const kws_conv_params_t *p) {
 
 /* reference_integer_ops::ConvPerChannel */
 static void conv2d_portable(const kws_conv_params_t *p, const int8_t *input, const int8_t *filter,
-                            const int32_t *bias, const int32_t *mult, const int32_t *shift, int8_t *output) {
+                            const int32_t *bias, const int32_t *rq, int8_t *output) {
   const int32_t groups = p->in_c / p->filter_in_c;
   const int32_t per_group = p->out_c / groups;
+  const int32_t K = p->k_h * p->k_w * p->filter_in_c;
   int32_t b, oy, ox, oc, fy, fx, ic;
   for (b = 0; b < p->batches; ++b) {
     for (oy = 0; oy < p->out_h; ++oy) {
@@ -228,15 +454,16 @@ static void conv2d_portable(const kws_conv_params_t *p, const int8_t *input, con
             if (iy < 0 || iy >= p->in_h) continue;
             for (fx = 0; fx < p->k_w; ++fx) {
               const int32_t ix = x0 + p->dil_w * fx;
-              const int8_t *in, *w;
+              const int8_t *in;
+              const int32_t k0 = (fy * p->k_w + fx) * p->filter_in_c;
               if (ix < 0 || ix >= p->in_w) continue;
               in = input + ((b * p->in_h + iy) * p->in_w + ix) * p->in_c + g * p->filter_in_c;
-              w = filter + ((oc * p->k_h + fy) * p->k_w + fx) * p->filter_in_c;
-              for (ic = 0; ic < p->filter_in_c; ++ic) acc += w[ic] * (in[ic] + p->input_offset);
+              for (ic = 0; ic < p->filter_in_c; ++ic)
+                acc += filter[conv_w_index(oc, k0 + ic, K, p->out_c)] * (in[ic] + p->input_offset);
             }
           }
           if (bias) acc += bias[oc];
-          out[oc] = requant(acc, mult[oc], shift[oc], p->output_offset, p->act_min, p->act_max);
+          out[oc] = requant(acc, rq + 4 * oc, p->requant_fast, p->output_offset, p->act_min, p->act_max);
         }
       }
     }
@@ -244,7 +471,7 @@ static void conv2d_portable(const kws_conv_params_t *p, const int8_t *input, con
 }
 
 void kws_conv2d_s8(const kws_conv_params_t *p, const int8_t *input, const int8_t *filter, const int32_t *bias,
-                   const int32_t *mult, const int32_t *shift, int8_t *output, int16_t *scratch) {
+                   const int32_t *rq, int8_t *output, int16_t *scratch) {
 #if KWS_USE_DSP
   if (scratch && p->filter_in_c == p->in_c) {
     /* Pixels two at a time: gather both patches (every read of theirs happens here, before any
@@ -255,21 +482,30 @@ void kws_conv2d_s8(const kws_conv_params_t *p, const int8_t *input, const int8_t
       const int32_t two = i + 1 < n_pix;
       im2col_q15(p, input, i, 0, scratch);
       im2col_q15(p, input, two ? i + 1 : i, 1, scratch);   /* a lone last pixel: computed twice */
-      pixels_out(p, filter, bias, mult, shift, scratch, output + i * p->out_c, two ? output + (i + 1) * p->out_c : 0);
+      pixels_out(p, filter, bias, rq, scratch, output + i * p->out_c, output + (two ? i + 1 : i) * p->out_c);
     }
     return;
   }
 #else
   (void)scratch;
 #endif
-  conv2d_portable(p, input, filter, bias, mult, shift, output);
+  conv2d_portable(p, input, filter, bias, rq, output);
 }
 
 /* ------------------------------------------------------------------ DEPTHWISE_CONV_2D */
 
-/* reference_integer_ops::DepthwiseConvPerChannel */
-static void depthwise_portable(const kws_conv_params_t *p, const int8_t *input, const int8_t *filter,
-                               const int32_t *bias, const int32_t *mult, const int32_t *shift, int8_t *output) {
+int32_t kws_depthwise_scratch_bytes(const kws_conv_params_t *p) {
+  /* the DSP path's padded copy of the input rows one output row reads */
+  if (p->depth_mult != 1 || (p->in_c & 3) != 0) return 0;
+  return p->in_c * p->k_h * ((p->out_w - 1) * p->stride_w + (p->k_w - 1) * p->dil_w + 1);
+}
+
+/* reference_integer_ops::DepthwiseConvPerChannel, with the input offset folded into the bias:
+ * bias_eff = bias + input_offset * sum(w) over all taps, and a tap in the padding reads the input
+ * zero point (x + input_offset = 0 there, as the reference's skipped tap contributes 0). */
+static void depthwise_portable(const kws_conv_params_t *p, const int8_t *input, const int16_t *filter,
+                               const int32_t *bias_eff, const int32_t *rq, int8_t *output) {
+  const int32_t zp = -p->input_offset;
   int32_t b, oy, ox, ic, m, fy, fx;
   for (b = 0; b < p->batches; ++b) {
     for (oy = 0; oy < p->out_h; ++oy) {
@@ -280,19 +516,17 @@ static void depthwise_portable(const kws_conv_params_t *p, const int8_t *input, 
         for (ic = 0; ic < p->in_c; ++ic) {
           for (m = 0; m < p->depth_mult; ++m) {
             const int32_t oc = m + ic * p->depth_mult;
-            int32_t acc = 0;
+            int32_t acc = bias_eff[oc];
             for (fy = 0; fy < p->k_h; ++fy) {
               const int32_t iy = y0 + p->dil_h * fy;
-              if (iy < 0 || iy >= p->in_h) continue;
               for (fx = 0; fx < p->k_w; ++fx) {
                 const int32_t ix = x0 + p->dil_w * fx;
-                if (ix < 0 || ix >= p->in_w) continue;
-                acc += filter[(fy * p->k_w + fx) * p->out_c + oc] *
-                       (input[((b * p->in_h + iy) * p->in_w + ix) * p->in_c + ic] + p->input_offset);
+                const int32_t x = iy < 0 || iy >= p->in_h || ix < 0 || ix >= p->in_w
+                                      ? zp : input[((b * p->in_h + iy) * p->in_w + ix) * p->in_c + ic];
+                acc += filter[dw_w_index(fy * p->k_w + fx, oc, p->out_c, p->k_h * p->k_w)] * x;
               }
             }
-            if (bias) acc += bias[oc];
-            out[oc] = requant(acc, mult[oc], shift[oc], p->output_offset, p->act_min, p->act_max);
+            out[oc] = requant(acc, rq + 4 * oc, p->requant_fast, p->output_offset, p->act_min, p->act_max);
           }
         }
       }
@@ -300,62 +534,114 @@ static void depthwise_portable(const kws_conv_params_t *p, const int8_t *input, 
   }
 }
 
-void kws_depthwise_conv2d_s8(const kws_conv_params_t *p, const int8_t *input, const int8_t *filter,
-                             const int32_t *bias, const int32_t *mult, const int32_t *shift, int8_t *output) {
 #if KWS_USE_DSP
-  if (p->depth_mult == 1 && (p->in_c & 3) == 0) {
-    /* Four channels per pass: one word of input and one of filter per tap, unpacked to
-     * halfword pairs (c, c+2) and (c+1, c+3), one 16x16 MAC per channel (SMLABB/SMLATT).
-     * The valid taps of each output pixel (the window clipped to the image) are found once. */
-    const int32_t C = p->in_c;
-    const uint32_t off2 = ((uint32_t)p->input_offset & 0xFFFFu) | ((uint32_t)p->input_offset << 16);
-    const int32_t in_row_step = p->dil_h * p->in_w * C, in_col_step = p->dil_w * C, w_row_step = p->k_w * C;
-    /* locals, not p->...: every int8 store may alias *p, which would force a reload per output */
-    const int32_t out_off = p->output_offset, lo = p->act_min, hi = p->act_max;
-    int32_t b, oy, ox, c, fy;
-    for (b = 0; b < p->batches; ++b) {
-      for (oy = 0; oy < p->out_h; ++oy) {
-        const int32_t y0 = oy * p->stride_h - p->pad_h;
-        const int32_t fy_lo = y0 < 0 ? (-y0 + p->dil_h - 1) / p->dil_h : 0;
-        const int32_t rows = p->in_h - y0 > 0 ? (p->in_h - y0 + p->dil_h - 1) / p->dil_h : 0;
-        const int32_t fy_hi = rows < p->k_h ? rows : p->k_h;
-        for (ox = 0; ox < p->out_w; ++ox) {
-          const int32_t x0 = ox * p->stride_w - p->pad_w;
-          const int32_t fx_lo = x0 < 0 ? (-x0 + p->dil_w - 1) / p->dil_w : 0;
-          const int32_t cols = p->in_w - x0 > 0 ? (p->in_w - x0 + p->dil_w - 1) / p->dil_w : 0;
-          const int32_t fx_hi = cols < p->k_w ? cols : p->k_w;
-          const int32_t ny = fy_hi - fy_lo, nx = fx_hi - fx_lo;
-          const int8_t *in0 = input + ((b * p->in_h + y0 + p->dil_h * fy_lo) * p->in_w + x0 + p->dil_w * fx_lo) * C;
-          const int8_t *w0 = filter + (fy_lo * p->k_w + fx_lo) * C;
-          int8_t *out = output + ((b * p->out_h + oy) * p->out_w + ox) * C;
-          for (c = 0; c < C; c += 4) {
-            int32_t a0 = bias ? bias[c] : 0, a1 = bias ? bias[c + 1] : 0;
-            int32_t a2 = bias ? bias[c + 2] : 0, a3 = bias ? bias[c + 3] : 0;
-            const int8_t *in_row = in0 + c, *w_row = w0 + c;
-            for (fy = 0; fy < ny; ++fy, in_row += in_row_step, w_row += w_row_step) {
-              const int8_t *ip = in_row, *wp = w_row, *const w_end = w_row + nx * C;
-              for (; wp != w_end; ip += in_col_step, wp += C) {
-                const uint32_t xv = ld32(ip), wv = ld32(wp);
-                const uint32_t xe = sadd16(sxtb16(xv), off2), xo = sadd16(sxtb16_ror8(xv), off2);
-                const uint32_t we = sxtb16(wv), wo = sxtb16_ror8(wv);
-                a0 = smlabb(we, xe, a0);
-                a2 = smlatt(we, xe, a2);
-                a1 = smlabb(wo, xo, a1);
-                a3 = smlatt(wo, xo, a3);
+/* one tap of four channels: x holds the four input bytes, w the filter's (c0,c2) (c1,c3) pairs */
+#define KWS_DW_TAP(x, w)                                            \
+  do {                                                              \
+    const uint32_t xe_ = sxtb16(x), xo_ = sxtb16_ror8(x);           \
+    const uint32_t we_ = ld32(w), wo_ = ld32((w) + 2);              \
+    a0 = smlabb(we_, xe_, a0);                                      \
+    a2 = smlatt(we_, xe_, a2);                                      \
+    a1 = smlabb(wo_, xo_, a1);                                      \
+    a3 = smlatt(wo_, xo_, a3);                                      \
+  } while (0)
+
+#define KWS_DW_TAP_ASM(off)                         \
+  "ldr    %[x], [%[r], " off "]\n\t"                 \
+  "ldrd   %[we], %[wo], [%[w]], #8\n\t"             \
+  "sxtb16 %[xe], %[x]\n\t"                          \
+  "sxtb16 %[x], %[x], ror #8\n\t"                   \
+  "smlabb %[a0], %[we], %[xe], %[a0]\n\t"           \
+  "smlatt %[a2], %[we], %[xe], %[a2]\n\t"           \
+  "smlabb %[a1], %[wo], %[x], %[a1]\n\t"            \
+  "smlatt %[a3], %[wo], %[x], %[a3]\n\t"
+
+/* Four channels at a time from a padded, channel-group-major copy of the rows one output row
+ * reads: S[g][fy][px] is the word of channels 4g..4g+3 at padded column px of that row (the input
+ * zero point in the padding), so every window is whole and a 3-wide row is three word loads at
+ * fixed offsets. With the input offset folded into the bias there is no per-tap add. */
+static void depthwise_dsp(const kws_conv_params_t *p, const int8_t *input, const int16_t *filter,
+                          const int32_t *bias_eff, const int32_t *rq, int8_t *output, uint32_t *S) {
+  const int32_t C = p->in_c, G = C >> 2, KH = p->k_h, KW = p->k_w;
+  const int32_t PW = (p->out_w - 1) * p->stride_w + (KW - 1) * p->dil_w + 1, gstride = KH * PW;
+  const int32_t sw = p->stride_w, dw = p->dil_w, out_w = p->out_w, pw4 = 4 * PW;
+  const uint32_t zp4 = bytes4(-p->input_offset);
+  /* locals, not p->...: every int8 store may alias *p, which would force a reload per output */
+  const int32_t out_off = p->output_offset, fast = p->requant_fast;
+  const uint32_t lo4 = bytes4(p->act_min), hi4 = bytes4(p->act_max);
+  const int three = KW == 3 && dw == 1;
+  int32_t b, oy, ox, g, fy, fx, px;
+  for (b = 0; b < p->batches; ++b) {
+    for (oy = 0; oy < p->out_h; ++oy) {
+      const int32_t y0 = oy * p->stride_h - p->pad_h;
+      /* the rows this output row reads: every read of its input happens here, before any write */
+      for (fy = 0; fy < KH; ++fy) {
+        const int32_t iy = y0 + p->dil_h * fy;
+        uint32_t *row = S + fy * PW;
+        for (px = 0; px < PW; ++px) {
+          const int32_t ix = px - p->pad_w;
+          uint32_t *d = row + px, *const d_end = d + G * gstride;
+          if (iy < 0 || iy >= p->in_h || ix < 0 || ix >= p->in_w) {
+            for (; d != d_end; d += gstride) *d = zp4;
+          } else {
+            const int8_t *src = input + ((b * p->in_h + iy) * p->in_w + ix) * C;
+            for (; d != d_end; d += gstride, src += 4) *d = ld32(src);
+          }
+        }
+      }
+      for (ox = 0; ox < out_w; ++ox) {
+        const uint32_t *xs = S + ox * sw;
+        const int16_t *w = filter;
+        int8_t *out = output + ((b * p->out_h + oy) * out_w + ox) * C;
+        const int32_t *q = rq, *bp = bias_eff;
+        for (g = 0; g < G; ++g, xs += gstride, q += 16, bp += 4, out += 4) {
+          int32_t a0 = bp[0], a1 = bp[1], a2 = bp[2], a3 = bp[3];
+          const uint32_t *r = xs;
+          if (three) {
+            /* KH rows of three taps: 8 instructions a tap, 4 MACs */
+            int32_t n = KH;
+            uint32_t x, xe, we, wo;
+            __asm__("1:\n\t"
+                    KWS_DW_TAP_ASM("#0") KWS_DW_TAP_ASM("#4") KWS_DW_TAP_ASM("#8")
+                    "add    %[r], %[r], %[pw4]\n\t"
+                    "subs   %[n], %[n], #1\n\t"
+                    "bne    1b\n\t"
+                    : [a0] "+r"(a0), [a1] "+r"(a1), [a2] "+r"(a2), [a3] "+r"(a3), [r] "+r"(r), [w] "+r"(w),
+                      [n] "+r"(n), [x] "=&r"(x), [xe] "=&r"(xe), [we] "=&r"(we), [wo] "=&r"(wo)
+                    : [pw4] "r"(pw4)
+                    : "cc", "memory");
+          } else {
+            for (fy = 0; fy < KH; ++fy, r += PW)
+              for (fx = 0; fx < KW; ++fx, w += 4) {
+                const uint32_t x = r[fx * dw];
+                KWS_DW_TAP(x, w);
               }
-            }
-            out[c] = requant(a0, mult[c], shift[c], out_off, lo, hi);
-            out[c + 1] = requant(a1, mult[c + 1], shift[c + 1], out_off, lo, hi);
-            out[c + 2] = requant(a2, mult[c + 2], shift[c + 2], out_off, lo, hi);
-            out[c + 3] = requant(a3, mult[c + 3], shift[c + 3], out_off, lo, hi);
+          }
+          if (fast) {
+            st32(out, rq4_fast(a0, a1, a2, a3, q, lo4, hi4));
+          } else {
+            a0 = rq_exact(a0, q, out_off); a1 = rq_exact(a1, q + 4, out_off);
+            a2 = rq_exact(a2, q + 8, out_off); a3 = rq_exact(a3, q + 12, out_off);
+            st32(out, clamp4(pack4(ssat8(a0), ssat8(a1), ssat8(a2), ssat8(a3)), lo4, hi4));
           }
         }
       }
     }
+  }
+}
+#endif
+
+void kws_depthwise_conv2d_s8(const kws_conv_params_t *p, const int8_t *input, const int16_t *filter,
+                             const int32_t *bias_eff, const int32_t *rq, int8_t *output, int8_t *scratch) {
+#if KWS_USE_DSP
+  if (scratch && p->depth_mult == 1 && (p->in_c & 3) == 0) {
+    depthwise_dsp(p, input, filter, bias_eff, rq, output, (uint32_t *)(void *)scratch);
     return;
   }
+#else
+  (void)scratch;
 #endif
-  depthwise_portable(p, input, filter, bias, mult, shift, output);
+  depthwise_portable(p, input, filter, bias_eff, rq, output);
 }
 
 /* ------------------------------------------------------------------ FULLY_CONNECTED */
@@ -388,7 +674,10 @@ void kws_fully_connected_s8(const kws_fc_params_t *p, const int8_t *input, const
         for (d = 0; d < p->accum_depth; ++d) acc += (w[d] + p->filter_offset) * (in[d] + p->input_offset);
       }
       if (bias) acc += bias[oc];
-      out[oc] = requant(acc, mult[ch], shift[ch], p->output_offset, p->act_min, p->act_max);
+      {
+        const int32_t sh = shift[ch], left = sh > 0 ? sh : 0;
+        out[oc] = (int8_t)clamp(mbqm_lr(acc, mult[ch], left, left - sh) + p->output_offset, p->act_min, p->act_max);
+      }
     }
   }
 }

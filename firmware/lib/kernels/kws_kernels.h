@@ -23,14 +23,41 @@
  * In-place safety: a kernel reads the inputs an output element needs before it
  * writes that element, and after writing it reads only inputs that outputs
  * later in NHWC order need (the DSP convolution gathers two pixels' patches
- * before writing either). The exporter's memory planner relies on this to let
+ * before writing either; the DSP depthwise copies the rows an output row reads
+ * before writing any of that row). The exporter's memory planner relies on this to let
  * an output overlap the part of its input already consumed (export.py,
  * `overlap_limit`): that is how the MLPerf DS-CNN fits in 0.41x TFLite Micro's
  * arena.
  *
  * Scratch: kws_conv2d_s8 takes kws_conv2d_scratch_bytes(p) bytes of int16
- * scratch (int32-aligned) for the DSP path; the generated model places it in
- * its arena. The portable path ignores it (NULL is fine there).
+ * scratch, kws_depthwise_conv2d_s8 kws_depthwise_scratch_bytes(p) bytes (both
+ * int32-aligned), for the DSP path; the generated model places them in its
+ * arena. The portable path ignores them (NULL is fine there).
+ *
+ * Layouts prepared at export time (both paths read the same constants):
+ *
+ *   CONV_2D filter, int8, 4-byte aligned, in pairs of output channels. With
+ *   K = k_h * k_w * filter_in_c and K4 = K rounded down to a multiple of 4,
+ *   the pair (2q, 2q+1) starts at byte q * KWS_CONV_PAIR_STRIDE(K) and holds,
+ *   for each group g of four K positions, 4 bytes of channel 2q then 4 of
+ *   channel 2q+1 (byte 8g + 4j + i is w[2q+j][4g+i]); then channel 2q's K - K4
+ *   tail, then channel 2q+1's. A last odd channel is stored in natural order.
+ *   One LDRD fetches a group of both channels.
+ *
+ *   DEPTHWISE_CONV_2D filter, int16, 4-byte aligned: for each full group of
+ *   four channels, every tap's four weights as c0 c2 c1 c3 (the order SXTB16
+ *   unpacks a word of four input channels in); then the channels past the last
+ *   full group as [tap][channel]. Its bias is folded: bias + input_offset *
+ *   (sum of the channel's weights over all taps), always present; the kernel
+ *   reads a tap in the padding as the input zero point, which adds the same 0.
+ *
+ *   Requantisation (CONV_2D, DEPTHWISE_CONV_2D): four int32 per output
+ *   channel, {M, left + 1, right, rounding}: MultiplyByQuantizedMultiplier(acc,
+ *   M, left - right) + output_offset. With requant_fast set (the exporter
+ *   proves it exact for the layer) the kernels compute it as
+ *   (v + (v >> 31) + rounding) >> right, v = SMMULR(acc << (left + 1), M),
+ *   rounding = 2^(right-1) + output_offset * 2^right: 5 instructions.
+ *   kws_kernels.c, "requantisation tables", has the argument.
  *
  * Plain C99, no OS, no malloc: drop kws_kernels.c and a generated model.c
  * into any firmware.
@@ -58,7 +85,18 @@ typedef struct {
   int32_t input_offset;        /* -input zero point */
   int32_t output_offset;       /* output zero point */
   int32_t act_min, act_max;    /* quantised activation range (fused RELU/RELU6 or int8 limits) */
+  int32_t requant_fast;        /* conv, depthwise: 1 = the requantisation table's fast form is exact */
 } kws_conv_params_t;
+
+/* Bytes from one output-channel pair of a packed CONV_2D filter to the next (K per channel). */
+#define KWS_CONV_PAIR_STRIDE(K) ((2 * (K) + 3) & ~3)
+
+/* Alignment for the packed constants (LDRD needs a word-aligned address). */
+#if defined(__GNUC__) || defined(__clang__)
+#define KWS_ALIGN4 __attribute__((aligned(4)))
+#else
+#define KWS_ALIGN4
+#endif
 
 /* FULLY_CONNECTED. */
 typedef struct {
@@ -99,13 +137,16 @@ typedef struct {
 /* Bytes of int16 scratch the DSP convolution needs (0 on the portable path is fine). */
 int32_t kws_conv2d_scratch_bytes(const kws_conv_params_t *p);
 
+/* filter: packed in channel pairs; rq: 4 int32 per output channel (see above). */
 void kws_conv2d_s8(const kws_conv_params_t *p, const int8_t *input, const int8_t *filter,
-                   const int32_t *bias, const int32_t *mult, const int32_t *shift,
-                   int8_t *output, int16_t *scratch);
+                   const int32_t *bias, const int32_t *rq, int8_t *output, int16_t *scratch);
 
-void kws_depthwise_conv2d_s8(const kws_conv_params_t *p, const int8_t *input, const int8_t *filter,
-                             const int32_t *bias, const int32_t *mult, const int32_t *shift,
-                             int8_t *output);
+/* Bytes of scratch (int32-aligned) the DSP depthwise path needs; 0 where it does not apply. */
+int32_t kws_depthwise_scratch_bytes(const kws_conv_params_t *p);
+
+/* filter and folded bias as above; rq as for kws_conv2d_s8; scratch may be NULL (portable path). */
+void kws_depthwise_conv2d_s8(const kws_conv_params_t *p, const int8_t *input, const int16_t *filter,
+                             const int32_t *bias_eff, const int32_t *rq, int8_t *output, int8_t *scratch);
 
 void kws_fully_connected_s8(const kws_fc_params_t *p, const int8_t *input, const int8_t *filter,
                             const int32_t *bias, const int32_t *mult, const int32_t *shift,

@@ -9,6 +9,8 @@ them; nothing here changes. `--size B8=784-32-10-8k` runs a milestone at another
 size of its ladder (a small one, where the planned size would take long or needs
 data that is not here). Milestones that read data find it through the dataset
 registry: set TIERKIT_DATA (e.g. to ../shared/data) before running this.
+The torch milestones join the same way: B9 (`--size B9=mnist-xs-8k` with only
+MNIST's test split here) and B12 (`--size B12=0.8M`, nanoGPT's CPU recipe).
 
 The live profile is copied into a temporary TIERKIT_HOME (probed there first
 when there is none), so this benchmark never adds calibration records to the
@@ -38,6 +40,14 @@ sys.path.insert(0, str(REPO))
 MEMORY_TARGET = (0.75, 1.25)
 TIME_TARGET = (0.5, 2.0)
 
+# Milestones whose plan prices a file the user supplies: without it the run would time a different
+# model from the one predicted, so it is skipped with the variable to set.
+NEEDS_ENV = {
+    "B16": ("TIERKIT_B16_GGUF", "its plan prices a downloaded GGUF (the size's model and quantisation); set "
+                                "TIERKIT_B16_GGUF to that file, e.g. --size B16=tinyllama-1.1b-Q4_K_M with a TinyLlama "
+                                "Q4_K_M .gguf"),
+}
+
 
 def live_profile(home: Path, calibrated: bool) -> tuple[Any, str]:
     """The user's profile copied into `home` (or a fresh probe there); and where it came from."""
@@ -63,6 +73,9 @@ def runnable(prof: Any, sizes: dict[str, str] | None = None) -> tuple[list[tuple
 
     todo, skipped = [], []
     for mid in sorted(REGISTRY, key=lambda m: int(m[1:])):
+        if mid in NEEDS_ENV and not os.environ.get(NEEDS_ENV[mid][0]):
+            skipped.append({"milestone": mid, "why": NEEDS_ENV[mid][1]})
+            continue
         plan = fit(prof, mid, size=(sizes or {}).get(mid))
         if plan.verdict == "no":
             skipped.append({"milestone": mid, "why": "; ".join(plan.reasons) or "does not fit"})

@@ -17,6 +17,7 @@ Sources for the formulas (see ../shared/REFERENCE.md, "Memory and time formulas"
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from itertools import pairwise
 from math import ceil
@@ -127,6 +128,20 @@ def gpt_params(s: GPTShape) -> int:
     block = 12 * h * h + 2 * h + 11 * h * b
     return (s.vocab_size * h + s.block_size * h + s.n_layer * block + h + h * b
             + (0 if s.tied else s.vocab_size * h))
+
+
+def llama_params(vocab_size: int, n_layer: int, n_embd: int, n_head: int, n_kv_head: int | None = None,
+                 hidden: int | None = None, tied: bool = True) -> int:
+    """Exact parameter count of models/gpt.py's llama flavour (RoPE: no position table; no biases).
+
+    per block: RMSNorm 2h + q, k, v h*(n_head + 2 n_kv_head)*d + output h^2 + SwiGLU 3*h*f
+    plus token embedding V*h, final RMSNorm h, and an untied lm_head V*h.
+    f defaults as in models/gpt.py: 8h/3 rounded up to a multiple of 32.
+    """
+    h, d = n_embd, n_embd // n_head
+    f = hidden or 32 * math.ceil(8 * h / 3 / 32)
+    block = 2 * h + h * (n_head + 2 * (n_kv_head or n_head)) * d + h * h + 3 * h * f
+    return vocab_size * h + n_layer * block + h + (0 if tied else vocab_size * h)
 
 
 def gpt_params_basis(s: GPTShape) -> str:

@@ -415,7 +415,7 @@ def load_checkpoint(path: str | Path, layers: range | tuple[int, int] | None = N
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=True)  # a stage reads only its tensors
     except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file
         raise ValueError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {str(e)[:120]})") from None
     if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:

@@ -184,3 +184,12 @@ def test_formatting():
     assert costs.fmt_bytes(8.26e9) == "8.26 GB"
     assert costs.fmt_count(124_475_904) == "124M"
     assert costs.fmt_count(2_706_624) == "2.71M"
+
+
+@pytest.mark.parametrize("kw", [{}, {"n_kv_head": 2}, {"tie_weights": False, "ffn_hidden": 50}])
+def test_llama_param_count_matches_torch(kw):
+    pytest.importorskip("torch", reason="torch is in the tier2 extra; `make test` installs it")
+    from models.gpt import GPT, GPTConfig
+
+    cfg = GPTConfig(vocab_size=65, block_size=32, n_layer=3, n_head=4, n_embd=64, arch="llama", **kw)
+    assert costs.llama_params(65, 3, 64, 4, cfg.n_kv_head, cfg.ffn_hidden, cfg.tie_weights) == GPT(cfg).num_params()

@@ -1,0 +1,230 @@
+"""Export a models.gpt model (the llama flavour) to a GGUF file that llama.cpp runs (B16).
+
+    export_gguf(model, vocab, path)   the model as a llama-architecture GGUF, F32 weights
+    byte_level(vocab)                 the tokens and merges llama.cpp's "gpt2" tokenizer needs
+    gguf_summary(path)                what a GGUF holds (architecture, sizes, tensor types), or one-line ValueError
+
+How our llama flavour maps onto llama.cpp's LLM_ARCH_LLAMA (what convert_hf_to_gguf.py
+does for a Hugging Face Llama; our layout is Hugging Face's):
+
+    transformer.wte              -> token_embd          (also the output matrix when tied: no output.weight)
+    h.N.ln_1 / h.N.ln_2          -> blk.N.attn_norm / blk.N.ffn_norm   (RMSNorm weights, F32)
+    h.N.attn.c_attn  (q|k|v)     -> blk.N.attn_q / attn_k / attn_v     (split; q and k permuted, below)
+    h.N.attn.c_proj              -> blk.N.attn_output
+    h.N.mlp.gate / up / c_proj   -> blk.N.ffn_gate / ffn_up / ffn_down (SwiGLU: down(silu(gate x) * up x))
+    transformer.ln_f / lm_head   -> output_norm / output
+
+Rotary layout. Our RoPE (Hugging Face's) rotates the pair (i, i + d/2) of each head;
+llama.cpp's LLAMA rope ("normal" mode) rotates the pair (2i, 2i + 1). Both turn pair i
+by the same angle, so the fix is a fixed reordering of the rows of W_q and W_k inside
+each head: new row 2i+j = old row j*d/2 + i. The attention scores q.k are unchanged
+because the same permutation is applied to q and k (per kv head for k).
+
+Dimensions. numpy arrays go in row-major as torch stores them, (out, in); GGUF lists
+dimensions fastest-first, so llama.cpp sees {in, out}, which is what it expects
+(token_embd is {n_embd, n_vocab}).
+
+Tokenizer. A char-level vocabulary is written as llama.cpp's byte-level BPE ("gpt2")
+tokenizer with no merges between characters: each token is one character, spelt in
+GPT-2's byte-to-unicode alphabet (space is "Ġ", newline "Ċ"), so llama.cpp's
+detokenizer turns ids back into the exact UTF-8 text. A character of 2-4 UTF-8 bytes
+is 2-4 byte symbols in that alphabet; merges that rebuild exactly those characters are
+added, so llama.cpp's own tokenizer also finds non-ASCII characters (without them it
+would drop them). llama.cpp refuses a "gpt2" vocabulary without a merges list and the
+gguf package refuses to write an empty one, so an ASCII-only vocabulary gets one merge
+entry without a space, which llama.cpp reads as the pair ("", "") that no symbol ever
+forms. Why not SentencePiece ("llama")? Its tokenizer falls back to <0xNN> byte tokens
+for any character not in the vocabulary, and a char vocabulary has none: an unknown
+character would abort llama.cpp. A char model has no end-of-text token; llama.cpp's
+BPE loader defaults EOS to id 11 (a character), so EOS is set to the newline when
+there is one: llama.cpp's own tools then stop at the end of a line (--ignore-eos runs on).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+NO_MERGE = "<no-merges>"   # read by llama.cpp as the pair ("", ""), which never occurs
+
+
+class ExportError(ValueError):
+    """Why a model cannot become a GGUF; str() is one line naming the fix."""
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character table: printable Latin-1 bytes stand for
+    themselves, the other 68 bytes (controls, space, ...) take the characters from U+0100 on."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def byte_level(vocab: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(token texts in byte-level spelling, merges that rebuild each multi-byte character)."""
+    table = bytes_to_unicode()
+    tokens, merges, seen = [], [], set()
+    for i, piece in enumerate(vocab):
+        if not isinstance(piece, str) or not piece:
+            raise ExportError(f"token {i} is {piece!r}: a GGUF vocabulary needs a non-empty string per id")
+        spelt = "".join(table[b] for b in piece.encode("utf-8"))
+        tokens.append(spelt)
+        for k in range(1, len(spelt)):  # "a b", "ab c", ...: left to right, one byte at a time
+            m = f"{spelt[:k]} {spelt[k]}"
+            if m not in seen:
+                seen.add(m)
+                merges.append(m)
+    if len(set(tokens)) != len(tokens):
+        dup = next(t for t in tokens if tokens.count(t) > 1)
+        raise ExportError(f"the vocabulary holds {dup!r} twice; llama.cpp needs every token once")
+    return tokens, merges or [NO_MERGE]
+
+
+def vocab_from(tokenizer: Any) -> list[str]:
+    """The id -> text list from a tokenizer meta dict ({"kind": "char", "chars": ...}), an object
+    with .meta(), or a plain sequence of strings."""
+    if hasattr(tokenizer, "meta") and callable(tokenizer.meta):
+        tokenizer = tokenizer.meta()
+    if isinstance(tokenizer, dict):
+        if tokenizer.get("kind") != "char":
+            raise ExportError(f"GGUF export writes char-level vocabularies; this tokenizer is "
+                              f"{tokenizer.get('kind')!r}: train the model with the char tokenizer")
+        chars = tokenizer.get("chars")
+        return list(chars) if isinstance(chars, str) else list(chars or [])
+    return list(tokenizer)
+
+
+def _permute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Rows of W_q or W_k from Hugging Face's half-split rotary layout to GGML's interleaved one."""
+    out_dim = w.shape[0]
+    hd = out_dim // n_heads
+    return w.reshape(n_heads, 2, hd // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llama_tensors(model: Any) -> dict[str, np.ndarray]:
+    """GGUF tensor name -> float32 array for a whole llama-flavour models.gpt.GPT."""
+    cfg = model.config
+    if cfg.arch != "llama":
+        raise ExportError(f"this is a {cfg.arch}-flavour model (LayerNorm, learned positions, GELU); llama.cpp's "
+                          "llama architecture needs arch='llama' (RMSNorm, RoPE, SwiGLU): train it with arch llama")
+    if not (getattr(model, "has_embed", True) and getattr(model, "has_head", True)):
+        raise ExportError("this is a pipeline stage (a layer range), not the whole model: load the full checkpoint")
+    sd = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
+    hd, nh, nkv = cfg.head_dim, cfg.n_head, cfg.kv_heads
+    t = {"token_embd.weight": sd["transformer.wte.weight"]}
+    for i in range(cfg.n_layer):
+        p, b = f"transformer.h.{i}.", f"blk.{i}."
+        qkv = sd[p + "attn.c_attn.weight"]
+        q, k, v = qkv[:nh * hd], qkv[nh * hd:(nh + nkv) * hd], qkv[(nh + nkv) * hd:]
+        t[b + "attn_norm.weight"] = sd[p + "ln_1.weight"]
+        t[b + "attn_q.weight"] = _permute_rotary(q, nh)
+        t[b + "attn_k.weight"] = _permute_rotary(k, nkv)
+        t[b + "attn_v.weight"] = v
+        t[b + "attn_output.weight"] = sd[p + "attn.c_proj.weight"]
+        t[b + "ffn_norm.weight"] = sd[p + "ln_2.weight"]
+        t[b + "ffn_gate.weight"] = sd[p + "mlp.gate.weight"]
+        t[b + "ffn_up.weight"] = sd[p + "mlp.up.weight"]
+        t[b + "ffn_down.weight"] = sd[p + "mlp.c_proj.weight"]
+    t["output_norm.weight"] = sd["transformer.ln_f.weight"]
+    if not cfg.tie_weights:  # tied: llama.cpp reuses token_embd when output.weight is absent
+        t["output.weight"] = sd["lm_head.weight"]
+    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in t.items()}
+
+
+def export_gguf(model: Any, tokenizer: Any, path: str | Path, name: str = "tierkit-gpt",
+                eos: str | None = "\n") -> Path:
+    """Write `model` (models.gpt.GPT, arch "llama") with its char vocabulary to `path` as an F32
+    llama-architecture GGUF, atomically (a temporary file in the same folder, then rename)."""
+    import gguf
+
+    cfg = model.config
+    vocab = vocab_from(tokenizer)
+    if len(vocab) != cfg.vocab_size:
+        raise ExportError(f"the tokenizer has {len(vocab)} tokens but the model's vocab_size is {cfg.vocab_size}: "
+                          "llama.cpp needs one token per embedding row; export with the model's own tokenizer")
+    tensors = llama_tensors(model)
+    tokens, merges = byte_level(vocab)
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        w = gguf.GGUFWriter(str(tmp), "llama")
+        w.add_name(name)
+        w.add_file_type(gguf.LlamaFileType.ALL_F32)
+        w.add_vocab_size(cfg.vocab_size)
+        w.add_context_length(cfg.block_size)
+        w.add_embedding_length(cfg.n_embd)
+        w.add_block_count(cfg.n_layer)
+        w.add_feed_forward_length(cfg.hidden)
+        w.add_head_count(cfg.n_head)
+        w.add_head_count_kv(cfg.kv_heads)
+        w.add_rope_dimension_count(cfg.head_dim)
+        w.add_rope_freq_base(float(cfg.rope_theta))
+        w.add_layer_norm_rms_eps(float(cfg.norm_eps))
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("gpt-2")
+        w.add_token_list(tokens)
+        w.add_token_types([gguf.TokenType.NORMAL] * len(tokens))
+        w.add_token_merges(merges)
+        w.add_add_bos_token(False)           # a char model never saw a BOS token
+        special = vocab.index(eos) if eos in vocab else 0
+        w.add_bos_token_id(special)
+        w.add_eos_token_id(special)
+        for n, arr in tensors.items():
+            w.add_tensor(n, arr)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def gguf_summary(path: str | Path) -> dict[str, Any]:
+    """What a GGUF file holds, read with the gguf package (no llama.cpp): architecture, name,
+    context length, parameter count, bytes, the count of tensors per type. ValueError, one line,
+    when the file is missing or not a readable GGUF."""
+    import gguf
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such GGUF file; give the path of a .gguf model")
+    try:
+        r = gguf.GGUFReader(str(path))
+    except Exception as e:  # noqa: BLE001 - the reader raises many kinds for a bad file
+        raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}); "
+                         "re-download or re-export it") from None
+
+    def field(key: str) -> Any:
+        f = r.fields.get(key)
+        if f is None:
+            return None
+        v = f.contents()
+        return v
+
+    arch = field("general.architecture")
+    types: dict[str, int] = {}
+    params = 0
+    for t in r.tensors:
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+        params += int(np.prod([int(x) for x in t.shape]))
+    return {"path": str(path), "bytes": path.stat().st_size, "architecture": arch, "name": field("general.name"),
+            "context_length": field(f"{arch}.context_length"), "n_embd": field(f"{arch}.embedding_length"),
+            "n_layer": field(f"{arch}.block_count"), "n_head": field(f"{arch}.attention.head_count"),
+            "n_vocab": len(r.fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in r.fields else None,
+            "tokenizer": field("tokenizer.ggml.model"), "file_type": field("general.file_type"),
+            "params": params, "tensor_types": types}

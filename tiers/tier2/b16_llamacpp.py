@@ -1,0 +1,524 @@
+"""B16: the local inference rig. Your own model in llama.cpp, quantised, timed and scored.
+
+    GGUF ─► Engine (llama-cpp-python) ─► prompt tokens/s, generation tokens/s, perplexity
+      ▲                                         per quantisation: F32 (as exported), Q8_0, Q4_0
+      └─ models.gguf_export: the B12 model (llama flavour) as a llama-architecture GGUF
+
+Which model:
+- `TIERKIT_B16_GGUF=model.gguf` (or `gguf:` in the config): any local GGUF, e.g. a
+  TinyLlama or stories260K. It is timed as it is; when its weights are F32/F16/BF16 it is
+  also quantised to Q8_0 and Q4_0 (quantising an already-quantised file would stack errors,
+  so a Q4_K_M download gets one row).
+- otherwise the learner's B12 checkpoint (`tiers.tier2.common.base_model`), exported with
+  models.gguf_export; with no B12 checkpoint, a small llama-flavour char model trained here
+  in seconds stands in (said so in the README).
+
+`TIERKIT_B16_THREADS=N` sets llama.cpp's thread count (default: the physical cores).
+
+How it is timed (what `llama-bench` calls pp and tg): the prompt is decoded in batches of
+n_batch tokens after the cache is cleared (prompt processing: matmuls over many tokens,
+compute-bound); then new tokens are decoded one at a time, each the argmax of the last
+logits (generation: every weight read once per token, memory-bound). `requests`
+repetitions, the median reported. Perplexity: the held-out text in non-overlapping windows
+of the model's training context, every token scored from llama.cpp's own logits (the same
+definition as tiers.tier2.common.perplexity, so the F32 export and torch agree to rounding).
+"""
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import statistics
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Self
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from tiers.runner import Context, Output
+
+DEFAULTS: dict[str, Any] = {
+    "prompt_tokens": 512, "new_tokens": 256, "requests": 8, "threads": None, "n_batch": 512,
+    "n_gpu_layers": None, "kv_type": "f16", "quants": ["Q8_0", "Q4_0"], "ppl_tokens": 8192,
+    "ppl_window": None, "standin_steps": 300, "seed": 0,
+}
+QUANT_FTYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 7}    # llama_ftype values (llama.h)
+KV_TYPES = {"f32": 0, "f16": 1}                                # ggml_type values for the KV cache
+UNQUANTISED = {"F32", "F16", "BF16"}                           # tensor types that quantising does not stack on
+
+
+# ---------------------------------------------------------------- llama.cpp's log, kept off the terminal
+
+_LOG: deque[str] = deque(maxlen=40)
+_LOG_CB: Any = None
+
+
+def quiet_llama() -> None:
+    """Route llama.cpp's log into a ring buffer: its lines are not for the user's terminal, but its last
+    error is what the one-line message quotes when a model will not load."""
+    global _LOG_CB
+    if _LOG_CB is not None:
+        return
+    import llama_cpp
+    import llama_cpp._logger
+
+    @llama_cpp.llama_log_callback
+    def cb(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        line = text.decode("utf-8", "replace").strip()
+        if line:
+            _LOG.append(line)
+
+    _LOG_CB = cb  # keep a reference: ctypes does not, and a collected callback crashes
+    llama_cpp.llama_log_set(cb, ctypes.c_void_p(0))
+
+
+def _last_error() -> str:
+    for line in reversed(_LOG):
+        low = line.lower()
+        if any(w in low for w in ("error", "failed", "invalid", "unknown", "cannot")):
+            return line[:160]
+    return ""
+
+
+# ---------------------------------------------------------------- loading a GGUF
+
+def check_gguf(path: str | Path) -> Path:
+    """The path, if it is a file that starts like a GGUF; ValueError (one line, with the fix) otherwise."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ValueError(f"GGUF file {p} does not exist; set TIERKIT_B16_GGUF to a local .gguf model "
+                         "(or unset it to export your B12 model)")
+    with open(p, "rb") as f:
+        head = f.read(4)
+    if head != b"GGUF":
+        raise ValueError(f"{p} is not a GGUF file (it starts with {head!r}, not b'GGUF'); "
+                         "convert the model with llama.cpp's convert_hf_to_gguf.py or re-download it")
+    return p
+
+
+@dataclass
+class Settings:
+    """Everything a tokens/s figure depends on, recorded beside it."""
+
+    n_threads: int
+    n_threads_batch: int
+    n_ctx: int
+    n_batch: int
+    n_ubatch: int
+    n_gpu_layers: int
+    kv_type: str = "f16"
+    flash_attn: bool = False
+    use_mmap: bool = True
+
+
+def default_settings(cfg: dict[str, Any], device: str, n_ctx: int) -> Settings:
+    """Threads: `threads` in the config, else $TIERKIT_B16_THREADS, else the physical cores (llama.cpp's
+    advice: hyper-threads slow the matmuls down; on a machine busy with other work, fewer threads than
+    cores is faster, because llama.cpp's threads spin-wait for each other at every operation).
+    GPU layers: all (-1) when the plan is on a GPU and this llama.cpp build can offload, else 0."""
+    threads = cfg.get("threads") or os.environ.get("TIERKIT_B16_THREADS")
+    if not threads:
+        try:
+            import psutil
+
+            threads = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+        except ImportError:
+            threads = os.cpu_count() or 1
+    gpu_layers = cfg.get("n_gpu_layers")
+    if gpu_layers is None:
+        import llama_cpp
+
+        gpu_layers = -1 if device.startswith(("cuda", "mps", "rocm")) and llama_cpp.llama_supports_gpu_offload() else 0
+    n_batch = int(cfg.get("n_batch") or 512)
+    return Settings(n_threads=int(threads), n_threads_batch=int(threads), n_ctx=int(n_ctx), n_batch=n_batch,
+                    n_ubatch=n_batch, n_gpu_layers=int(gpu_layers), kv_type=str(cfg.get("kv_type", "f16")))
+
+
+class Engine:
+    """One GGUF loaded in llama.cpp, decoding through a reusable llama_batch.
+
+    llama-cpp-python's `Llama` loads the model and makes the context; decoding goes
+    straight to `llama_decode` with a batch allocated once and filled through numpy views
+    (Llama.eval fills it in a Python loop and copies every logit row, which costs more
+    than the decode itself for a small model).
+    """
+
+    def __init__(self, path: str | Path, settings: Settings):
+        import llama_cpp
+
+        quiet_llama()
+        self.path = check_gguf(path)
+        self.settings = settings
+        if settings.kv_type not in KV_TYPES:
+            raise ValueError(f"kv_type {settings.kv_type!r}: use one of {', '.join(KV_TYPES)}")
+        _LOG.clear()
+        try:
+            self.llm = llama_cpp.Llama(
+                str(self.path), n_ctx=settings.n_ctx, n_batch=settings.n_batch, n_ubatch=settings.n_ubatch,
+                n_threads=settings.n_threads, n_threads_batch=settings.n_threads_batch,
+                n_gpu_layers=settings.n_gpu_layers, type_k=KV_TYPES[settings.kv_type],
+                type_v=KV_TYPES[settings.kv_type], flash_attn=settings.flash_attn, use_mmap=settings.use_mmap,
+                logits_all=False, verbose=False)
+        except (ValueError, RuntimeError, OSError) as e:
+            why = _last_error() or str(e)
+            raise ValueError(f"llama.cpp cannot load {self.path}: {why}; the file is damaged or from a newer "
+                             "llama.cpp (re-export or re-download it)") from None
+        self.n_vocab = int(self.llm.n_vocab())
+        self.n_ctx = int(self.llm.n_ctx())
+        self.n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(self.llm.model))
+        self.ctx = self.llm.ctx
+        self.mem = llama_cpp.llama_get_memory(self.ctx)
+        self._lib = llama_cpp
+        nb = settings.n_batch
+        self.batch = llama_cpp.llama_batch_init(nb, 0, 1)
+        b = self.batch
+        self._tok = np.ctypeslib.as_array(b.token, shape=(nb,))
+        self._pos = np.ctypeslib.as_array(b.pos, shape=(nb,))
+        self._out = np.ctypeslib.as_array(b.logits, shape=(nb,))
+        np.ctypeslib.as_array(b.n_seq_id, shape=(nb,))[:] = 1
+        for i in range(nb):
+            b.seq_id[i][0] = 0
+        self.pos = 0
+        self._logits_addr: int | None = None
+        self._logits_view: np.ndarray | None = None
+
+    def close(self) -> None:
+        if getattr(self, "batch", None) is not None:
+            self._lib.llama_batch_free(self.batch)
+            self.batch = None
+        if getattr(self, "llm", None) is not None:
+            self.llm.close()
+            self.llm = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def describe(self) -> dict[str, Any]:
+        lib, m = self._lib, self.llm.model
+        buf = ctypes.create_string_buffer(256)
+        lib.llama_model_desc(m, buf, 256)
+        return {"desc": buf.value.decode(errors="replace"), "params": int(lib.llama_model_n_params(m)),
+                "bytes": int(lib.llama_model_size(m)), "n_vocab": self.n_vocab, "n_ctx_train": self.n_ctx_train}
+
+    def clear(self) -> None:
+        """Forget every cached position (a new sequence)."""
+        self._lib.llama_memory_clear(self.mem, True)
+        self.pos = 0
+
+    def step(self, token: int) -> np.ndarray:
+        """One generated token in, the next logits (vocab,) out: the generation loop's hot path, kept to
+        a few scalar writes into the batch and one call, so timing it times llama.cpp, not Python."""
+        if self.pos >= self.n_ctx:
+            raise ValueError(f"{self.pos + 1} positions asked; the context holds {self.n_ctx}")
+        self._tok[0] = token
+        self._pos[0] = self.pos
+        self._out[0] = 1
+        self.batch.n_tokens = 1
+        rc = self._lib.llama_decode(self.ctx, self.batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc} at position {self.pos} ({_last_error() or 'no detail'})")
+        self.pos += 1
+        return self._last_logits()
+
+    def _last_logits(self) -> np.ndarray:
+        """A numpy view of the last row of logits; the view is rebuilt only when llama.cpp moves its buffer."""
+        ptr = self._lib.llama_get_logits_ith(self.ctx, -1)
+        addr = ctypes.cast(ptr, ctypes.c_void_p).value
+        if addr != self._logits_addr:
+            self._logits_addr = addr
+            self._logits_view = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+        return self._logits_view
+
+    def decode(self, ids: Any, all_logits: bool = False) -> np.ndarray:
+        """Feed token ids after the cached ones; logits (n, vocab) for every id (a copy), or (vocab,) for the
+        last (a view into llama.cpp's buffer, valid until the next decode)."""
+        ids = np.asarray(ids, dtype=np.int32)
+        n, nb = len(ids), self.settings.n_batch
+        if n == 0:
+            raise ValueError("nothing to decode")
+        if self.pos + n > self.n_ctx:
+            raise ValueError(f"{self.pos + n} positions asked; the context holds {self.n_ctx}")
+        rows = []
+        for s in range(0, n, nb):
+            chunk = ids[s:s + nb]
+            k = len(chunk)
+            self._tok[:k] = chunk
+            self._pos[:k] = np.arange(self.pos, self.pos + k, dtype=np.int32)
+            self._out[:k] = 1 if all_logits else 0
+            self._out[k - 1] = 1
+            self.batch.n_tokens = k
+            rc = self._lib.llama_decode(self.ctx, self.batch)
+            if rc != 0:
+                raise RuntimeError(f"llama_decode returned {rc} at position {self.pos} ({_last_error() or 'no detail'})")
+            self.pos += k
+            if all_logits:
+                ptr = self._lib.llama_get_logits(self.ctx)
+                rows.append(np.ctypeslib.as_array(ptr, shape=(k, self.n_vocab)).copy())
+        if all_logits:
+            return np.concatenate(rows)
+        return self._last_logits()
+
+    def greedy(self, prompt: list[int], n: int) -> list[int]:
+        """n tokens after `prompt`, each the argmax of the logits (no sampler, no penalties)."""
+        self.clear()
+        logits = self.decode(prompt)
+        out = []
+        for _ in range(n):
+            t = int(logits.argmax())
+            out.append(t)
+            logits = self.step(t)
+        return out
+
+    def tokenize(self, text: str) -> list[int]:
+        """llama.cpp's own tokenizer, as llama-cli would run it (BOS when the model asks for one)."""
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.llm.detokenize(ids).decode("utf-8", errors="replace")
+
+    def nll(self, ids: list[int] | np.ndarray, window: int) -> tuple[float, int]:
+        """Sum of -log p(next token) and the count, over non-overlapping windows of `window` inputs
+        (inputs ids[k*W:(k+1)*W] predict ids[k*W+1:(k+1)*W+1]), from llama.cpp's logits."""
+        ids = np.asarray(ids, dtype=np.int64)
+        n = (len(ids) - 1) // window
+        if n < 1:
+            raise ValueError(f"{len(ids)} tokens are too few for one window of {window}")
+        total = 0.0
+        for k in range(n):
+            x, y = ids[k * window:(k + 1) * window], ids[k * window + 1:(k + 1) * window + 1]
+            self.clear()
+            logits = self.decode(x, all_logits=True).astype(np.float64)
+            m = logits.max(axis=1, keepdims=True)
+            logz = m[:, 0] + np.log(np.exp(logits - m).sum(axis=1))
+            total += float((logz - logits[np.arange(len(y)), y]).sum())
+        return total, n * window
+
+
+def perplexity(engine: Engine, ids: list[int] | np.ndarray, window: int) -> float:
+    total, count = engine.nll(ids, window)
+    return math.exp(total / count)
+
+
+# ---------------------------------------------------------------- timing
+
+def time_speed(engine: Engine, prompt: list[int], new_tokens: int, reps: int,
+               on_rep: Any = None) -> dict[str, Any]:
+    """Prompt processing and generation tokens/s: `reps` repetitions of (clear, prompt, n greedy tokens)."""
+    pp, tg = [], []
+    for _ in range(reps):
+        engine.clear()
+        t0 = time.perf_counter()
+        logits = engine.decode(prompt)
+        t1 = time.perf_counter()
+        for _ in range(new_tokens):
+            logits = engine.step(int(logits.argmax()))
+        t2 = time.perf_counter()
+        pp.append(len(prompt) / (t1 - t0))
+        tg.append(new_tokens / (t2 - t1))
+        if on_rep is not None:
+            on_rep()
+    return {"prompt_tokens_per_s": statistics.median(pp), "gen_tokens_per_s": statistics.median(tg),
+            "prompt_tokens_per_s_all": pp, "gen_tokens_per_s_all": tg, "prompt_tokens": len(prompt),
+            "new_tokens": new_tokens, "repetitions": reps}
+
+
+# ---------------------------------------------------------------- quantisation
+
+def quantize(src: str | Path, dst: str | Path, quant: str, threads: int = 0) -> Path:
+    """llama.cpp's own quantiser (llama_model_quantize, what the llama-quantize tool calls), written to a
+    temporary name and renamed. llama.cpp keeps 1-D tensors (norms) in F32 and picks its own type for
+    tensors whose rows are not a multiple of the block size; the tensor-type counts show what it did."""
+    import llama_cpp
+
+    quiet_llama()
+    if quant not in QUANT_FTYPES:
+        raise ValueError(f"quantisation {quant!r}: use one of {', '.join(QUANT_FTYPES)}")
+    src, dst = check_gguf(src), Path(dst)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = QUANT_FTYPES[quant]
+    params.nthread = threads
+    _LOG.clear()
+    try:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+        if rc != 0 or not tmp.is_file():
+            raise ValueError(f"llama.cpp could not quantise {src} to {quant} ({_last_error() or f'code {rc}'})")
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dst
+
+
+# ---------------------------------------------------------------- which model
+
+def user_gguf(cfg: dict[str, Any]) -> Path | None:
+    value = cfg.get("gguf") or os.environ.get("TIERKIT_B16_GGUF")
+    return check_gguf(value) if value else None
+
+
+def llama_standin(ctx: Context, cfg: dict[str, Any]) -> tuple[Any, Any]:
+    """A 2-layer llama-flavour char model trained briefly on Tiny Shakespeare (no B12 checkpoint here).
+
+    common.base_model's stand-in is gpt2-flavour, which llama.cpp's llama architecture cannot
+    run; this one is the same size and loop with arch="llama" (RMSNorm, RoPE, SwiGLU)."""
+    import torch
+
+    from models.gpt import GPT, GPTConfig
+    from tiers.tier2 import common
+
+    q = common.QUICK_BASE
+    text = common.shakespeare()
+    tok = common.CharTokenizer(text)
+    train_ids, _ = common.split_ids(tok.encode(text))
+    mcfg = GPTConfig(vocab_size=tok.vocab_size, block_size=q["block_size"], n_layer=q["n_layer"], n_head=q["n_head"],
+                     n_embd=q["n_embd"], arch="llama", dropout=0.0)
+    model = GPT(mcfg, seed=cfg["seed"])
+    tc = common.TrainConfig(steps=int(cfg["standin_steps"]), lr=3e-3, min_lr=3e-4, warmup=20, eval_interval=0,
+                            seed=cfg["seed"])
+    with ctx.progress("training a llama-flavour stand-in", tc.steps) as bar:
+        common.train_lm(model, tc, lambda s, g: common.random_batch(train_ids, mcfg.block_size, q["batch_size"], g),
+                        device=torch.device("cpu"), on_step=lambda s, r: bar.advance(), log=ctx.log)
+    return model.eval(), tok
+
+
+def own_model(ctx: Context, cfg: dict[str, Any]) -> tuple[Any, Any, str]:
+    """(model, tokenizer, where from): B12's checkpoint (or config init) through base_model, else the stand-in."""
+    from tiers.tier2 import common
+
+    if cfg.get("init") or common.b12_checkpoint(ctx).is_file():
+        model, tok, path = common.base_model(ctx)
+        return model.cpu().eval(), tok, f"B12 checkpoint {path}"
+    ctx.log(f"no B12 checkpoint at {common.b12_checkpoint(ctx)}: training a small llama-flavour char model as a "
+            "stand-in; run `tierkit run B12` (arch llama) for your own")
+    model, tok = llama_standin(ctx, cfg)
+    return model, tok, "stand-in: 2-layer llama-flavour char model trained here on Tiny Shakespeare"
+
+
+def held_out_text(max_chars: int) -> tuple[str, str]:
+    """The last 10% of Tiny Shakespeare (B12's validation split), the first max_chars of it."""
+    from tiers.tier2 import common
+
+    text = common.shakespeare()
+    cut = int(len(text) * 0.9)
+    return text[cut:cut + max_chars], "Tiny Shakespeare, held-out last 10%"
+
+
+# ---------------------------------------------------------------- the milestone
+
+def run(ctx: Context) -> Output:
+    from models.gguf_export import export_gguf, gguf_summary
+    from tiers.runner import Output
+    from tiers.tier1.common import md_table, pyplot, save
+
+    cfg = {**DEFAULTS, **ctx.config}
+    out = Path(ctx.out_dir)
+    gguf_path = user_gguf(cfg)
+    torch_ppl = None
+    if gguf_path is not None:
+        source = f"your GGUF {gguf_path} (TIERKIT_B16_GGUF)"
+        tok = None
+        base = gguf_path
+    else:
+        import torch
+
+        from tiers.tier2 import common
+
+        model, tok, source = own_model(ctx, cfg)
+        base = export_gguf(model, tok, out / "model-f32.gguf", name="tierkit-b12")
+        ctx.log(f"exported {source} to {base.name} ({base.stat().st_size:,} bytes)")
+    info = gguf_summary(base)
+    if info["architecture"] is None:
+        raise ValueError(f"{base}: a GGUF without general.architecture; it is not a model file")
+
+    # the held-out tokens: our tokenizer for our model; llama.cpp's own for a user's GGUF
+    window = int(cfg["ppl_window"] or min(int(info["context_length"] or 256), 256))
+    text, text_source = held_out_text(int(cfg["ppl_tokens"]) * 8)
+    n_ctx = max(window, int(cfg["prompt_tokens"]) + int(cfg["new_tokens"]))
+    settings = default_settings(cfg, ctx.device, n_ctx)
+    if tok is not None:
+        ids = tok.encode(text, errors="drop")[:int(cfg["ppl_tokens"]) + 1]
+        torch_ppl = common.perplexity(model, torch.tensor(ids), window)
+    else:
+        with Engine(base, settings) as eng:
+            ids = eng.tokenize(text)[:int(cfg["ppl_tokens"]) + 1]
+
+    # the variants: the file as it is, then each quantisation when its weights are unquantised
+    kinds = set(info["tensor_types"])
+    plain = kinds <= UNQUANTISED
+    variants = [("/".join(sorted(kinds)) if plain else f"as given ({', '.join(sorted(kinds))})", base)]
+    if plain:
+        for q in cfg["quants"]:
+            with ctx.progress(f"quantising to {q}", None):
+                variants.append((q, quantize(base, out / f"model-{q.lower()}.gguf", q, settings.n_threads)))
+    else:
+        ctx.log(f"{base.name} is already quantised ({', '.join(sorted(kinds))}): timed as it is, not requantised")
+
+    rng = np.random.default_rng(cfg["seed"])
+    prompt = [int(t) for t in rng.choice(np.asarray(ids), size=int(cfg["prompt_tokens"]))] if len(ids) else [0]
+    rows, sample_prompt = [], ids[:32]
+    for name, path in variants:
+        s = gguf_summary(path)
+        with Engine(path, settings) as eng, ctx.progress(f"{name}: timing", int(cfg["requests"])) as bar:
+            desc = eng.describe()
+            sp = time_speed(eng, prompt, int(cfg["new_tokens"]), int(cfg["requests"]), bar.advance)
+            ppl = perplexity(eng, ids, window)
+            greedy = eng.greedy(sample_prompt, 48)
+            sample = eng.detokenize(sample_prompt) + "|" + eng.detokenize(greedy)
+        rows.append({"quant": name, "file": path.name, "bytes": s["bytes"], "tensor_types": s["tensor_types"],
+                     "params": desc["params"], "perplexity": ppl, "sample": sample, **sp})
+        ctx.log(f"{name}: {sp['prompt_tokens_per_s']:,.0f} prompt tok/s, {sp['gen_tokens_per_s']:,.0f} gen tok/s, "
+                f"perplexity {ppl:.4f}")
+    f32 = rows[0]["perplexity"]
+    for r in rows:
+        r["perplexity_vs_first"] = r["perplexity"] / f32 - 1
+
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    names = [r["quant"] for r in rows]
+    for ax, key, title in ((axes[0], "prompt_tokens_per_s", "prompt processing"),
+                           (axes[1], "gen_tokens_per_s", "generation")):
+        vals = [r[key] for r in rows]
+        ax.bar(names, vals, color=["#4c72b0", "#55a868", "#c44e52", "#8172b2"][:len(vals)])
+        for i, v in enumerate(vals):
+            ax.text(i, v, f"{v:,.0f}", ha="center", va="bottom", fontsize=8)
+        ax.set_title(f"{title} (tokens/s, median of {cfg['requests']})")
+    save(fig, out / "tokens_per_s.png")
+
+    metrics = {"source": source, "gguf": info, "settings": asdict(settings), "window": window,
+               "heldout": {"text": text_source, "tokens": len(ids)}, "torch_perplexity": torch_ppl,
+               "rows": rows, "planned_model": cfg.get("model"), "planned_quant": cfg.get("quant")}
+    table = md_table(["quantisation", "file MiB", "tensor types", "prompt tok/s", "gen tok/s", "perplexity",
+                      "vs " + rows[0]["quant"]],
+                     [[r["quant"], f"{r['bytes'] / 2**20:.2f}", ", ".join(f"{k} {v}" for k, v in r["tensor_types"].items()),
+                       f"{r['prompt_tokens_per_s']:,.0f}", f"{r['gen_tokens_per_s']:,.0f}", f"{r['perplexity']:.4f}",
+                       f"{r['perplexity_vs_first']:+.2%}"] for r in rows])
+    st = settings
+    report = "\n".join([
+        "## Speed and perplexity per quantisation", "", table, "",
+        (f"Settings: {st.n_threads} threads (batch {st.n_threads_batch}), n_ctx {st.n_ctx}, n_batch {st.n_batch}, "
+         f"n_ubatch {st.n_ubatch}, n_gpu_layers {st.n_gpu_layers}, KV cache {st.kv_type}, flash attention "
+         f"{'on' if st.flash_attn else 'off'}. Prompt: {cfg['prompt_tokens']} tokens; then {cfg['new_tokens']} "
+         f"generated greedily; {cfg['requests']} repetitions, median shown."),
+        "",
+        (f"Perplexity: {len(ids) - 1:,} held-out tokens ({text_source}) in windows of {window}, from llama.cpp's "
+         "logits." + (f" The same text through the torch model: **{torch_ppl:.4f}** (the F32 export should agree "
+                      "to rounding)." if torch_ppl is not None else "")),
+        "", "## Greedy samples (prompt|continuation)", "",
+        *[f"- {r['quant']}: `{r['sample'][-120:]!r}`" for r in rows], "",
+        "## Run it yourself", "",
+        (f"`llama-cli -m {rows[-1]['file']} -p \"ROMEO:\" -n 200`"
+         + (" (a char model stops at a newline: its end-of-text is the newline; add `--ignore-eos` to run on)."
+            if tok is not None else ".")),
+    ])
+    best = max(rows, key=lambda r: r["gen_tokens_per_s"])
+    summary = (f"{source}: {len(rows)} variant(s) in llama.cpp. Fastest generation: {best['quant']} at "
+               f"{best['gen_tokens_per_s']:,.0f} tokens/s; perplexity " +
+               ", ".join(f"{r['quant']} {r['perplexity']:.3f}" for r in rows) + ".")
+    return Output(metrics=metrics, summary=summary, report=report,
+                  plots=["tokens_per_s.png: prompt and generation tokens/s per quantisation"])

@@ -129,7 +129,10 @@ def test_verdict_no_is_refused_before_anything(tmp_path, live):
     assert live.read_bytes() == before
 
 
-def test_unimplemented_milestone_names_its_issue(tmp_path, live):
+def test_unimplemented_milestone_names_its_issue(tmp_path, live, monkeypatch):
+    # every catalog milestone has its code now: take one out of the registry, as a milestone still planned
+    monkeypatch.delitem(runner.REGISTRY, "B12")
+    monkeypatch.setitem(runner.PLANNED, "B12", "P6")
     prof = load(live)
     with pytest.raises(runner.RunError, match=r"^B12 is not implemented yet \(issue P6\)"):
         runner.run(b5_plan(prof, milestone="B12", slug="pretrain"), prof, tmp_path / "builds")
@@ -255,12 +258,6 @@ def test_cli_verdict_no_is_one_line_and_writes_nothing(home, live, tmp_path):
     assert_one_line_error(proc, "B5 does not fit", "memory")
     assert not (home / "builds").exists()
     assert small.read_bytes() == before
-
-
-def test_cli_unimplemented_milestone(home, live):
-    proc = run_cli("run", "B12", home=home)
-    assert_one_line_error(proc, "B12 is not implemented yet (issue P6)")
-    assert not (home / "builds").exists()
 
 
 def test_cli_bad_input_is_one_line(home, live):

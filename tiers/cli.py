@@ -142,11 +142,18 @@ def agent(
     name: Optional[str] = typer.Option(None, "--name", help="Name to advertise [default: host name]."),
     profile: Optional[Path] = typer.Option(None, "--profile", help="Profile to serve [default: the probed one, else a quick probe]."),
     verbose: bool = typer.Option(False, "--verbose", help="Log each request to stderr."),
+    token_file: Optional[Path] = typer.Option(None, "--token-file", help="Launch token [default: agent.token next to the profile; or $TIERKIT_AGENT_TOKEN]; created 0600 on first run."),
+    memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="Memory placement may use on this node, e.g. 8GiB (default: what is free)."),
+    mdns: bool = typer.Option(True, "--mdns/--no-mdns", help="Advertise over mDNS."),
 ) -> None:
-    """Run on every machine: advertise over mDNS, serve this profile and a bandwidth endpoint."""
+    """Run on every machine: advertise over mDNS, serve this profile, start engine workers for an authenticated head."""
     from inventory import agent as agent_mod
     from inventory.profile import default_path
 
+    try:
+        budget = agent_mod._parse_budget(memory_budget)
+    except agent_mod.AgentError as exc:
+        raise Fail(str(exc), 2) from None
     if profile is not None or default_path().exists():
         prof = load_profile(profile)
     else:
@@ -154,8 +161,39 @@ def agent(
 
         prof = run_probe(bench=False, discover=False)
     try:
-        agent_mod.serve(host, port, prof, name, verbose=verbose)
+        agent_mod.serve(host, port, prof, name, verbose=verbose, advertise=mdns, token_file=token_file,
+                        memory_budget=budget)
     except agent_mod.AgentError as exc:
+        raise Fail(str(exc), 1) from None
+
+
+@app.command()
+def serve(
+    model: str = typer.Argument(..., help="The model: a .gguf file (llama-rpc), random:<preset>, a tierkit checkpoint or an HF folder (pipeline)."),
+    peers: str = typer.Option("auto", "--peers", help="auto (mDNS), none, or HOST:PORT,... of the agents."),
+    engine: str = typer.Option("llama-rpc", "--engine", help="llama-rpc | pipeline | vllm"),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address the API listens on."),
+    port: int = typer.Option(8000, "--port", min=1, max=65535),
+    token_file: Optional[Path] = typer.Option(None, "--token-file", help="The agents' launch token [default: $TIERKIT_AGENT_TOKEN, else agent.token next to the profile]."),
+    memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="Memory the head may use, e.g. 4GiB (default: what is free)."),
+    ctx: int = typer.Option(512, "--ctx", min=16, max=1 << 20, help="Context length (tokens) to plan and serve."),
+    mdns_wait: float = typer.Option(2.0, "--mdns-wait", min=0.0, max=30.0, help="Seconds to listen for agents with --peers auto."),
+    head_address: Optional[str] = typer.Option(None, "--head-address", help="This machine's address as the workers see it [default: the route to the first peer]."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, max=1024, help="Compute threads on the head and on each llama-rpc worker [default: llama.cpp's]."),
+) -> None:
+    """Serve one model across this machine and its peers: plan, launch workers, OpenAI-compatible API."""
+    from inventory import agent as agent_mod
+    from tiers.tier3 import serve as serve_mod
+
+    try:
+        budget = agent_mod._parse_budget(memory_budget)
+    except agent_mod.AgentError as exc:
+        raise Fail(str(exc), 2) from None
+    try:
+        serve_mod.serve(model, engine=engine, peers=peers, host=host, port=port, token_file=token_file,
+                        memory_budget=budget, n_ctx=ctx, mdns_wait=mdns_wait, head_address=head_address,
+                        threads=threads)
+    except serve_mod.ServeError as exc:
         raise Fail(str(exc), 1) from None
 
 
@@ -344,6 +382,22 @@ def _run_milestone_id(text: str) -> str:
     return f"B{int(t)}"
 
 
+def _run_settings(items: list[str]) -> dict:
+    """`--set KEY=VALUE` pairs -> {key: value}, each value read as YAML (numbers, booleans, lists)."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip().isidentifier():
+            raise Fail(f"--set {item!r}: give KEY=VALUE, e.g. --set lr=3e-4")
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            raise Fail(f"--set {item!r}: the value is not valid YAML; quote strings, e.g. --set prompt='ROMEO:'") from None
+    return out
+
+
 @app.command("run")
 def run_milestone(
     milestone: str = typer.Argument(..., help="The milestone: B0, B5, ..."),
@@ -351,17 +405,23 @@ def run_milestone(
     tier: Optional[int] = typer.Option(None, "--tier", min=0, max=3, help="Run on this tier (default: the planner's choice)."),
     out: Path = typer.Option(Path("builds"), "--out", help="Where the build folder B<nn>-<slug>/ goes."),
     profile: Optional[str] = typer.Option(None, "--profile", help="Profile FILE or reference kit NAME (default: the probed one)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its checkpoint (milestones that train: B12)."),
+    settings: list[str] = typer.Option([], "--set", help="Override one setting of the sized config, KEY=VALUE (repeatable; VALUE is YAML: 3e-4, true, [1, 2])."),
 ) -> None:
     """Run one milestone at its planned size; write builds/B<nn>-<slug>/ with predicted vs actual."""
     from tiers import runner
     from tiers.fit import FitError, fit
 
     mid = _run_milestone_id(milestone)
+    overrides = _run_settings(settings)
     prof, prof_path = _run_profile(profile, mid)
     try:  # packages are judged on this machine, where the run happens, whatever the profile
         plan = fit(prof, mid, size=size, tier=tier, check_packages=True)
     except FitError as exc:
         raise Fail(str(exc)) from None
+    plan.config.update(overrides)   # the prediction stays the planner's: the README shows the config that ran
+    if resume:
+        plan.config["resume"] = True
     err = _console(stderr=True)
     try:
         if err.is_terminal:

@@ -57,16 +57,21 @@ REGISTRY: dict[str, str] = {
     "B4": "tiers.tier1.b04_gradient_descent:run",
     "B5": "tiers.tier1.b05_roofline:run",
     "B6": "tiers.tier0.b06_kws:run",
+    "B7": "tiers.tier2.b07_quant:run",
     "B8": "tiers.tier1.b08_mlp:run",
+    "B9": "tiers.tier2.b09_cnn:run",
     "B10": "tiers.tier1.b10_attention:run",
+    "B11": "tiers.tier2.b11_transformer:run",
+    "B12": "tiers.tier2.b12_pretrain:run",
+    "B13": "tiers.tier2.b13_sft:run",
+    "B14": "tiers.tier2.b14_dpo:run",
     "B15": "tiers.tier1.b15_search:run",
+    "B16": "tiers.tier2.b16_llamacpp:run",
+    "B17": "tiers.tier3.b17_two_node:run",
 }
 
 # Milestones not written yet, and the issue that brings each.
-PLANNED: dict[str, str] = {
-    **{m: "P6" for m in ("B7", "B9", "B11", "B12", "B13", "B14", "B16")},
-    "B17": "P4",
-}
+PLANNED: dict[str, str] = {}
 
 # pip name -> import name, where they differ (the catalog lists import names; this is a safety net).
 _IMPORT_NAMES = {"llama-cpp-python": "llama_cpp", "scikit-learn": "sklearn", "py-cpuinfo": "cpuinfo",
@@ -142,6 +147,9 @@ class Output:
     report: str = ""                                # markdown sections (## ...) for the README
     plots: list[str] = field(default_factory=list)  # PNG names in out_dir with a caption each: "x.png: caption"
     profile: Profile | None = None                  # a freshly probed profile to become the live one (B0)
+    # (bytes, how measured) when the plan's device is not this host (a board's image RAM for B6):
+    # the prediction is for that device, so this host's RSS is not what it compares with
+    device_peak: tuple[int, str] | None = None
 
 
 # ---------------------------------------------------------------- measuring
@@ -383,7 +391,7 @@ def run(plan: Plan, profile: Profile, out_root: Path, progress: Any = None, *,
             t0 = time.perf_counter()
             out = fn(ctx)
             seconds = time.perf_counter() - t0
-        peak, peak_method = monitor.device_peak()
+        peak, peak_method = out.device_peak or monitor.device_peak()
         actual = {
             "peak_bytes": peak,
             "peak_method": peak_method,
@@ -578,13 +586,17 @@ def readme(result: Result, actual: dict[str, Any], profile: Profile, out: Output
                    f"{rm if rm is not None else '?'} | 0.75-1.25: {_verdict_mark(rm, 0.75, 1.25)} |"),
                   (f"| wall time | {secs(pred.seconds)} | {secs(result.actual_seconds)} | "
                    f"{rt if rt is not None else '?'} | 0.5-2: {_verdict_mark(rt, 0.5, 2.0)} |"), ""]
-        lines += ["The prediction is for the whole process on the device "
-                  + ("(the interpreter, its imports and the milestone's arrays), so the actual is the absolute "
-                     "peak RSS of the process during the run, not its increase."
-                     if _cuda_index(plan.device) is None else
-                     "(CUDA context, torch's cache, the tensors), so the actual is the GPU memory the process held.")
-                  + f" Measured: {actual['peak_method']}. RSS before the milestone started: "
-                  f"{mib(actual['rss_baseline_bytes'])}; increase during it: {mib(actual['rss_increase_bytes'])}.", ""]
+        if out.device_peak:
+            lines += [f"The prediction is for the device {plan.device}, not this host: the actual is "
+                      f"{actual['peak_method']}.", ""]
+        else:
+            lines += ["The prediction is for the whole process on the device "
+                    + ("(the interpreter, its imports and the milestone's arrays), so the actual is the absolute "
+                       "peak RSS of the process during the run, not its increase."
+                       if _cuda_index(plan.device) is None else
+                       "(CUDA context, torch's cache, the tensors), so the actual is the GPU memory the process held.")
+                    + f" Measured: {actual['peak_method']}. RSS before the milestone started: "
+                    f"{mib(actual['rss_baseline_bytes'])}; increase during it: {mib(actual['rss_increase_bytes'])}.", ""]
         if pred.basis:
             lines += ["Basis of the prediction:", ""] + [f"- {b}" for b in pred.basis] + [""]
         if saved:

@@ -100,7 +100,7 @@ def gpu(g: GPU, repeats: int = 10) -> None:
             a = torch.randn(n, n, device=dev, dtype=dt)
             b = torch.randn(n, n, device=dev, dtype=dt)
             sec = _median_seconds(lambda: torch.mm(a, b), repeats, sync)
-        except (RuntimeError, TypeError) as exc:  # e.g. bf16 on an old GPU
+        except (RuntimeError, TypeError):  # e.g. bf16 on an old GPU
             g.matmul_tflops.pop(name, None)
             continue
         g.matmul_tflops[name] = Figure(value=round(2 * n**3 / sec / 1e12, 2), unit="TFLOP/s", source="measured",
@@ -108,9 +108,9 @@ def gpu(g: GPU, repeats: int = 10) -> None:
     nbytes = 1 << 30 if g.backend == "cuda" else 256 << 20
     src = torch.empty(nbytes, dtype=torch.uint8, device=dev)
     dst = torch.empty_like(src)
-    sec = _median_seconds(lambda: dst.copy_(src), repeats, sync)
+    sec = _median_seconds(lambda: dst.copy_(src), repeats, sync)  # noqa: F821 (src/dst are deleted below, after use)
     g.memory_bandwidth_gbs = Figure(value=round(2 * nbytes / sec / 1e9, 1), unit="GB/s", source="measured",
                                     method=f"device copy {nbytes >> 20} MiB, read+write counted, median of {repeats}")
-    del a, b, src, dst
+    del src, dst  # free the device buffers before empty_cache (a, b of a failed dtype may never have been bound)
     if g.backend == "cuda":
         torch.cuda.empty_cache()

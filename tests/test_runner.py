@@ -287,3 +287,23 @@ def test_cli_reference_kit_runs_here_and_is_not_modified(home):
     assert "reference kit" in proc.stdout
     assert "not modified" in (home / "builds" / "B05-roofline" / "README.md").read_text()
     assert not (home / "profile.yaml").exists()
+
+
+def _standin(ctx: runner.Context) -> runner.Output:
+    (ctx.out_dir / "x.txt").write_text("ran something other than the plan\n")
+    return runner.Output(metrics={"ok": True}, calibrate=False)
+
+
+def test_a_changed_workload_records_no_calibration(tmp_path, live, monkeypatch):
+    """--set overrides (calibrate=False) and a milestone that ran a stand-in (Output.calibrate False) leave the
+    profile's calibration alone; a plain run records one."""
+    prof = load(live)
+    before = len(prof.calibration)
+    runner.run(b5_plan(prof), prof, tmp_path / "a", profile_path=live, calibrate=False)
+    assert len(load(live).calibration) == before
+    monkeypatch.setitem(runner.REGISTRY, "B5", "tests.test_runner:_standin")
+    runner.run(b5_plan(prof), prof, tmp_path / "b", profile_path=live)
+    assert len(load(live).calibration) == before
+    monkeypatch.undo()
+    runner.run(b5_plan(prof), prof, tmp_path / "c", profile_path=live)
+    assert len(load(live).calibration) == before + 1

@@ -429,9 +429,9 @@ def run_milestone(
 
             with rp.Progress(rp.SpinnerColumn(), rp.TextColumn("{task.description}"), rp.BarColumn(),
                              rp.MofNCompleteColumn(), rp.TimeElapsedColumn(), console=err, transient=True) as bar:
-                result = runner.run(plan, prof, out, bar, profile_path=prof_path)
+                result = runner.run(plan, prof, out, bar, profile_path=prof_path, calibrate=not overrides)
         else:
-            result = runner.run(plan, prof, out, profile_path=prof_path)
+            result = runner.run(plan, prof, out, profile_path=prof_path, calibrate=not overrides)
     except runner.RunError as exc:
         raise Fail(str(exc), exc.code) from None
     _print_run_result(result, prof_path)

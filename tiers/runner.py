@@ -150,6 +150,9 @@ class Output:
     # (bytes, how measured) when the plan's device is not this host (a board's image RAM for B6):
     # the prediction is for that device, so this host's RSS is not what it compares with
     device_peak: tuple[int, str] | None = None
+    # False when what ran is not what was planned (fallback data, a stand-in model): its time and
+    # memory say nothing about the planned workload, so they must not calibrate later plans
+    calibrate: bool = True
 
 
 # ---------------------------------------------------------------- measuring
@@ -365,7 +368,7 @@ def resolve(milestone: str) -> Callable[[Context], Output]:
 # ---------------------------------------------------------------- the run
 
 def run(plan: Plan, profile: Profile, out_root: Path, progress: Any = None, *,
-        profile_path: Path | None = None) -> Result:
+        profile_path: Path | None = None, calibrate: bool = True) -> Result:
     """Run a planned milestone; write its build folder; record predicted vs actual.
 
     `progress` is a rich Progress to draw on (None: quiet). `profile_path` is
@@ -425,6 +428,8 @@ def run(plan: Plan, profile: Profile, out_root: Path, progress: Any = None, *,
         raise RunError(f"{plan.milestone} failed: {type(exc).__name__}" + (f": {msg}" if msg else "") + kept
                        + " (set TIERKIT_DEBUG=1 for the traceback)", code=2) from exc
 
+    if not (calibrate and out.calibrate):
+        profile_path = None   # a changed workload (--set, fallback data, a stand-in) calibrates nothing
     if profile_path is not None:  # B0's fresh profile replaces the live one, keeping its calibration history
         record_calibration(live, plan, result, profile_path, history=profile.calibration if out.profile else None)
     return result

@@ -520,5 +520,7 @@ def run(ctx: Context) -> Output:
     summary = (f"{source}: {len(rows)} variant(s) in llama.cpp. Fastest generation: {best['quant']} at "
                f"{best['gen_tokens_per_s']:,.0f} tokens/s; perplexity " +
                ", ".join(f"{r['quant']} {r['perplexity']:.3f}" for r in rows) + ".")
+    # the plan prices the size's downloaded model: only a user GGUF (taken to be that file) calibrates it
     return Output(metrics=metrics, summary=summary, report=report,
-                  plots=["tokens_per_s.png: prompt and generation tokens/s per quantisation"])
+                  plots=["tokens_per_s.png: prompt and generation tokens/s per quantisation"],
+                  calibrate=gguf_path is not None)

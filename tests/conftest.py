@@ -34,3 +34,26 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str, code
     assert len(err.splitlines()) == 1, err
     for n in needles:
         assert n in err, (n, err)
+
+
+def wait_for_line(proc: subprocess.Popen, log: Path, needle: str, timeout: float = 90) -> str:
+    """The process's log once it holds `needle`; fails (with the log) if the process exits or time runs out."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while needle not in (text := log.read_text()):
+        assert proc.poll() is None, f"exited {proc.returncode}: {text}"
+        assert time.monotonic() < deadline, f"no {needle!r} within {timeout} s: {text}"
+        time.sleep(0.05)
+    return text
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 15) -> None:
+    """SIGTERM, then SIGKILL after `timeout` s; reaped either way."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -16,12 +16,11 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, stop_process, wait_for_line
 from tests.test_netns import Pair, _cores
 
 PY = sys.executable
@@ -107,25 +106,6 @@ def _popen(ns: str, core: int, argv: list[str], log: Path, env: dict) -> subproc
                             stderr=subprocess.STDOUT, cwd=REPO, env=env)
 
 
-def _wait(proc: subprocess.Popen, log: Path, needle: str, timeout: float = 90) -> str:
-    deadline = time.monotonic() + timeout
-    while needle not in (text := log.read_text()):
-        assert proc.poll() is None, f"exited {proc.returncode}: {text}"
-        assert time.monotonic() < deadline, f"no {needle!r} within {timeout} s: {text}"
-        time.sleep(0.05)
-    return text
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 @pytest.fixture
 def pair():
     if os.geteuid() != 0:
@@ -151,13 +131,13 @@ def test_llama_rpc_served_across_two_namespaces(pair, tmp_path):
                                     "--name", "nodeA", "--memory-budget", "1MiB"], tmp_path / "agent.log", env)
     serve = None
     try:
-        _wait(agent, tmp_path / "agent.log", "advertised nodeA")
+        wait_for_line(agent, tmp_path / "agent.log", "advertised nodeA")
         token_file = home / "agent.token"
         serve = _popen(pair.b, core_b, [PY, "-m", "tiers.cli", "serve", str(MODEL), "--peers", "auto",
                                         "--memory-budget", "1MiB", "--host", pair.addr_b, "--port", str(API_PORT),
                                         "--token-file", str(token_file), "--threads", "1"],
                        tmp_path / "serve.log", env)
-        log = _wait(serve, tmp_path / "serve.log", "serving stories260K")
+        log = wait_for_line(serve, tmp_path / "serve.log", "serving stories260K")
         assert "1 agent(s) found over mDNS" in log, log
         assert f"nodeA  {pair.addr_a}:{AGENT_PORT}" in log and "2-4" in log, log
         client = subprocess.run(["ip", "netns", "exec", pair.b, "taskset", "-c", str(core_b), PY, "-c", CLIENT,
@@ -176,8 +156,8 @@ def test_llama_rpc_served_across_two_namespaces(pair, tmp_path):
         assert out["restarts"] == 1
     finally:
         if serve is not None:
-            _stop(serve)
-        _stop(agent)
+            stop_process(serve)
+        stop_process(agent)
     assert "Traceback" not in (tmp_path / "serve.log").read_text()
     # The head stopped its worker through the agent before exiting.
     assert "stopped worker" in (tmp_path / "agent.log").read_text()
@@ -221,12 +201,12 @@ def test_pipeline_served_across_two_namespaces(pair, tmp_path):
                                     "--name", "nodeA", "--memory-budget", "1MiB"], tmp_path / "agent.log", env)
     serve = None
     try:
-        _wait(agent, tmp_path / "agent.log", "advertised nodeA")
+        wait_for_line(agent, tmp_path / "agent.log", "advertised nodeA")
         serve = _popen(pair.b, core_b, [PY, "-m", "tiers.cli", "serve", "random:gpt-tiny", "--engine", "pipeline",
                                         "--peers", "auto", "--memory-budget", "1MiB", "--host", pair.addr_b, "--port",
                                         str(API_PORT), "--token-file", str(home / "agent.token"), "--threads", "1"],
                        tmp_path / "serve.log", env)
-        log = _wait(serve, tmp_path / "serve.log", "serving random:gpt-tiny", timeout=150)
+        log = wait_for_line(serve, tmp_path / "serve.log", "serving random:gpt-tiny", timeout=150)
         assert "1 agent(s) found over mDNS" in log and "pipeline stage 1 (layers 2-3)" in log, log
         client = subprocess.run(["ip", "netns", "exec", pair.b, "taskset", "-c", str(core_b), PY, "-c", PIPE_CLIENT,
                                  f"http://{pair.addr_b}:{API_PORT}"],
@@ -238,5 +218,5 @@ def test_pipeline_served_across_two_namespaces(pair, tmp_path):
         assert out["got_seeded"] == out["ref_seeded"] and len(set(out["ref_seeded"])) > 5, out
     finally:
         if serve is not None:
-            _stop(serve)
-        _stop(agent)
+            stop_process(serve)
+        stop_process(agent)

@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import REPO, assert_one_line_error, run_cli
+from tests.conftest import REPO, assert_one_line_error, run_cli, stop_process, wait_for_line
 
 MODEL = Path(os.environ.get("TIERKIT_DATA", "/work/shared/data")) / "stories260K.gguf"
 BUDGET = "1MiB"
@@ -35,25 +35,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def wait_for_line(proc: subprocess.Popen, log: Path, needle: str, timeout: float = 90) -> str:
-    deadline = time.monotonic() + timeout
-    while needle not in (text := log.read_text()):
-        assert proc.poll() is None, f"exited {proc.returncode}: {text}"
-        assert time.monotonic() < deadline, f"no {needle!r} within {timeout} s: {text}"
-        time.sleep(0.05)
-    return text
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 _REF: dict[tuple[str, int], list[int]] = {}
@@ -105,8 +86,8 @@ class Cluster:
         return r.json()["workers"]
 
     def close(self) -> None:
-        stop(self.serve)
-        stop(self.agent)
+        stop_process(self.serve)
+        stop_process(self.agent)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -405,7 +386,7 @@ def test_pipeline_engine_served_on_two_nodes_matches_single_node(cluster, tmp_pa
                              "return_token_ids": True})
         got_seeded = r.json()["choices"][0]["token_ids"]
     finally:
-        stop(proc)
+        stop_process(proc)
     model = GPT(GPTConfig(**PRESETS["gpt-tiny"]), seed=0).eval()
     with torch.no_grad():
         ref = model.generate(torch.tensor([list(b"hello")]), 12, temperature=0)[0, 5:].tolist()

@@ -6,8 +6,8 @@ over `--steps` steps after warm-up (the compile itself is timed apart), best of
 `--repeats` (on a shared machine the slow repeats measure the neighbours).
 
 MFU = model FLOPs per second / the device's measured matmul peak, where model
-FLOPs per token = 6 x (matmul parameters) + 6 x layers x context x width (the
-attention scores; `models.costs.gpt_train`, the planner's formula). The peak is
+FLOPs per token = 6 x (matmul weights, counted on the model) + 6 x layers x context x width (the
+attention scores, as in `models.costs.gpt_train`, the planner's formula). The peak is
 measured in the same run: numpy's float32 matmul on all cores (`inventory.bench.cpu_matmul`,
 what `tierkit probe` records), or a torch matmul in the training precision on a GPU.
 
@@ -55,15 +55,29 @@ def peak_flops(device: Any, precision: str) -> tuple[float, str]:
     return rate, f"torch {precision} {n}x{n} matmul: {rate / 1e12:.1f} TFLOP/s (measured now)"
 
 
+def matmul_params(rung: dict[str, Any]) -> int:
+    """Weights that take part in a matmul per token: every Linear of B12's model, the output head included
+    (the embedding lookup is not a matmul). Counted on the model itself, so either flavour is right."""
+    from torch import nn
+
+    from models.gpt import GPT, GPTConfig
+    from tiers.tier2.b12_pretrain import DEFAULTS
+
+    cfg = GPTConfig(vocab_size=65, block_size=rung["block_size"], n_layer=rung["n_layer"], n_head=rung["n_head"],
+                    n_embd=rung["n_embd"], arch=DEFAULTS["arch"], bias=DEFAULTS["bias"])
+    return sum(m.weight.numel() for m in GPT(cfg).modules() if isinstance(m, nn.Linear))
+
+
 def measure(rung: dict[str, Any], compiled: bool, device: Any, precision: str, ids: Any, steps: int, warmup: int,
             repeats: int) -> dict[str, Any]:
     import torch
 
     from models.gpt import GPT, GPTConfig
     from tiers.tier2 import common as c
+    from tiers.tier2.b12_pretrain import DEFAULTS
 
     cfg = GPTConfig(vocab_size=65, block_size=rung["block_size"], n_layer=rung["n_layer"], n_head=rung["n_head"],
-                    n_embd=rung["n_embd"], dropout=0.0)
+                    n_embd=rung["n_embd"], dropout=0.0, arch=DEFAULTS["arch"], bias=DEFAULTS["bias"])  # B12's model
     model = GPT(cfg, seed=0).to(device).train()
     opt = c.make_optimizer(model, c.TrainConfig(), device)
     fwd = torch.compile(model) if compiled else model
@@ -110,7 +124,6 @@ def main() -> None:
 
     import torch
 
-    from models import costs
     from tiers import catalog
     from tiers.tier2 import common as c
 
@@ -118,7 +131,12 @@ def main() -> None:
     steps = args.steps or (10 if args.quick else 30)
     repeats = args.repeats or (1 if args.quick else 3)
     device, precision = c.device_and_precision(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    text = c.shakespeare()
+    from tiers.data import DataError
+
+    try:
+        text = c.shakespeare()
+    except DataError as exc:
+        sys.exit(f"bench/pretrain.py: {exc} (or point TIERKIT_DATA at a folder holding tinyshakespeare.txt)")
     tok = c.CharTokenizer(text)
     ids = torch.tensor(tok.encode(text), dtype=torch.long)
     peak, peak_basis = peak_flops(device, precision)
@@ -127,8 +145,7 @@ def main() -> None:
     rows = []
     for size in sizes:
         rung = m.rung(size).params()
-        shape = costs.GPTShape(65, rung["block_size"], rung["n_layer"], rung["n_head"], rung["n_embd"])
-        flops_tok = 6 * costs.gpt_matmul_params(shape) + 6 * shape.n_layer * shape.block_size * shape.n_embd
+        flops_tok = 6 * matmul_params(rung) + 6 * rung["n_layer"] * rung["block_size"] * rung["n_embd"]
         row: dict[str, Any] = {"size": size, "model_flops_per_token": flops_tok}
         for mode in ("eager", "compile"):
             try:

@@ -12,6 +12,7 @@ Needs root (network namespaces); the skip says which step failed.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -20,8 +21,11 @@ from pathlib import Path
 
 import pytest
 
+from tests import test_netns
 from tests.conftest import REPO, stop_process, wait_for_line
-from tests.test_netns import Pair, _cores
+from tests.test_netns import _cores
+
+pair = test_netns.pair  # the two-namespace fixture, shared
 
 PY = sys.executable
 MODEL = Path(os.environ.get("TIERKIT_DATA", "/work/shared/data")) / "stories260K.gguf"
@@ -106,22 +110,10 @@ def _popen(ns: str, core: int, argv: list[str], log: Path, env: dict) -> subproc
                             stderr=subprocess.STDOUT, cwd=REPO, env=env)
 
 
-@pytest.fixture
-def pair():
-    if os.geteuid() != 0:
-        pytest.skip("needs root to create network namespaces (run the tests as root, as CI does)")
-    for tool in ("ip", "taskset"):
-        if subprocess.run(["which", tool], capture_output=True).returncode:
-            pytest.skip(f"`{tool}` is not installed")
-    p = Pair()
-    try:
-        p.up()
-        yield p
-    finally:
-        p.close()
-
-
-def test_llama_rpc_served_across_two_namespaces(pair, tmp_path):
+@contextlib.contextmanager
+def _agent_and_serve(pair, tmp_path: Path, serve_args: list[str]):
+    """`tierkit agent` (1 MiB budget) in namespace A on one core, then `tierkit serve ... --peers auto` in B on the
+    other once the agent is advertised; yields (serve process, env, home, core_b); both stopped either way."""
     core_a, core_b = _cores()
     home = tmp_path / "home"
     home.mkdir()
@@ -132,11 +124,20 @@ def test_llama_rpc_served_across_two_namespaces(pair, tmp_path):
     serve = None
     try:
         wait_for_line(agent, tmp_path / "agent.log", "advertised nodeA")
-        token_file = home / "agent.token"
-        serve = _popen(pair.b, core_b, [PY, "-m", "tiers.cli", "serve", str(MODEL), "--peers", "auto",
+        serve = _popen(pair.b, core_b, [PY, "-m", "tiers.cli", "serve", *serve_args, "--peers", "auto",
                                         "--memory-budget", "1MiB", "--host", pair.addr_b, "--port", str(API_PORT),
-                                        "--token-file", str(token_file), "--threads", "1"],
+                                        "--token-file", str(home / "agent.token"), "--threads", "1"],
                        tmp_path / "serve.log", env)
+        yield serve, env, home, core_b
+    finally:
+        if serve is not None:
+            stop_process(serve)
+        stop_process(agent)
+
+
+def test_llama_rpc_served_across_two_namespaces(pair, tmp_path):
+    with _agent_and_serve(pair, tmp_path, [str(MODEL)]) as (serve, env, home, core_b):
+        token_file = home / "agent.token"
         log = wait_for_line(serve, tmp_path / "serve.log", "serving stories260K")
         assert "1 agent(s) found over mDNS" in log, log
         assert f"nodeA  {pair.addr_a}:{AGENT_PORT}" in log and "2-4" in log, log
@@ -154,10 +155,6 @@ def test_llama_rpc_served_across_two_namespaces(pair, tmp_path):
         assert out["recovered"]["codes"][-1] == 200 and out["recovered"]["equal"], out["recovered"]
         assert set(out["recovered"]["codes"][:-1]) <= {503}
         assert out["restarts"] == 1
-    finally:
-        if serve is not None:
-            stop_process(serve)
-        stop_process(agent)
     assert "Traceback" not in (tmp_path / "serve.log").read_text()
     # The head stopped its worker through the agent before exiting.
     assert "stopped worker" in (tmp_path / "agent.log").read_text()
@@ -192,20 +189,7 @@ print(json.dumps({"got": got, "ref": ref, "got_seeded": got_s, "ref_seeded": ref
 
 def test_pipeline_served_across_two_namespaces(pair, tmp_path):
     """The same command with the project's own GPT: stage 1 in namespace A, greedy equal to GPT.generate."""
-    core_a, core_b = _cores()
-    home = tmp_path / "home"
-    home.mkdir()
-    env = {**os.environ, "TIERKIT_HOME": str(home), "PYTHONPATH": str(REPO)}
-    env.pop("TIERKIT_AGENT_TOKEN", None)
-    agent = _popen(pair.a, core_a, [PY, "-m", "tiers.cli", "agent", "--host", pair.addr_a, "--port", str(AGENT_PORT),
-                                    "--name", "nodeA", "--memory-budget", "1MiB"], tmp_path / "agent.log", env)
-    serve = None
-    try:
-        wait_for_line(agent, tmp_path / "agent.log", "advertised nodeA")
-        serve = _popen(pair.b, core_b, [PY, "-m", "tiers.cli", "serve", "random:gpt-tiny", "--engine", "pipeline",
-                                        "--peers", "auto", "--memory-budget", "1MiB", "--host", pair.addr_b, "--port",
-                                        str(API_PORT), "--token-file", str(home / "agent.token"), "--threads", "1"],
-                       tmp_path / "serve.log", env)
+    with _agent_and_serve(pair, tmp_path, ["random:gpt-tiny", "--engine", "pipeline"]) as (serve, env, _, core_b):
         log = wait_for_line(serve, tmp_path / "serve.log", "serving random:gpt-tiny", timeout=150)
         assert "1 agent(s) found over mDNS" in log and "pipeline stage 1 (layers 2-3)" in log, log
         client = subprocess.run(["ip", "netns", "exec", pair.b, "taskset", "-c", str(core_b), PY, "-c", PIPE_CLIENT,
@@ -216,7 +200,3 @@ def test_pipeline_served_across_two_namespaces(pair, tmp_path):
         print("\nnetns pipeline:", json.dumps(out))
         assert out["got"] == out["ref"], out
         assert out["got_seeded"] == out["ref_seeded"] and len(set(out["ref_seeded"])) > 5, out
-    finally:
-        if serve is not None:
-            stop_process(serve)
-        stop_process(agent)

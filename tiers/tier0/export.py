@@ -474,8 +474,26 @@ def lower(m: Model) -> list[Step]:
     return steps
 
 
-def _lower_conv(m: Model, op: Op) -> Step:
+def _window_params(op: Op, name: str, x: Any, y: Any, kh: int, kw: int, depth_mult: int,
+                   filter_in_c: int) -> dict[str, Any]:
+    """The kernel parameters a sliding-window op (CONV_2D, DEPTHWISE_CONV_2D) shares, with the checks
+    that its strides, dilations and padding produce the output shape the model declares."""
     o = op.options
+    nb, ih, iw, ic = _nhwc(x, op, "input")
+    _, oh, ow, oc = _nhwc(y, op, "output")
+    sh, sw, dh, dw = o["stride_h"], o["stride_w"], o["dil_h"], o["dil_w"]
+    _need(sh > 0 and sw > 0 and dh > 0 and dw > 0, f"op {op.index} {name}: stride and dilation must be positive")
+    _need((out_size(o["padding"], ih, kh, sh, dh), out_size(o["padding"], iw, kw, sw, dw)) == (oh, ow),
+          f"op {op.index} {name}: output {oh}x{ow} does not match the padding arithmetic")
+    act_min, act_max = activation_range(o["act"], y.scale, y.zero_point)
+    return {"batches": nb, "in_h": ih, "in_w": iw, "in_c": ic, "out_h": oh, "out_w": ow, "out_c": oc, "k_h": kh,
+            "k_w": kw, "stride_h": sh, "stride_w": sw, "dil_h": dh, "dil_w": dw,
+            "pad_h": pad_before(sh, dh, ih, kh, oh), "pad_w": pad_before(sw, dw, iw, kw, ow),
+            "depth_mult": depth_mult, "filter_in_c": filter_in_c, "input_offset": -x.zero_point,
+            "output_offset": y.zero_point, "act_min": act_min, "act_max": act_max}
+
+
+def _lower_conv(m: Model, op: Op) -> Step:
     x = _int8_act(m, op.inputs[0], op, "input")
     w = _const(m, op.inputs[1], op, "filter", "int8")
     y = _int8_act(m, op.outputs[0], op, "output")
@@ -486,17 +504,10 @@ def _lower_conv(m: Model, op: Op) -> Step:
     _, kh, kw, fic = w.shape
     _need(fic > 0 and ic % fic == 0 and oc % (ic // fic) == 0,
           f"op {op.index} CONV_2D: {ic} input channels do not split into groups of {fic}")
-    sh, sw, dh, dw = o["stride_h"], o["stride_w"], o["dil_h"], o["dil_w"]
-    _need(sh > 0 and sw > 0 and dh > 0 and dw > 0, f"op {op.index} CONV_2D: stride and dilation must be positive")
-    _need((out_size(o["padding"], ih, kh, sh, dh), out_size(o["padding"], iw, kw, sw, dw)) == (oh, ow),
-          f"op {op.index} CONV_2D: output {oh}x{ow} does not match the padding arithmetic")
+    p = _window_params(op, "CONV_2D", x, y, kh, kw, depth_mult=1, filter_in_c=fic)
+    sh, sw, dh, dw = p["stride_h"], p["stride_w"], p["dil_h"], p["dil_w"]
     bias = _bias(m, op, oc)
     mult, shift = conv_multipliers(x.scale, w.scales, y.scale, oc)
-    lo_, hi_ = activation_range(o["act"], y.scale, y.zero_point)
-    p = {"batches": nb, "in_h": ih, "in_w": iw, "in_c": ic, "out_h": oh, "out_w": ow, "out_c": oc, "k_h": kh, "k_w": kw, "stride_h": sh,
-             "stride_w": sw, "dil_h": dh, "dil_w": dw, "pad_h": pad_before(sh, dh, ih, kh, oh),
-             "pad_w": pad_before(sw, dw, iw, kw, ow), "depth_mult": 1, "filter_in_c": fic, "input_offset": -x.zero_point,
-             "output_offset": y.zero_point, "act_min": lo_, "act_max": hi_}
     wk = w.data.reshape(oc, -1).astype(np.int64)
     rq, p["requant_fast"] = requant_table(mult, shift, y.zero_point, _acc_bounds(wk, bias, -x.zero_point))
     per_group = oc // (ic // fic)
@@ -521,17 +532,10 @@ def _lower_depthwise(m: Model, op: Op) -> Step:
     _need(o["depth_mult"] in (0, mult_d), f"op {op.index} DEPTHWISE_CONV_2D: depth_multiplier "
           f"{o['depth_mult']} disagrees with {ic} -> {oc} channels")
     _, kh, kw, _ = w.shape
-    sh, sw, dh, dw = o["stride_h"], o["stride_w"], o["dil_h"], o["dil_w"]
-    _need(sh > 0 and sw > 0 and dh > 0 and dw > 0, f"op {op.index}: stride and dilation must be positive")
-    _need((out_size(o["padding"], ih, kh, sh, dh), out_size(o["padding"], iw, kw, sw, dw)) == (oh, ow),
-          f"op {op.index} DEPTHWISE_CONV_2D: output {oh}x{ow} does not match the padding arithmetic")
+    p = _window_params(op, "DEPTHWISE_CONV_2D", x, y, kh, kw, depth_mult=mult_d, filter_in_c=1)
+    sh, sw, dh, dw = p["stride_h"], p["stride_w"], p["dil_h"], p["dil_w"]
     bias = _bias(m, op, oc)
     mult, shift = conv_multipliers(x.scale, w.scales, y.scale, oc)
-    lo_, hi_ = activation_range(o["act"], y.scale, y.zero_point)
-    p = {"batches": nb, "in_h": ih, "in_w": iw, "in_c": ic, "out_h": oh, "out_w": ow, "out_c": oc, "k_h": kh, "k_w": kw, "stride_h": sh,
-             "stride_w": sw, "dil_h": dh, "dil_w": dw, "pad_h": pad_before(sh, dh, ih, kh, oh),
-             "pad_w": pad_before(sw, dw, iw, kw, ow), "depth_mult": mult_d, "filter_in_c": 1, "input_offset": -x.zero_point,
-             "output_offset": y.zero_point, "act_min": lo_, "act_max": hi_}
     wt = w.data.reshape(kh * kw, oc).astype(np.int64)
     rq, p["requant_fast"] = requant_table(mult, shift, y.zero_point, _acc_bounds(wt.T, bias, -x.zero_point))
     lo = _window_lo(nb, ih, iw, ic, oh, ow, oc, kh, kw, sh, sw, dh, dw, p["pad_h"], p["pad_w"],

@@ -344,6 +344,16 @@ def _account(counters: Counters, ids: list[int], pieces: _Pieces) -> None:
         counters.busy_s += time.perf_counter() - pieces.t0
 
 
+async def _release(anyio, pieces: _Pieces, counters: Counters, ids: list[int]) -> None:
+    """End of a request, however it ended. Shielded: when the client hangs up, the request's task is
+    cancelled, and the engine must still be told to stop (it holds the model until the generator closes)."""
+    with anyio.CancelScope(shield=True):
+        await anyio.to_thread.run_sync(pieces.close)
+    with counters.lock:
+        counters.in_flight -= 1
+    _account(counters, ids, pieces)
+
+
 async def _whole(anyio, JSONResponse, pieces: _Pieces, rid: str, chat: bool, ids: list[int], want_ids: bool,
                  counters: Counters, engine: Engine, err):
     text = []
@@ -360,13 +370,7 @@ async def _whole(anyio, JSONResponse, pieces: _Pieces, rid: str, chat: bool, ids
     except EngineError as exc:
         return err(400, str(exc), "invalid_request_error")
     finally:
-        # Shielded: when the client hangs up, this task is cancelled, and the engine must still be
-        # told to stop (it holds the model until the generator closes).
-        with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(pieces.close)
-        with counters.lock:
-            counters.in_flight -= 1
-        _account(counters, ids, pieces)
+        await _release(anyio, pieces, counters, ids)
     out = "".join(text)
     choice: dict[str, Any] = ({"index": 0, "message": {"role": "assistant", "content": out},
                                "finish_reason": pieces.finish, "logprobs": None} if chat else
@@ -424,13 +428,7 @@ async def _sse(anyio, pieces: _Pieces, rid: str, chat: bool, ids: list[int], wan
                 yield b"data: [DONE]\n\n"
                 return
     finally:
-        # Shielded: when the client hangs up, this task is cancelled, and the engine must still be
-        # told to stop (it holds the model until the generator closes).
-        with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(pieces.close)
-        with counters.lock:
-            counters.in_flight -= 1
-        _account(counters, ids, pieces)
+        await _release(anyio, pieces, counters, ids)
 
 
 def run(app: Any, host: str, port: int, *, on_ready: Any = None, log_level: str = "warning") -> None:

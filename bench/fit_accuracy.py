@@ -150,7 +150,7 @@ def print_table(rows: list[dict[str, Any]], skipped: list[dict[str, Any]], origi
         con.print(f"skipped {sk['milestone']}: {sk['why']}")
 
 
-from inventory.profile import atomic_write  # noqa: E402  (after the sys.path set-up)
+from inventory.files import atomic_write  # noqa: E402  (after the sys.path set-up)
 
 
 def main() -> None:

@@ -51,7 +51,7 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np
 
-from inventory.profile import atomic_write
+from inventory.files import atomic_write
 
 ARENA_TARGET = 0.6
 INSTR_PER_MAC_TARGET = 2.0

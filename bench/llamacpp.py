@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np
 
-from inventory.profile import atomic_write
+from inventory.files import atomic_write
 
 TARGET = 0.03
 

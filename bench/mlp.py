@@ -57,7 +57,7 @@ def torch_epoch(model: Any, opt: Any, x: Any, y: Any, order: np.ndarray, batch: 
     return time.perf_counter() - t0, seen_loss / len(order), correct / len(order)
 
 
-from inventory.profile import atomic_write  # noqa: E402  (after the sys.path set-up)
+from inventory.files import atomic_write  # noqa: E402  (after the sys.path set-up)
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from inventory.profile import atomic_write
+from inventory.files import atomic_write
 
 
 def peak_flops(device: Any, precision: str) -> tuple[float, str]:

@@ -38,7 +38,7 @@ def timed(fn, *args) -> float:
     return time.perf_counter() - t
 
 
-from inventory.profile import atomic_write  # noqa: E402  (after the sys.path set-up)
+from inventory.files import atomic_write  # noqa: E402  (after the sys.path set-up)
 
 
 def main() -> None:

@@ -539,7 +539,7 @@ def main() -> None:
     cores_all = sorted(os.sched_getaffinity(0))
     cores = (cores_all[0], cores_all[1] if len(cores_all) > 1 else cores_all[0])
 
-    from inventory.profile import atomic_write
+    from inventory.files import atomic_write
     from tiers.tier3.pipeline import resolve
 
     log_dir = Path(tempfile.mkdtemp(prefix="serve_two_node-"))   # worker and head logs, named in any failure

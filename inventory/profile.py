@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -263,27 +262,9 @@ def dumps(profile: Profile) -> str:
     return yaml.safe_dump(profile.to_dict(), sort_keys=False, allow_unicode=True, width=100)
 
 
-def atomic_write(path: str | os.PathLike, text: str) -> Path:
-    """Write to a temporary name in the same folder, then rename: never half a file."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return p
-
-
 def save(profile: Profile, path: str | os.PathLike) -> Path:
+    from inventory.files import atomic_write
+
     return atomic_write(path, dumps(profile))
 
 

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from inventory.profile import Figure, Profile, atomic_write, dumps
+from inventory.files import atomic_write
+from inventory.profile import Figure, Profile, dumps
 
 
 def gib(n: float | None) -> str:

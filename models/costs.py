@@ -25,6 +25,7 @@ from math import ceil
 # ---------------------------------------------------------------- units and formatting
 
 KB, MB, GB = 1e3, 1e6, 1e9
+HEADROOM = 0.10   # fraction of a device's free memory never planned for: OS, allocator slack, other users
 BYTES = {"fp64": 8, "fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2, "int8": 1}
 
 

@@ -8,6 +8,7 @@ frozen objects. Any problem is a `CatalogError` whose message is one line.
 from __future__ import annotations
 
 import functools
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -266,6 +267,7 @@ class _MilestoneIn(_M):
     tiers: list[Literal[0, 1, 2, 3]] = Field(min_length=1)
     needs: Needs = Field(default_factory=Needs)
     cost: str
+    module: str | None = Field(None, pattern=r"^tiers\.tier[0-3]\.[a-z][a-z0-9_]*$")
     defaults: dict[str, Any] = Field(default_factory=dict)
     ladder: list[dict[str, Any]] = Field(min_length=1)
     notes: str | None = None
@@ -311,6 +313,22 @@ class Milestone:
     cost: str                         # the cost model (and the calibration's workload name)
     ladder: tuple[Rung, ...]          # smallest to largest
     notes: str | None = None
+    module: str | None = None         # the file `tierkit run` imports (Config + run); None: planned only
+
+    def packages(self, gpu: bool) -> list[str]:
+        """The import names it needs: its packages, plus its GPU packages when it runs on a GPU."""
+        return list(dict.fromkeys([*self.needs.packages, *(self.needs.gpu_packages if gpu else [])]))
+
+    def missing(self, gpu: bool) -> list[str]:
+        """What is not installed here to run it (on a GPU or not): import names, in the catalog's order."""
+        out = []
+        for name in self.packages(gpu):
+            try:
+                if importlib.util.find_spec(name) is None:
+                    out.append(name)
+            except (ImportError, ValueError):
+                out.append(name)
+        return out
 
     def rung(self, size: str) -> Rung:
         for r in self.ladder:
@@ -345,6 +363,10 @@ class Catalog:
                 return m
         raise CatalogError(f"no milestone {milestone!r} in track {track}; "
                            f"milestones: {', '.join(m.id for m in t.milestones)}")
+
+    def install_hints(self, packages: list[str]) -> str:
+        """'pip install ...' for each package, joined: what to run to get them."""
+        return "; ".join(sorted({self.install_hint(p) for p in packages}))
 
     def install_hint(self, package: str) -> str:
         extra = self.extras.get(package)
@@ -388,7 +410,7 @@ def parse(data: Any, origin: str = "milestones.yaml") -> Catalog:
                 raise CatalogError(f"{origin}: {field_path(where)}: {m.id} runs on tier 0 but needs no board; {fix}")
             milestones.append(Milestone(id=m.id, slug=m.slug, title=m.title, phase=m.phase, track=tname,
                                         time_box=m.time_box, tiers=tuple(m.tiers), needs=m.needs, cost=m.cost,
-                                        ladder=tuple(rungs), notes=m.notes))
+                                        ladder=tuple(rungs), notes=m.notes, module=m.module))
         tracks[tname] = Track(tname, t.title, tuple(milestones))
     if DEFAULT_TRACK not in tracks:
         raise CatalogError(f"{origin}: tracks: the default track {DEFAULT_TRACK!r} is missing; {fix}")

@@ -419,7 +419,6 @@ def run_milestone(
         plan = fit(prof, mid, size=size, tier=tier, check_packages=True)
     except FitError as exc:
         raise Fail(str(exc)) from None
-    plan.config.update(overrides)   # the prediction stays the planner's: the README shows the config that ran
     if resume:
         plan.config["resume"] = True
     err = _console(stderr=True)
@@ -429,9 +428,9 @@ def run_milestone(
 
             with rp.Progress(rp.SpinnerColumn(), rp.TextColumn("{task.description}"), rp.BarColumn(),
                              rp.MofNCompleteColumn(), rp.TimeElapsedColumn(), console=err, transient=True) as bar:
-                result = runner.run(plan, prof, out, bar, profile_path=prof_path, calibrate=not overrides)
+                result = runner.run(plan, prof, out, bar, profile_path=prof_path, overrides=overrides)
         else:
-            result = runner.run(plan, prof, out, profile_path=prof_path, calibrate=not overrides)
+            result = runner.run(plan, prof, out, profile_path=prof_path, overrides=overrides)
     except runner.RunError as exc:
         raise Fail(str(exc), exc.code) from None
     _print_run_result(result, prof_path)

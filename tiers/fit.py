@@ -17,7 +17,6 @@ are looked up with importlib.util.find_spec, never imported.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import re
 import statistics
 from collections.abc import Callable
@@ -1019,18 +1018,6 @@ class _Option:
         return max((i for i, s in enumerate(self.sized) if s.ok), default=-1)
 
 
-def missing_packages(m: Milestone, t: Target) -> list[str]:
-    wanted = [*m.needs.packages, *(m.needs.gpu_packages if t.gpu else [])]
-    out = []
-    for name in dict.fromkeys(wanted):
-        try:
-            if importlib.util.find_spec(name) is None:
-                out.append(name)
-        except (ImportError, ValueError):
-            out.append(name)
-    return out
-
-
 def _milestone(milestone: Milestone | str, track: str) -> Milestone:
     if isinstance(milestone, Milestone):
         return milestone
@@ -1071,7 +1058,7 @@ def fit(profile: Profile, milestone: Milestone | str, *, track: str = catalog.DE
     found, blocked = targets(profile, m)
     if tier is not None:
         found = [t for t in found if t.tier == tier]
-    options = [_Option(t, missing_packages(m, t) if check_packages else [], [size_on(profile, m, t, r) for r in rungs])
+    options = [_Option(t, m.missing(t.gpu) if check_packages else [], [size_on(profile, m, t, r) for r in rungs])
                for t in found]
 
     def plan(t: Target | None, s: Sized | None, verdict: str, reasons: list[str], sized: bool) -> Plan:
@@ -1101,9 +1088,9 @@ def fit(profile: Profile, milestone: Milestone | str, *, track: str = catalog.DE
             reasons.append(f"next size up ({nxt.rung.size}) does not fit: "
                            + "; ".join(c.text for c in nxt.failing()))
         if opt.missing:
-            hints = sorted({catalog.load().install_hint(x) for x in opt.missing})
+            hints = catalog.load().install_hints(opt.missing)
             return plan(opt.target, chosen, "no",
-                        [f"needs {', '.join(opt.missing)} (not installed here): {'; '.join(hints)}", *reasons], True)
+                        [f"needs {', '.join(opt.missing)} (not installed here): {hints}", *reasons], True)
         return plan(opt.target, chosen, "tight" if chosen.tight else "fits", reasons, True)
 
     # Nothing fits: say what does not, and what hardware would.

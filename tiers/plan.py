@@ -52,3 +52,4 @@ class Result:
     metrics: dict[str, Any] = field(default_factory=dict)  # what the milestone measured
     plots: list[Path] = field(default_factory=list)
     summary: str = ""                 # a paragraph for the build README
+    config: dict[str, Any] = field(default_factory=dict)  # the milestone's Config as it ran (size + --set)

@@ -23,6 +23,7 @@ the process; `torch.cuda.max_memory_allocated` is recorded beside it.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import importlib
 import importlib.util
@@ -46,37 +47,18 @@ from tiers.plan import Plan, Result
 
 # ---------------------------------------------------------------- the registry
 
-# Milestone id -> "module:function". Imported only when that milestone runs, so
-# its heavy dependencies (matplotlib, torch, tensorflow) load only then. Later
-# issues add their milestones here, one line each.
-REGISTRY: dict[str, str] = {
-    "B0": "tiers.tier1.b00_inventory:run",
-    "B1": "tiers.tier1.b01_qlearning:run",
-    "B2": "tiers.tier1.b02_tokenizers:run",
-    "B3": "tiers.tier1.b03_vectors:run",
-    "B4": "tiers.tier1.b04_gradient_descent:run",
-    "B5": "tiers.tier1.b05_roofline:run",
-    "B6": "tiers.tier0.b06_kws:run",
-    "B7": "tiers.tier2.b07_quant:run",
-    "B8": "tiers.tier1.b08_mlp:run",
-    "B9": "tiers.tier2.b09_cnn:run",
-    "B10": "tiers.tier1.b10_attention:run",
-    "B11": "tiers.tier2.b11_transformer:run",
-    "B12": "tiers.tier2.b12_pretrain:run",
-    "B13": "tiers.tier2.b13_sft:run",
-    "B14": "tiers.tier2.b14_dpo:run",
-    "B15": "tiers.tier1.b15_search:run",
-    "B16": "tiers.tier2.b16_llamacpp:run",
-    "B17": "tiers.tier3.b17_two_node:run",
-}
+def _registry() -> dict[str, str]:
+    """Milestone id -> "module:function", from each milestone's `module` in tiers/milestones.yaml.
 
-# Milestones not written yet, and the issue that brings each.
-PLANNED: dict[str, str] = {}
+    The module is imported only when that milestone runs, so its heavy dependencies
+    (matplotlib, torch, tensorflow) load only then.
+    """
+    from tiers import catalog
 
-# pip name -> import name, where they differ (the catalog lists import names; this is a safety net).
-_IMPORT_NAMES = {"llama-cpp-python": "llama_cpp", "scikit-learn": "sklearn", "py-cpuinfo": "cpuinfo",
-                 "pyserial": "serial", "nvidia-ml-py": "pynvml", "tflite-micro": "tflite_micro",
-                 "ai-edge-litert": "ai_edge_litert", "pyyaml": "yaml"}
+    return {m.id: f"{m.module}:run" for m in catalog.track() if m.module}
+
+
+REGISTRY: dict[str, str] = _registry()
 
 
 class RunError(Exception):
@@ -118,7 +100,7 @@ class Context:
 
     out_dir: Path                     # write plots and files here (a temp folder until the run succeeds)
     device: str                       # the plan's device: "cpu", "cuda:0", ...
-    config: dict[str, Any]            # the sized configuration the planner chose
+    config: Any                       # the milestone's Config: the planned size, then --set, checked
     plan: Plan
     profile: Profile
     progress_display: Any = None      # a rich Progress, or None when quiet
@@ -299,54 +281,28 @@ def _cuda_index(device: str) -> int | None:
     return int(idx) if idx.isdigit() else 0
 
 
-def needed_packages(plan: Plan) -> list[str]:
-    """The packages (import names) the milestone needs on the plan's device, from the catalog."""
-    from tiers import catalog
-
-    try:
-        m = catalog.get(plan.milestone)
-    except catalog.CatalogError:
-        return []
-    gpu = plan.device.startswith(("cuda", "mps", "rocm"))
-    return list(dict.fromkeys([*m.needs.packages, *(m.needs.gpu_packages if gpu else [])]))
-
-
-def _install_hint(packages: list[str], tier: int) -> str:
-    from tiers import catalog
-
-    try:
-        hints = sorted({catalog.load().install_hint(p) for p in packages})
-    except catalog.CatalogError:
-        hints = []
-    hints = [h for h in hints if "tierkit[" in h] or [f"pip install 'tierkit[tier{tier}]'"]
-    return "; ".join(hints)
-
-
-def _missing(package: str) -> bool:
-    name = package.split("[")[0].split(">")[0].split("=")[0].split("<")[0].strip()
-    name = _IMPORT_NAMES.get(name.lower(), name.replace("-", "_"))
-    try:
-        return importlib.util.find_spec(name) is None
-    except (ImportError, ValueError):
-        return True
-
-
 def check_needs(plan: Plan) -> None:
     """Everything that must hold before a milestone starts; RunError (one line) otherwise."""
+    from tiers import catalog
+
     mid = plan.milestone
     if plan.verdict == "no":
         why = "; ".join(plan.reasons) or "the planner found no size that fits"
         raise RunError(f"{mid} does not fit this profile ({plan.profile or 'unnamed'}): {why}")
     if mid not in REGISTRY:
-        issue = PLANNED.get(mid)
-        raise RunError(f"{mid} is not implemented yet" + (f" (issue {issue})" if issue else "")
-                       + f"; runnable now: {', '.join(sorted(REGISTRY, key=lambda m: int(m[1:])))}")
-    missing = [p for p in needed_packages(plan) if _missing(p)]
+        raise RunError(f"{mid} is not implemented yet; runnable now: "
+                       + ", ".join(sorted(REGISTRY, key=lambda m: int(m[1:]))))
+    try:
+        missing = catalog.get(mid).missing(gpu=plan.device.startswith(("cuda", "mps", "rocm")))
+    except catalog.CatalogError:
+        missing = []
     if missing:
-        raise RunError(f"{mid} needs {', '.join(missing)}, not installed here: {_install_hint(missing, plan.tier)}")
+        hints = [h for h in catalog.load().install_hints(missing).split("; ") if "tierkit[" in h]
+        raise RunError(f"{mid} needs {', '.join(missing)}, not installed here: "
+                       + ("; ".join(hints) or f"pip install 'tierkit[tier{plan.tier}]'"))
     idx = _cuda_index(plan.device)
     if idx is not None:
-        if _missing("torch"):
+        if importlib.util.find_spec("torch") is None:
             raise RunError(f"{mid} is planned on {plan.device} but torch is not installed: "
                            "pip install 'tierkit[tier2]' (with the CUDA build of torch)")
         import torch
@@ -356,27 +312,47 @@ def check_needs(plan: Plan) -> None:
                            "run with --tier 1 for the CPU, or probe this machine again")
 
 
-def resolve(milestone: str) -> Callable[[Context], Output]:
+def resolve(milestone: str) -> tuple[Callable[[Context], Output], type]:
+    """The milestone's `run` function and its `Config` class (a dataclass in the same module)."""
     target = REGISTRY[milestone]
     module, _, func = target.partition(":")
     try:
-        return getattr(importlib.import_module(module), func)
+        mod = importlib.import_module(module)
     except ImportError as exc:
         raise RunError(f"{milestone} cannot load ({exc.name or exc}); pip install 'tierkit[all]'") from None
+    config = getattr(mod, "Config", None)
+    if config is None or not dataclasses.is_dataclass(config):
+        raise RunError(f"{milestone}: {module} declares no Config dataclass; a milestone file must")
+    return getattr(mod, func), config
+
+
+def settings(plan: Plan, config_cls: type, overrides: dict[str, Any] | None = None) -> Any:
+    """The milestone's Config from the planned size plus `overrides` (--set); RunError (one line) if invalid."""
+    from tiers.config import ConfigError, build
+
+    try:
+        return build(config_cls, plan.config, overrides, where=plan.milestone)
+    except ConfigError as exc:
+        raise RunError(str(exc)) from None
 
 
 # ---------------------------------------------------------------- the run
 
 def run(plan: Plan, profile: Profile, out_root: Path, progress: Any = None, *,
-        profile_path: Path | None = None, calibrate: bool = True) -> Result:
+        profile_path: Path | None = None, calibrate: bool = True, overrides: dict[str, Any] | None = None) -> Result:
     """Run a planned milestone; write its build folder; record predicted vs actual.
 
     `progress` is a rich Progress to draw on (None: quiet). `profile_path` is
     where the profile came from when it is the user's own file: the calibration
     record is saved there; None (a reference kit) leaves every profile file alone.
+    `overrides` are `--set` values: checked against the milestone's Config before
+    anything runs; a run with any records no calibration (it is not the planned workload).
     """
     check_needs(plan)
-    fn = resolve(plan.milestone)
+    fn, config_cls = resolve(plan.milestone)
+    config = settings(plan, config_cls, overrides)
+    if overrides:
+        calibrate = False
     out_root = Path(out_root)
     final = out_root / plan.folder
     try:
@@ -385,7 +361,7 @@ def run(plan: Plan, profile: Profile, out_root: Path, progress: Any = None, *,
     except OSError as exc:
         raise RunError(f"cannot write under {out_root}: {exc.strerror}; pass --out to a writable folder") from None
 
-    ctx = Context(out_dir=tmp, device=plan.device, config=dict(plan.config), plan=plan, profile=profile,
+    ctx = Context(out_dir=tmp, device=plan.device, config=config, plan=plan, profile=profile,
                   progress_display=progress)
     try:
         monitor = MemoryMonitor(cuda_index=_cuda_index(plan.device))
@@ -408,7 +384,8 @@ def run(plan: Plan, profile: Profile, out_root: Path, progress: Any = None, *,
         }
         plots = _plots(tmp, out)
         result = Result(plan=plan, out_dir=final, actual_peak_bytes=float(peak), actual_seconds=seconds,
-                        metrics=out.metrics, plots=[final / p for p, _ in plots], summary=out.summary)
+                        metrics=out.metrics, plots=[final / p for p, _ in plots], summary=out.summary,
+                        config=dataclasses.asdict(config))
         live = out.profile or profile
         # Plain writes: the whole folder is swapped in at once below, so nobody sees it half-written.
         (tmp / "metrics.json").write_text(json.dumps(_metrics_doc(result, actual, live, ctx.lines), indent=2,
@@ -535,6 +512,7 @@ def _metrics_doc(result: Result, actual: dict[str, Any], profile: Profile, lines
         "schema": "tierkit/metrics/v1",
         "milestone": plan.milestone,
         "plan": plan.to_dict(),
+        "config": result.config,
         "hardware": _hardware(profile),
         "prediction": None if pred is None else {"peak_bytes": pred.peak_bytes, "seconds": pred.seconds,
                                                  "bound": pred.bound, "basis": pred.basis},
@@ -579,7 +557,7 @@ def readme(result: Result, actual: dict[str, Any], profile: Profile, out: Output
               f"- CPU: {hw['cpu'] or '?'}" + (f", {hw['cores']} cores" if hw['cores'] else "")
               + (f"; memory {hw['memory_bytes'] / 2**30:.1f} GiB" if hw['memory_bytes'] else ""),
               f"- GPU: {', '.join(hw['gpus']) or 'none'}",
-              f"- config: `{json.dumps(plan.config, default=_json_default)}`"]
+              f"- config: `{json.dumps(result.config, default=_json_default)}`"]
     lines += ["", "## Predicted vs actual", ""]
     if pred is None:
         lines.append("The planner made no prediction for this run.")

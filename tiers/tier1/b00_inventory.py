@@ -11,7 +11,8 @@ import importlib.util
 from typing import TYPE_CHECKING, Any
 
 from inventory.probe import probe
-from inventory.profile import Profile, atomic_write, dumps
+from inventory.files import atomic_write
+from inventory.profile import Profile, dumps
 from inventory.report import b0_readme
 
 if TYPE_CHECKING:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tiers.tier1 import common
-from tiers.tier1.common import md_table
+from tiers.report import md_table
 
 if TYPE_CHECKING:
     from tiers.runner import Context, Output

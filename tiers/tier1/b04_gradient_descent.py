@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tiers.tier1.common import save
+from tiers.report import save
 
 if TYPE_CHECKING:
     from tiers.runner import Context, Output

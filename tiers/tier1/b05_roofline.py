@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from inventory import bench
-from tiers.tier1.common import save
+from tiers.report import save
 
 if TYPE_CHECKING:
     from tiers.runner import Context, Output

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tiers.tier1.common import md_table, pyplot, save
+from tiers.report import md_table, pyplot, save
 
 if TYPE_CHECKING:
     from tiers.runner import Context, Output

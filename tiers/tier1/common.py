@@ -81,50 +81,6 @@ def user_path(var: str, kind: str = "file") -> Path | None:
     return p
 
 
-# ---------------------------------------------------------------- files, tables, plots
-
-def atomic_bytes(path: Path, data: bytes) -> Path:
-    """Write to a temporary name in the same folder, then rename: never half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def md_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    """A markdown table; `|` inside a cell is escaped so the table stays a table."""
-    def cell(x: Any) -> str:
-        return str(x).replace("|", "\\|").replace("\n", " ")
-
-    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    out += ["| " + " | ".join(cell(x) for x in r) + " |" for r in rows]
-    return "\n".join(out)
-
-
-def pyplot() -> Any:
-    """matplotlib.pyplot drawing to files only (no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save(fig: Any, path: Path) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-
-
 # ---------------------------------------------------------------- the sentence encoder (B3, B15)
 
 def erf(x: np.ndarray) -> np.ndarray:

@@ -177,7 +177,7 @@ def run(ctx: Context) -> Output:
     import torch
 
     from tiers.runner import Output
-    from tiers.tier1.common import md_table, pyplot
+    from tiers.report import md_table, pyplot
     from tiers.tier2 import common
 
     cfg = {**DEFAULTS, **ctx.config}
@@ -280,7 +280,7 @@ def report(m: dict[str, Any], md_table: Any) -> str:
 
 
 def scheme_plot(plt: Any, path: Any, rows: list[dict[str, Any]]) -> str:
-    from tiers.tier1.common import save
+    from tiers.report import save
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     names = [r["scheme"].replace(" per-", "\nper-") for r in rows]
@@ -301,7 +301,7 @@ def scheme_plot(plt: Any, path: Any, rows: list[dict[str, Any]]) -> str:
 
 
 def sensitivity_plot(plt: Any, path: Any, sens: list[dict[str, Any]], base: float) -> str:
-    from tiers.tier1.common import save
+    from tiers.report import save
 
     fig, ax = plt.subplots(figsize=(8, 0.28 * len(sens) + 1.5))
     labels = [r["weight"].removeprefix("transformer.").removesuffix(".weight") for r in sens]
@@ -318,7 +318,7 @@ def sensitivity_plot(plt: Any, path: Any, sens: list[dict[str, Any]], base: floa
 
 def grid_plot(plt: Any, path: Any, model: Any, name: str) -> str:
     """The weights of the most sensitive matrix against the int4 grid its per-tensor scale allows."""
-    from tiers.tier1.common import save
+    from tiers.report import save
 
     w = dict(model.named_parameters())[name].detach().float().cpu().numpy()
     t = quantise(w, 4, False)

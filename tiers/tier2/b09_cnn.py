@@ -226,13 +226,13 @@ def run(ctx: Context) -> Output:
 
 
 def _pyplot() -> Any:
-    from tiers.tier1.common import pyplot
+    from tiers.report import pyplot
 
     return pyplot()
 
 
 def curves_plot(plt: Any, path: Path, h: dict[str, list[float]], mlp: dict[str, Any] | None) -> str:
-    from tiers.tier1.common import save
+    from tiers.report import save
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ep = np.arange(1, len(h["test_acc"]) + 1)
@@ -252,7 +252,7 @@ def curves_plot(plt: Any, path: Path, h: dict[str, list[float]], mlp: dict[str, 
 
 
 def filters_plot(plt: Any, path: Path, model: CNN) -> str:
-    from tiers.tier1.common import save
+    from tiers.report import save
 
     w = model.features[0].weight.detach().cpu().float().numpy()   # (out, in, 3, 3)
     n = min(16, w.shape[0])
@@ -269,7 +269,7 @@ def filters_plot(plt: Any, path: Path, model: CNN) -> str:
 
 
 def report(m: dict[str, Any]) -> str:
-    from tiers.tier1.common import md_table
+    from tiers.report import md_table
 
     rows = [[r["model"], f"{r['params']:,}", f"{r['macs'] / 1e6:.3f}M", f"{r['test_accuracy']:.2%}", f"{r['epochs']:g}",
              f"{r['n_train']:,}", f"{r['seconds_per_epoch']:.2f}"] for r in m["comparison"]]

@@ -87,7 +87,7 @@ def stages_match(model: GPT, idx: torch.Tensor, split: int) -> float:
 
 def run(ctx: Context) -> Output:
     from tiers.runner import Output
-    from tiers.tier1.common import md_table
+    from tiers.report import md_table
 
     cfg = {**DEFAULTS, **ctx.config}
     device, precision = c.device_and_precision(ctx)
@@ -167,13 +167,13 @@ def run(ctx: Context) -> Output:
 
 
 def _pyplot() -> Any:
-    from tiers.tier1.common import pyplot
+    from tiers.report import pyplot
 
     return pyplot()
 
 
 def decode_plot(plt: Any, path: Path, dec: dict[str, Any], p: int) -> str:
-    from tiers.tier1.common import save
+    from tiers.report import save
 
     fig, ax = plt.subplots(figsize=(7, 4))
     pos = list(range(p, p + len(dec["cache_seconds"])))
@@ -189,7 +189,7 @@ def decode_plot(plt: Any, path: Path, dec: dict[str, Any], p: int) -> str:
 
 
 def loss_plot(plt: Any, path: Path, loss: list[float], unigram: float) -> str:
-    from tiers.tier1.common import save
+    from tiers.report import save
 
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(loss, lw=0.8, label="training batch")
@@ -204,7 +204,7 @@ def loss_plot(plt: Any, path: Path, loss: list[float], unigram: float) -> str:
 
 
 def report(m: dict[str, Any], table: list[list[Any]], groups: list[list[Any]]) -> str:
-    from tiers.tier1.common import md_table
+    from tiers.report import md_table
 
     mc, kv, tr = m["model"], m["kv_cache"], m["training"]
     h, L, V, T = mc["n_embd"], mc["n_layer"], mc["vocab_size"], mc["block_size"]

@@ -200,7 +200,7 @@ def _pyplot() -> Any:
 
 
 def _save(fig: Any, path: Path) -> None:
-    from tiers.tier1.common import save
+    from tiers.report import save
 
     save(fig, path)
 
@@ -248,7 +248,7 @@ def series_plot(plt: Any, path: Path, values: list[float], what: str, note: str,
 
 
 def report(m: dict[str, Any]) -> str:
-    from tiers.tier1.common import md_table
+    from tiers.report import md_table
 
     tc, mc = m["train_config"], m["model"]
     ev = m["history"]["evals"]

@@ -501,7 +501,7 @@ def run(ctx: Context) -> Output:
     import torch
 
     from tiers.runner import Output, RunError
-    from tiers.tier1.common import md_table, pyplot, save
+    from tiers.report import md_table, pyplot, save
     from tiers.tier2 import common
 
     cfg = {**DEFAULTS, **ctx.config}

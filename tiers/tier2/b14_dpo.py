@@ -206,7 +206,7 @@ def run(ctx: Context) -> Output:
     import torch
 
     from tiers.runner import Output, RunError
-    from tiers.tier1.common import md_table, pyplot, save
+    from tiers.report import md_table, pyplot, save
     from tiers.tier2 import common
     from tiers.tier2.b13_sft import SFTError, chat, hh_file, read_jsonl
 

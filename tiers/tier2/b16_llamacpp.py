@@ -414,7 +414,7 @@ def held_out_text(max_chars: int) -> tuple[str, str]:
 def run(ctx: Context) -> Output:
     from models.gguf_export import export_gguf, gguf_summary
     from tiers.runner import Output
-    from tiers.tier1.common import md_table, pyplot, save
+    from tiers.report import md_table, pyplot, save
 
     cfg = {**DEFAULTS, **ctx.config}
     out = Path(ctx.out_dir)

@@ -34,6 +34,8 @@ import torch
 from torch.nn import functional as F
 
 from models.gpt import GPT, GPTConfig, load_checkpoint, save_checkpoint
+from models.tokenizers import (BPETokenizer, CharTokenizer, TiktokenTokenizer, Tokenizer,  # noqa: F401
+                               make_tokenizer, tokenizer_from_meta)
 
 if TYPE_CHECKING:
     from tiers.runner import Context
@@ -79,122 +81,6 @@ def grad_scaler(device: torch.device | str, precision: str) -> Any:
     if precision != "fp16":
         return None
     return torch.amp.GradScaler(torch.device(device).type)
-
-
-# ---------------------------------------------------------------- tokenizers (one interface)
-
-class CharTokenizer:
-    """One token per distinct character of the training text (nanoGPT's shakespeare_char: 65)."""
-
-    kind = "char"
-
-    def __init__(self, text_or_chars: str):
-        self.chars = "".join(sorted(set(text_or_chars)))
-        self.stoi = {c: i for i, c in enumerate(self.chars)}
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.chars)
-
-    def encode(self, s: str, errors: str = "strict") -> list[int]:
-        """errors="strict" raises on a character the vocabulary lacks; "drop" leaves it out."""
-        if errors == "drop":
-            return [self.stoi[c] for c in s if c in self.stoi]
-        try:
-            return [self.stoi[c] for c in s]
-        except KeyError as e:
-            raise ValueError(f"character {e.args[0]!r} is not in this {self.vocab_size}-character vocabulary") from None
-
-    def decode(self, ids: list[int]) -> str:
-        return "".join(self.chars[int(i)] for i in ids)
-
-    def meta(self) -> dict[str, Any]:
-        return {"kind": "char", "chars": self.chars}
-
-
-class BPETokenizer:
-    """The project's own byte-level BPE (B2's, trained here on the text): any string encodes."""
-
-    kind = "bpe"
-
-    def __init__(self, bpe: Any):
-        self.bpe = bpe
-
-    @classmethod
-    def train(cls, text: str, vocab_size: int) -> BPETokenizer:
-        from tiers.tier1.b02_tokenizers import BytePairTokenizer
-
-        return cls(BytePairTokenizer.train(text, vocab_size))
-
-    @property
-    def vocab_size(self) -> int:
-        return 256 + len(self.bpe.merges)
-
-    def encode(self, s: str, errors: str = "strict") -> list[int]:
-        return self.bpe.encode(s)
-
-    def decode(self, ids: list[int]) -> str:
-        return self.bpe.decode([int(i) for i in ids])
-
-    def meta(self) -> dict[str, Any]:
-        return {"kind": "bpe", "pattern": self.bpe.pattern,
-                "merges": [[a, b, n] for (a, b), n in sorted(self.bpe.merges.items(), key=lambda kv: kv[1])]}
-
-
-class TiktokenTokenizer:
-    """GPT-2's r50k BPE (50,257 tokens) from the local gpt2.tiktoken ranks file, via tiktoken."""
-
-    kind = "tiktoken"
-
-    def __init__(self, name: str = "gpt2"):
-        from tiers.tier1.b02_tokenizers import TIKTOKEN, find_tiktoken, tiktoken_dirs, tiktoken_encoding
-
-        if find_tiktoken(name) is None:
-            raise FileNotFoundError(f"{TIKTOKEN[name][0]} not found in {', '.join(map(str, tiktoken_dirs()))}; "
-                                    f"put it under $TIERKIT_DATA/tokenizers/ (or set TIERKIT_TIKTOKEN_DIR)")
-        self.name = name
-        self.enc = tiktoken_encoding(name)
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self.enc.n_vocab)
-
-    def encode(self, s: str, errors: str = "strict") -> list[int]:
-        return self.enc.encode_ordinary(s)
-
-    def decode(self, ids: list[int]) -> str:
-        return self.enc.decode([int(i) for i in ids])
-
-    def meta(self) -> dict[str, Any]:
-        return {"kind": "tiktoken", "name": self.name}
-
-
-Tokenizer = CharTokenizer | BPETokenizer | TiktokenTokenizer
-
-
-def tokenizer_from_meta(meta: dict[str, Any]) -> Tokenizer:
-    """Rebuild the tokenizer a checkpoint was trained with (its meta["tokenizer"])."""
-    kind = (meta or {}).get("kind")
-    if kind == "char":
-        return CharTokenizer(meta["chars"])
-    if kind == "bpe":
-        from tiers.tier1.b02_tokenizers import GPT2_SPLIT, BytePairTokenizer
-
-        return BPETokenizer(BytePairTokenizer({(a, b): n for a, b, n in meta["merges"]}, meta.get("pattern", GPT2_SPLIT)))
-    if kind == "tiktoken":
-        return TiktokenTokenizer(meta.get("name", "gpt2"))
-    raise ValueError(f"unknown tokenizer kind {kind!r} in checkpoint meta (expected char, bpe or tiktoken)")
-
-
-def make_tokenizer(kind: str, text: str, vocab_size: int = 512) -> Tokenizer:
-    """kind: "char" | "bpe" (ours, trained on `text` to vocab_size) | "gpt2" (tiktoken r50k)."""
-    if kind == "char":
-        return CharTokenizer(text)
-    if kind == "bpe":
-        return BPETokenizer.train(text, vocab_size)
-    if kind in ("gpt2", "tiktoken"):
-        return TiktokenTokenizer("gpt2")
-    raise ValueError(f"tokenizer {kind!r}: use char, bpe or gpt2")
 
 
 # ---------------------------------------------------------------- the text

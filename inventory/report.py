@@ -4,11 +4,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from inventory.files import atomic_write
+from inventory.units import fmt_bytes
 from inventory.profile import Figure, Profile, dumps
 
 
-def gib(n: float | None) -> str:
-    return "?" if n is None else f"{n / 2**30:.1f} GiB"
+def _gib(n: float | None) -> str:
+    return fmt_bytes(n, binary=True)
 
 
 def fig(f: Figure | None) -> str:
@@ -40,10 +41,10 @@ def tier_lines(p: Profile) -> list[tuple[str, str, str]]:
     else:
         text = "CPU not detected (see How this was measured)"
     if m:
-        text += f"; {gib(m.total_bytes)} RAM, {gib(m.available_bytes)} free"
+        text += f"; {_gib(m.total_bytes)} RAM, {_gib(m.available_bytes)} free"
     rows.append(("1", "CPU", text))
     if p.gpus:
-        text = "; ".join(f"{g.model} ({g.backend}, {gib(g.memory_bytes)}"
+        text = "; ".join(f"{g.model} ({g.backend}, {_gib(g.memory_bytes)}"
                          + (f", bf16 {g.matmul_tflops['bf16'].value:g} TFLOP/s" if 'bf16' in g.matmul_tflops else "")
                          + ")" for g in p.gpus)
     else:
@@ -82,15 +83,15 @@ def b0_readme(p: Profile) -> str:
         if c.memory_bandwidth_gbs:
             out.append(f"- measured memory bandwidth: {fig(c.memory_bandwidth_gbs)}; {c.memory_bandwidth_gbs.method}")
     if p.memory:
-        out += ["", "## Memory", "", f"- total {gib(p.memory.total_bytes)}, available {gib(p.memory.available_bytes)}"
-                + (f", swap {gib(p.memory.swap_bytes)}" if p.memory.swap_bytes is not None else "")]
+        out += ["", "## Memory", "", f"- total {_gib(p.memory.total_bytes)}, available {_gib(p.memory.available_bytes)}"
+                + (f", swap {_gib(p.memory.swap_bytes)}" if p.memory.swap_bytes is not None else "")]
     if p.gpus:
         out += ["", "## GPUs", "", "| # | model | backend | memory | driver | compute cap. | measured |", "|---|---|---|---|---|---|---|"]
         for i, g in enumerate(p.gpus):
             meas = ", ".join(f"{k} {v.value:g} TFLOP/s" for k, v in g.matmul_tflops.items())
             if g.memory_bandwidth_gbs:
                 meas += f", copy {g.memory_bandwidth_gbs.value:g} GB/s"
-            out.append(f"| {i} | {g.model} | {g.backend} | {gib(g.memory_bytes)}{' unified' if g.unified_memory else ''}"
+            out.append(f"| {i} | {g.model} | {g.backend} | {_gib(g.memory_bytes)}{' unified' if g.unified_memory else ''}"
                        f" | {g.driver or ''} | {g.compute_capability or ''} | {meas or 'not measured'} |")
     if p.boards:
         out += ["", "## Boards", "", "| port | VID:PID | match | MCU / core | flash | SRAM | access |", "|---|---|---|---|---|---|---|"]

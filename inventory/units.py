@@ -13,8 +13,10 @@ KB, MB, GB = 1e3, 1e6, 1e9
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", re.IGNORECASE)
 
 
-def fmt_bytes(n: float, binary: bool = False) -> str:
-    """Human bytes: decimal units with 3 significant digits, or binary units with 2 decimals."""
+def fmt_bytes(n: float | None, binary: bool = False) -> str:
+    """Human bytes: decimal units with 3 significant digits, or binary units with 2 decimals; None is '?'."""
+    if n is None:
+        return "?"
     if binary:
         for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
             if abs(n) >= size:

@@ -10,6 +10,7 @@ import json
 import shutil
 import struct
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ import pytest
 from inventory.probe import probe
 from inventory.profile import Profile, load, save
 from tests.conftest import REPO, assert_one_line_error, run_cli
-from tiers import runner
+from tiers import catalog, runner
 from tiers.plan import Plan, Prediction
 
 SMALL_B5 = {"sizes": [64, 128, 256], "min_seconds": 0.02, "bandwidth_bytes": 8 << 20}
@@ -129,23 +130,27 @@ def test_verdict_no_is_refused_before_anything(tmp_path, live):
     assert live.read_bytes() == before
 
 
-def test_unimplemented_milestone_names_its_issue(tmp_path, live, monkeypatch):
+def test_unimplemented_milestone_says_what_runs(tmp_path, live, monkeypatch):
     # every catalog milestone has its code now: take one out of the registry, as a milestone still planned
     monkeypatch.delitem(runner.REGISTRY, "B12")
-    monkeypatch.setitem(runner.PLANNED, "B12", "P6")
     prof = load(live)
-    with pytest.raises(runner.RunError, match=r"^B12 is not implemented yet \(issue P6\)"):
+    with pytest.raises(runner.RunError, match=r"^B12 is not implemented yet; runnable now: B0, B1, "):
         runner.run(b5_plan(prof, milestone="B12", slug="pretrain"), prof, tmp_path / "builds")
     assert not (tmp_path / "builds").exists()
 
 
 def test_missing_package_names_the_extra(tmp_path, live, monkeypatch):
     prof = load(live)
-    monkeypatch.setattr(runner, "needed_packages", lambda plan: ["matplotlib", "no_such_package_tierkit"])
+    monkeypatch.setattr(catalog.Milestone, "packages", lambda self, gpu: ["matplotlib", "no_such_package_tierkit"])
     with pytest.raises(runner.RunError) as err:
         runner.run(b5_plan(prof), prof, tmp_path / "builds")
     assert "no_such_package_tierkit" in str(err.value) and "pip install 'tierkit[tier1]'" in str(err.value)
     assert not (tmp_path / "builds").exists()
+
+
+@dataclass
+class Config:
+    """The stand-in milestones below (`_boom`, `_standin`) take no settings."""
 
 
 def _boom(ctx: runner.Context) -> runner.Output:
@@ -265,6 +270,21 @@ def test_cli_bad_input_is_one_line(home, live):
     assert_one_line_error(run_cli("run", "X9", home=home), "not a milestone")
     assert_one_line_error(run_cli("run", "B5", "--profile", "no-such-kit", home=home), "no-such-kit")
     assert not (home / "builds").exists()
+
+
+def test_cli_bad_settings_stop_before_anything_runs(home, live):
+    """--set is checked against the milestone's Config: an unknown key, a wrong type or a value out of range
+    is one line naming the key, and nothing runs (no build folder, no calibration)."""
+    before = live.read_bytes()
+    cases = [(("--set", "nonsense=1"), ("--set nonsense", "no such setting", "n_max")),
+             (("--set", "n_mx=512"), ("--set n_mx", "did you mean 'n_max'")),
+             (("--set", "n_max=abc"), ("--set n_max='abc'", "valid integer")),
+             (("--set", "n_max=0"), ("--set n_max=0", "greater than 0")),
+             (("--set", "dtype=float8"), ("--set dtype='float8'", "float32"))]
+    for args, needles in cases:
+        assert_one_line_error(run_cli("run", "B5", "--size", "n256", *args, home=home), *needles)
+    assert not (home / "builds").exists()
+    assert live.read_bytes() == before
 
 
 def test_cli_cuda_plan_on_a_machine_without_cuda(home, live):

@@ -197,7 +197,7 @@ def serve(
         raise Fail(str(exc), 1) from None
 
 
-# --- fit command (P2) ---
+# --- fit command ---
 
 _FIT_MARK = {"fits": "[green]✓[/]", "tight": "[yellow]~[/]", "no": "[red]✗[/]"}
 
@@ -346,7 +346,7 @@ def fit_cmd(
 
 
 
-# --- run command (P2) ---
+# --- run command ---
 
 
 def _run_profile(arg: Optional[str], milestone: str):
@@ -439,7 +439,8 @@ def run_milestone(
 def _print_run_result(result, prof_path: Optional[Path]) -> None:
     from rich.table import Table
 
-    from tiers.runner import mib, secs
+    from inventory.units import fmt_bytes
+    from tiers.runner import secs
 
     plan, pred = result.plan, result.plan.prediction
     con = _console()
@@ -447,7 +448,8 @@ def _print_run_result(result, prof_path: Optional[Path]) -> None:
     for col in ("", "predicted", "actual", "actual / predicted"):
         table.add_column(col)
     if pred is not None:
-        table.add_row("peak memory", mib(pred.peak_bytes), mib(result.actual_peak_bytes),
+        table.add_row("peak memory", fmt_bytes(pred.peak_bytes, binary=True),
+                      fmt_bytes(result.actual_peak_bytes, binary=True),
                       f"{result.actual_peak_bytes / pred.peak_bytes:.2f}" if pred.peak_bytes else "?")
         table.add_row("wall time", secs(pred.seconds), secs(result.actual_seconds),
                       f"{result.actual_seconds / pred.seconds:.2f}" if pred.seconds else "?")
@@ -458,7 +460,7 @@ def _print_run_result(result, prof_path: Optional[Path]) -> None:
               + (f"\ncalibration recorded in {prof_path}" if prof_path else "\nreference kit: calibration not recorded"))
 
 
-# --- data sub-app (P5): the dataset registry, tiers/data.py ---
+# --- data sub-app: the dataset registry, tiers/data.py ---
 
 data_app = typer.Typer(no_args_is_help=True, help="The dataset registry: list, fetch (sha256-checked), path.")
 app.add_typer(data_app, name="data")
@@ -533,7 +535,7 @@ def data_path(
         raise Fail(str(exc)) from None
 
 
-# --- kws sub-app (P3): the keyword spotter, tiers/tier0/ ---
+# --- kws sub-app: the keyword spotter, tiers/tier0/ ---
 
 kws_app = typer.Typer(no_args_is_help=True, help="Keyword spotter on a microcontroller: train, export, flash, monitor, eval.")
 app.add_typer(kws_app, name="kws")

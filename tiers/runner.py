@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from inventory.profile import Calibration, Profile, save
+from inventory.units import fmt_bytes as _fmt_bytes
 from tiers.plan import Plan, Result
 
 # ---------------------------------------------------------------- the registry
@@ -525,8 +526,8 @@ def _metrics_doc(result: Result, actual: dict[str, Any], profile: Profile, lines
     }
 
 
-def mib(n: float | None) -> str:
-    return "?" if n is None else f"{n / 2**20:,.1f} MiB"
+def _mem(n: float | None) -> str:
+    return _fmt_bytes(n, binary=True)
 
 
 def secs(s: float | None) -> str:
@@ -565,7 +566,7 @@ def readme(result: Result, actual: dict[str, Any], profile: Profile, out: Output
         rm = _ratio(result.actual_peak_bytes, pred.peak_bytes)
         rt = _ratio(result.actual_seconds, pred.seconds)
         lines += ["| | predicted | actual | actual / predicted | target |", "|---|---|---|---|---|",
-                  (f"| peak memory | {mib(pred.peak_bytes)} | {mib(result.actual_peak_bytes)} | "
+                  (f"| peak memory | {_mem(pred.peak_bytes)} | {_mem(result.actual_peak_bytes)} | "
                    f"{rm if rm is not None else '?'} | 0.75-1.25: {_verdict_mark(rm, 0.75, 1.25)} |"),
                   (f"| wall time | {secs(pred.seconds)} | {secs(result.actual_seconds)} | "
                    f"{rt if rt is not None else '?'} | 0.5-2: {_verdict_mark(rt, 0.5, 2.0)} |"), ""]
@@ -579,7 +580,7 @@ def readme(result: Result, actual: dict[str, Any], profile: Profile, out: Output
                        if _cuda_index(plan.device) is None else
                        "(CUDA context, torch's cache, the tensors), so the actual is the GPU memory the process held.")
                     + f" Measured: {actual['peak_method']}. RSS before the milestone started: "
-                    f"{mib(actual['rss_baseline_bytes'])}; increase during it: {mib(actual['rss_increase_bytes'])}.", ""]
+                    f"{_mem(actual['rss_baseline_bytes'])}; increase during it: {_mem(actual['rss_increase_bytes'])}.", ""]
         if pred.basis:
             lines += ["Basis of the prediction:", ""] + [f"- {b}" for b in pred.basis] + [""]
         if saved:

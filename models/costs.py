@@ -4,7 +4,7 @@ Each function here is pure arithmetic over a workload's shape (no device, no
 framework): it returns a `Cost` that says how many parameters the model has,
 how many floating-point operations the workload does, how many bytes it must
 move, and which bytes sit in memory at the peak, part by part. The planner
-(tiers/fit.py) divides these by a profile's measured throughput; this module
+(tiers/fit/) divides these by a profile's measured throughput; this module
 never looks at hardware. Every Cost carries its `basis`: the formulas with the
 numbers filled in, which `tierkit fit --explain` prints.
 
@@ -22,19 +22,12 @@ from dataclasses import dataclass, field
 from itertools import pairwise
 from math import ceil
 
+from inventory.units import KB, MB, fmt_bytes
+
 # ---------------------------------------------------------------- units and formatting
 
-KB, MB, GB = 1e3, 1e6, 1e9
 HEADROOM = 0.10   # fraction of a device's free memory never planned for: OS, allocator slack, other users
 BYTES = {"fp64": 8, "fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2, "int8": 1}
-
-
-def fmt_bytes(n: float) -> str:
-    """Decimal units, as datasheets and `free -h --si` print them."""
-    for unit, scale in (("GB", GB), ("MB", MB), ("KB", KB)):
-        if abs(n) >= scale:
-            return f"{n / scale:.3g} {unit}" if n / scale < 100 else f"{n / scale:,.0f} {unit}"
-    return f"{n:,.0f} B"
 
 
 def fmt_count(n: float) -> str:

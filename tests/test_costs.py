@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from inventory.units import fmt_bytes
 from models import costs
 from models.costs import GPTShape
 
@@ -180,8 +181,8 @@ def test_every_cost_explains_itself():
 
 
 def test_formatting():
-    assert costs.fmt_bytes(53_936) == "53.9 KB"
-    assert costs.fmt_bytes(8.26e9) == "8.26 GB"
+    assert fmt_bytes(53_936) == "53.9 KB"
+    assert fmt_bytes(8.26e9) == "8.26 GB"
     assert costs.fmt_count(124_475_904) == "124M"
     assert costs.fmt_count(2_706_624) == "2.71M"
 

@@ -9,11 +9,13 @@ import re
 import subprocess
 import sys
 import time
+import typing
 from pathlib import Path
 
 import pytest
 import yaml
 
+from inventory import kits
 from inventory.profile import Calibration, ProfileError, save
 from tests.conftest import REPO, assert_one_line_error, run_cli
 from tiers import catalog
@@ -23,7 +25,7 @@ LAPTOP, RTX, ARDUINO, LAN = "laptop-8gb-cpu", "rtx4090-laptop-16gb", "arduino-na
 
 
 def ref(name: str):
-    return F.reference_profile(name).model_copy(deep=True)
+    return kits.reference_profile(name).model_copy(deep=True)
 
 
 def plan(name: str, milestone: str, **kw):
@@ -77,8 +79,8 @@ def test_b17_plans_across_both_nodes():
     assert len(p.config["split"]) == 2 and sum(p.config["split"].values()) == pytest.approx(1, abs=0.01)
     # the model is bigger than either node could hold alone (with headroom)
     model = p.prediction.peak_bytes
-    assert sum(p.config["node_bytes"]) > 0.9 * F.reference_profile(LAN).memory.available_bytes
-    assert model <= 0.9 * F.reference_profile(LAN).memory.available_bytes
+    assert sum(p.config["node_bytes"]) > 0.9 * kits.reference_profile(LAN).memory.available_bytes
+    assert model <= 0.9 * kits.reference_profile(LAN).memory.available_bytes
 
 
 def test_seeds_on_apple_and_llama():
@@ -100,7 +102,7 @@ def test_b5_runs_on_the_gpu_when_there_is_one():
 # ---------------------------------------------------------------- every kit, every track
 
 @pytest.mark.parametrize("track", catalog.tracks())
-@pytest.mark.parametrize("name", F.reference_names())
+@pytest.mark.parametrize("name", kits.reference_names())
 def test_every_kit_every_track(name, track):
     plans = F.fit_all(ref(name), track, check_packages=False)
     assert [p.milestone for p in plans] == [m.id for m in catalog.track(track)]
@@ -116,6 +118,13 @@ def test_every_kit_every_track(name, track):
 
 def test_every_cost_model_has_a_pricer():
     assert set(F.PRICERS) == set(catalog.COST_MODELS)
+
+
+@pytest.mark.parametrize("cost", sorted(catalog.COST_MODELS))
+def test_each_pricer_prices_its_cost_models_rung(cost):
+    """PRICERS and catalog.COST_MODELS agree both ways: each pricer takes the rung class its cost model names."""
+    hints = typing.get_type_hints(F.PRICERS[cost])
+    assert hints["r"] is catalog.COST_MODELS[cost] and hints["return"] is F.Priced
 
 
 def test_the_build_track():
@@ -252,12 +261,12 @@ def test_malformed_catalog_gives_one_line(tmp_path):
 # ---------------------------------------------------------------- profiles by name
 
 def test_resolve_profile():
-    p, is_ref = F.resolve_profile(LAPTOP)
+    p, is_ref = kits.resolve_profile(LAPTOP)
     assert p.name == LAPTOP and is_ref
-    p, is_ref = F.resolve_profile(str(F.PROFILES_DIR / f"{RTX}.yaml"))
+    p, is_ref = kits.resolve_profile(str(kits.PROFILES_DIR / f"{RTX}.yaml"))
     assert p.name == RTX and is_ref
     with pytest.raises(ProfileError, match="unknown profile 'nope'.*laptop-8gb-cpu"):
-        F.resolve_profile("nope")
+        kits.resolve_profile("nope")
 
 
 # ---------------------------------------------------------------- the command
@@ -294,7 +303,7 @@ def test_cli_all_profiles(home):
     assert "B17" in proc.stdout and "qwen2.5" in proc.stdout and "124M" in proc.stdout
     proc = run_cli("fit", "--all-profiles", "--json", "--track", "g2c", home=home)
     doc = json.loads(proc.stdout)
-    assert set(doc["profiles"]) == set(F.reference_names()) and doc["track"] == "g2c"
+    assert set(doc["profiles"]) == set(kits.reference_names()) and doc["track"] == "g2c"
     assert all(len(ps) == 20 for ps in doc["profiles"].values())
 
 

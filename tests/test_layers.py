@@ -62,3 +62,33 @@ def test_a_broken_contract_is_reported(tmp_path, bad):
     _tree(tmp_path, bad)
     out = _lint(tmp_path, tmp_path)
     assert out.returncode != 0 and "BROKEN" in out.stdout, out.stdout
+
+
+# ---------------------------------------------------------------- one idea per module
+
+# Functions allowed past 80 lines: each is one documented algorithm, read best in one piece.
+LONG_FUNCTIONS: dict[str, str] = {}
+
+
+def _python_files():
+    for folder in ("inventory", "models", "tiers"):
+        yield from sorted((REPO / folder).rglob("*.py"))
+
+
+def test_no_module_holds_several_ideas():
+    """No module past 700 lines, no function past 80 (but the documented algorithms above)."""
+    import ast
+
+    big, long = [], []
+    for f in _python_files():
+        src = f.read_text(encoding="utf-8")
+        rel = f.relative_to(REPO).as_posix()
+        if src.count("\n") > 700:
+            big.append(f"{rel}: {src.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(src)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > 80 and f"{rel}:{node.name}" not in LONG_FUNCTIONS:
+                    long.append(f"{rel}:{node.name} ({n} lines)")
+    assert not big, big
+    assert not long, long

@@ -204,7 +204,7 @@ class GGUF(Rung):
         return v
 
 
-# cost model name -> the rung it prices (tiers/fit.py has one pricer per name)
+# cost model name -> the rung it prices (tiers/fit/pricing/ has one pricer per name)
 COST_MODELS: dict[str, type[Rung]] = {
     "probe": Probe, "tabular-q": TabularQ, "bpe": BPE, "skipgram": SkipGram, "mlp-train": MLPTrain,
     "matmul": Matmul, "dscnn": DSCNN, "cnn-train": CNNTrain, "lstm-train": LSTMTrain, "gpt-train": GPTTrain,

@@ -1,0 +1,176 @@
+"""Pricing training: GPT pretraining, DPO, MLPs, CNNs, LSTMs.
+
+    time = FLOPs (models/costs.py: 6*N*D and friends)
+           / (measured matmul FLOP/s x efficiency x width utilisation)
+         + steps x fixed cost per step + startup
+    peak = weights + grads + optimizer state + activations (models/costs.py) + runtime
+
+The profile's FLOP/s is what one large matmul reaches; a training step reaches a
+fraction of it (layer norms, softmax, the optimizer are memory-bound), and a
+narrow model less again (a GPU idles on small matrices), so each rate carries an
+efficiency below, with where it comes from.
+"""
+from __future__ import annotations
+
+from math import ceil
+
+from inventory.profile import Profile
+from inventory.units import fmt_bytes
+from models import costs
+from models.costs import fmt_count
+from tiers import catalog
+from tiers.catalog import Milestone
+from tiers.fit.pricing.common import NUMPY_CALL_S, Priced, runtime_bytes, startup_time
+from tiers.fit.rules import fmt_seconds, pool_check
+from tiers.fit.targets import Target, flops, mixed_dtype, python_speed
+
+# GPT training on a GPU (torch, mixed precision): nanoGPT and llm.c report ~35-50% MFU
+# against the datasheet peak for GPT-2 124M on A100/H100, and a large bf16 matmul reaches
+# ~80% of peak (REFERENCE.md), so ~0.55 of the measured matmul at full width.
+EFF_GPU_TRAIN = 0.55
+# ... and narrow models leave a GPU idle: utilisation h / (h + 256) (h=768: 0.75, h=128: 0.33).
+GPU_HALF_WIDTH = 256
+# torch training on a CPU (fp32, oneDNN/MKL): the GEMMs run near the matmul benchmark, the
+# rest (layer norm, softmax, GELU, AdamW) is memory-bound; Karpathy's CPU recipe (0.8M params,
+# 2000 steps of 12x64 tokens in ~3 min on a MacBook) works out at ~0.3-0.4 of numpy's matmul.
+EFF_CPU_TRAIN = 0.40
+CPU_HALF_WIDTH = 32
+# numpy code written by a learner (B8, B10): no fused kernels, a temporary per operation.
+EFF_NUMPY_TRAIN = 0.30
+# Eager PyTorch pays fixed time per optimizer micro-step (Python, optimizer, loss sync) and per
+# layer (~100-150 eager ops forward + backward at 5-8 us each): what keeps tiny models from
+# using a GPU, and why a small model is only 10-50x faster there than on a laptop CPU (REFERENCE.md).
+STEP_OVERHEAD_S = 2e-3
+LAYER_OVERHEAD_S = 0.8e-3
+NUMPY_LAYER_OVERHEAD_S = 0.3e-3   # ~60 numpy calls per layer per step at ~5 us each
+# Convolutions (cuDNN / oneDNN) on small images reach less of the matmul rate than GEMMs.
+EFF_GPU_CONV = 0.35
+EFF_CPU_CONV = 0.30
+EFF_LSTM = 0.30                   # an LSTM steps through time: small matmuls, one per step
+PY_SCALAR_OP_S = 1e-6             # micrograd: one Python Value object per scalar operation
+_OPT_BYTES = {"sgd": 0, "momentum": 4, "adam": 8}   # optimizer state per fp32 parameter: none, a velocity, m and v
+
+
+def _steps_overhead(micro_steps: float, layers: int, t: Target, framework: str) -> tuple[float, str]:
+    if framework == "numpy":
+        per = layers * NUMPY_LAYER_OVERHEAD_S
+    else:
+        per = STEP_OVERHEAD_S + layers * LAYER_OVERHEAD_S
+    s = micro_steps * per
+    return s, f"fixed cost per step: {micro_steps:,.0f} steps x {per * 1e3:.2g} ms = {fmt_seconds(s)}"
+
+
+def _width_util(width: int, t: Target) -> float:
+    half = GPU_HALF_WIDTH if t.gpu else CPU_HALF_WIDTH
+    return width / (width + half)
+
+
+def _train_time(p: Profile, t: Target, flop: float, width: int, dtype: str, framework: str,
+                eff_gpu: float = EFF_GPU_TRAIN, eff_cpu: float = EFF_CPU_TRAIN) -> tuple[float, list[str]]:
+    """FLOPs over (measured FLOP/s x efficiency x width utilisation)."""
+    rate, line = flops(p, t, dtype)
+    eff = EFF_NUMPY_TRAIN if framework == "numpy" else (eff_gpu if t.gpu else eff_cpu)
+    util = _width_util(width, t)
+    s = flop / (rate * eff * util)
+    return s, [line, (f"compute: {flop:.3g} FLOP / ({rate / 1e12:.3g} TFLOP/s x efficiency {eff:g} x width "
+                     f"utilisation {util:.2f}) = {fmt_seconds(s)}")]
+
+
+def price_gpt_train(r: catalog.GPTTrain, t: Target, p: Profile, m: Milestone) -> Priced:
+    shape = costs.GPTShape(r.vocab_size, r.block_size, r.n_layer, r.n_head, r.n_embd, r.bias)
+    numpy = r.framework == "numpy"
+    dtype = "fp32" if numpy else mixed_dtype(t)
+    flash = not numpy and t.kind != "mps"
+    tokens = r.steps * r.grad_accum * r.batch_size * r.block_size
+    cost = costs.gpt_train(shape, r.batch_size, tokens, dtype, flash)
+    runtime, rt_lines = runtime_bytes(r.framework, t)
+    if numpy and "matplotlib" in m.needs.packages:   # a numpy milestone plots in the same process (B10)
+        runtime["matplotlib"] = costs.MATPLOTLIB_BYTES
+        rt_lines.append(f"matplotlib {fmt_bytes(costs.MATPLOTLIB_BYTES)}")
+    need = cost.peak_bytes + sum(runtime.values())
+    compute, lines = _train_time(p, t, cost.flops, r.n_embd, dtype, r.framework)
+    over, over_line = _steps_overhead(r.steps * r.grad_accum, r.n_layer, t, r.framework)
+    start, start_line = startup_time(r.framework, t, "matplotlib" in m.needs.packages)
+    basis = [*cost.basis, *rt_lines, f"peak memory = {fmt_bytes(need)}", *lines, over_line, start_line]
+    summary = (f"{fmt_count(cost.params)} params, L{r.n_layer} h{r.n_embd} ctx{r.block_size}, "
+               f"{fmt_count(tokens)} tokens, {dtype}")
+    return Priced(need, compute + over + start, basis, [pool_check(t, need)],
+                  {"params": cost.params, "tokens": tokens, "dtype": dtype}, summary)
+
+
+def price_dpo(r: catalog.DPO, t: Target, p: Profile, m: Milestone) -> Priced:
+    """DPO: the policy trains on chosen and rejected (2 sequences a pair); a frozen reference scores both."""
+    shape = costs.GPTShape(r.vocab_size, r.block_size, r.n_layer, r.n_head, r.n_embd, r.bias)
+    dtype = mixed_dtype(t)
+    seq_tokens = r.pairs * 2 * r.seq * r.epochs
+    cost = costs.gpt_train(shape, 2 * r.batch_size, seq_tokens, dtype, t.kind != "mps", seq=r.seq)
+    ref_bytes = cost.params * (2 if dtype != "fp32" else 4)
+    ref_flops = 2 * cost.extra["matmul_params"] * seq_tokens
+    runtime, rt_lines = runtime_bytes("torch", t)
+    need = cost.peak_bytes + ref_bytes + sum(runtime.values())
+    compute, lines = _train_time(p, t, cost.flops + ref_flops, r.n_embd, dtype, "torch")
+    over, over_line = _steps_overhead(ceil(r.pairs * r.epochs / r.batch_size) * 2, r.n_layer, t, "torch")
+    start, start_line = startup_time("torch", t, True)
+    basis = [*cost.basis, (f"reference model ({dtype}) {fmt_bytes(ref_bytes)}; its forward passes "
+                          f"2*N per token = {ref_flops:.3g} FLOP"), *rt_lines, f"peak memory = {fmt_bytes(need)}",
+             *lines, over_line, start_line]
+    summary = f"{fmt_count(cost.params)} params, {r.pairs:,} pairs x {r.seq} tokens, {dtype}"
+    return Priced(need, compute + over + start, basis, [pool_check(t, need)],
+                  {"params": cost.params, "dtype": dtype}, summary)
+
+
+def price_mlp_train(r: catalog.MLPTrain, t: Target, p: Profile, m: Milestone) -> Priced:
+    data = r.samples * r.widths[0] * 4
+    cost = costs.mlp_train(r.widths, r.samples, r.epochs, r.batch, "fp32", _OPT_BYTES[r.optimizer],
+                           0 if (t.gpu and not t.unified) else data)
+    framework = "python" if r.framework == "python" else r.framework
+    runtime, rt_lines = runtime_bytes("torch" if framework == "torch" else "numpy", t)
+    need = cost.peak_bytes + sum(runtime.values()) + (costs.MATPLOTLIB_BYTES if not t.gpu else 0)
+    layers = len(r.widths) - 1
+    steps = ceil(r.samples / r.batch) * r.epochs
+    if framework == "python":           # micrograd: every scalar operation is a Python object
+        scale, sline = python_speed(p)
+        run = cost.flops * PY_SCALAR_OP_S * scale
+        lines = [sline, (f"scalar autograd: {cost.flops:.3g} operations x {PY_SCALAR_OP_S * 1e6:g} us = "
+                        f"{fmt_seconds(run)}")]
+    else:
+        run, lines = _train_time(p, t, cost.flops, int(cost.extra["width"]), "fp32", framework)
+        over, oline = _steps_overhead(steps, layers, t, framework)
+        if framework == "numpy":        # ~10 numpy calls per layer per batch, forward and backward
+            over = steps * layers * 10 * NUMPY_CALL_S
+            oline = f"fixed cost: {steps:,.0f} batches x {layers} layers x 10 numpy calls = {fmt_seconds(over)}"
+        run += over
+        lines.append(oline)
+    start, start_line = startup_time(framework, t, True)
+    basis = [*cost.basis, *rt_lines, f"peak memory = {fmt_bytes(need)}", *lines, start_line]
+    return Priced(need, run + start, basis, [pool_check(t, need)], {"params": cost.params},
+                  f"{'-'.join(map(str, r.widths))}, {cost.params:,} params, {r.epochs:g} epochs ({r.framework})")
+
+
+def price_cnn_train(r: catalog.CNNTrain, t: Target, p: Profile, m: Milestone) -> Priced:
+    shape = costs.CNNShape(tuple(r.in_hw), r.in_ch, tuple(r.widths), r.convs_per_stage, tuple(r.fc), r.classes)
+    data = r.samples * r.in_hw[0] * r.in_hw[1] * r.in_ch        # uint8 images, as torchvision holds them
+    cost = costs.cnn_train(shape, r.samples, r.epochs, r.batch, "fp32", 0 if (t.gpu and not t.unified) else data)
+    runtime, rt_lines = runtime_bytes("torch", t)
+    need = cost.peak_bytes + sum(runtime.values())
+    run, lines = _train_time(p, t, cost.flops, int(cost.extra["width"]), "fp32", "torch", EFF_GPU_CONV, EFF_CPU_CONV)
+    layers = len(r.widths) * r.convs_per_stage + len(r.fc) + 1
+    over, oline = _steps_overhead(ceil(r.samples / r.batch) * r.epochs, layers, t, "torch")
+    start, start_line = startup_time("torch", t, True)
+    basis = [*cost.basis, *rt_lines, f"peak memory = {fmt_bytes(need)}", *lines, oline, start_line]
+    return Priced(need, run + over + start, basis, [pool_check(t, need)], {"params": cost.params},
+                  f"{fmt_count(cost.params)} params, {fmt_count(cost.extra['macs'])} MACs/sample, {r.epochs:g} epochs")
+
+
+def price_lstm_train(r: catalog.LSTMTrain, t: Target, p: Profile, m: Milestone) -> Priced:
+    tokens = r.steps * r.batch * r.seq
+    cost = costs.lstm_train(r.vocab, r.embed, r.hidden, r.layers, r.batch, r.seq, tokens)
+    runtime, rt_lines = runtime_bytes("torch", t)
+    need = cost.peak_bytes + sum(runtime.values())
+    run, lines = _train_time(p, t, cost.flops, r.hidden, "fp32", "torch", EFF_GPU_TRAIN * EFF_LSTM,
+                             EFF_CPU_TRAIN * EFF_LSTM)
+    over, oline = _steps_overhead(r.steps, r.layers, t, "torch")
+    start, start_line = startup_time("torch", t, True)
+    basis = [*cost.basis, *rt_lines, f"peak memory = {fmt_bytes(need)}", *lines, oline, start_line]
+    return Priced(need, run + over + start, basis, [pool_check(t, need)], {"params": cost.params, "tokens": tokens},
+                  f"{fmt_count(cost.params)} params, {r.layers}x{r.hidden}, {fmt_count(tokens)} tokens")

@@ -1,7 +1,7 @@
 """B8's numpy MLP against the same network and loop in PyTorch (CPU), in one run.
 
 Same data, same widths, same batch order, same SGD with momentum, same per-batch
-bookkeeping (loss, accuracy); numpy runs the body of `tiers.tier1.b08_mlp.train`
+bookkeeping (loss, accuracy); numpy runs the body of `models.mlp.train`
 (B8's own forward, loss, backward and SGD), torch runs nn.Linear/ReLU,
 cross-entropy, autograd and torch.optim.SGD. The two
 alternate, one epoch each in turn, so a busy moment on a shared machine hurts
@@ -57,7 +57,50 @@ def torch_epoch(model: Any, opt: Any, x: Any, y: Any, order: np.ndarray, batch: 
     return time.perf_counter() - t0, seen_loss / len(order), correct / len(order)
 
 
-from inventory.files import atomic_write  # noqa: E402  (after the sys.path set-up)
+def numpy_epoch(params: Any, sgd: Any, x: np.ndarray, y: np.ndarray, order: np.ndarray,
+                batch: int) -> tuple[float, float, float]:
+    """One epoch of B8's loop (models/mlp.py's forward, loss, backward and SGD): (seconds, mean loss, accuracy)."""
+    from models import mlp
+
+    t0 = time.perf_counter()
+    seen_loss, correct = 0.0, 0
+    for i in range(0, len(order), batch):
+        idx = order[i:i + batch]
+        xb, yb = x[idx], y[idx]
+        logits, acts = mlp.forward(params, xb)
+        loss, dlogits = mlp.softmax_cross_entropy(logits, yb)
+        sgd.step(params, mlp.backward(params, acts, dlogits))
+        seen_loss += loss * len(idx)
+        correct += int((logits.argmax(axis=1) == yb).sum())
+    return time.perf_counter() - t0, seen_loss / len(order), correct / len(order)
+
+
+def torch_twin(params: Any, lr: float, momentum: float) -> tuple[Any, Any]:
+    """The same network in torch with the same starting weights, and its SGD."""
+    import torch
+
+    layers: list[Any] = []
+    for i, (W, b) in enumerate(params):
+        lin = torch.nn.Linear(W.shape[0], W.shape[1])
+        with torch.no_grad():
+            lin.weight.copy_(torch.from_numpy(W.T.copy()))
+            lin.bias.copy_(torch.from_numpy(b))
+        layers += [lin] + ([torch.nn.ReLU()] if i < len(params) - 1 else [])
+    model = torch.nn.Sequential(*layers)
+    return model, torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+
+
+def show(doc: dict[str, Any]) -> None:
+    t_np, t_th, ratio = doc["numpy_best_epoch_s"], doc["torch_best_epoch_s"], doc["ratio_numpy_over_torch"]
+    print(f"{'-'.join(map(str, doc['widths']))}, batch {doc['batch']}, {doc['n_train']:,} samples, "
+          f"best of {doc['epochs_timed']} epochs")
+    print(f"numpy: {t_np * 1e3:.1f} ms/epoch, {doc['numpy_gflops']:g} GFLOP/s "
+          f"({doc['numpy_fraction_of_peak']:.1%} of the {doc['matmul_peak_gflops']:g} GFLOP/s matmul peak); "
+          f"test acc {doc['test_accuracy']['numpy']:.2%}")
+    print(f"torch: {t_th * 1e3:.1f} ms/epoch, {doc['torch_gflops']:g} GFLOP/s "
+          f"({doc['torch_fraction_of_peak']:.1%} of peak); test acc {doc['test_accuracy']['torch']:.2%}")
+    print(f"ratio numpy/torch: {ratio:.2f}x best epochs, {doc['ratio_of_medians']:.2f}x medians  "
+          f"(target <= {TARGET}x: {'PASS' if doc['pass'] else 'MISS'})")
 
 
 def main() -> None:
@@ -74,6 +117,10 @@ def main() -> None:
     import torch
 
     from inventory import bench
+    from inventory.files import atomic_write
+    from models import mlp
+    from tiers.data import load_images
+    from tiers.tier1.b08_mlp import Config
 
     # The machine's peak first, on every core, before any thread limit: what "fraction of peak" divides by.
     peak = max((bench.cpu_matmul("float32") for _ in range(2)), key=lambda f: f.value)
@@ -83,54 +130,31 @@ def main() -> None:
         threadpool_limits(args.threads)
         torch.set_num_threads(args.threads)
 
-    from tiers.tier1 import b08_mlp
-
-    cfg = {**b08_mlp.DEFAULTS, "widths": args.widths, "epochs": 1, "batch": args.batch, "lr": args.lr,
-           "lr_final": 1.0}  # a constant learning rate, so both see the same schedule
-    d = b08_mlp.load_data(cfg, lambda line: print(line, file=sys.stderr))
+    cfg = Config()  # B8's data and momentum; the learning rate stays constant, so both see the same schedule
+    d = load_images(cfg.data, cfg.samples, cfg.seed, cfg.data_path, lambda line: print(line, file=sys.stderr))
     widths = [d.x_train.shape[1], *args.widths[1:]]
     print(f"data: {d.source}", file=sys.stderr)
 
-    # numpy: B8's own parameters and training loop, one epoch per call
-    params = b08_mlp.init(widths, np.random.default_rng(0))
-    # torch: the same network with the same starting weights
-    layers: list[Any] = []
-    for i, (W, b) in enumerate(params):
-        lin = torch.nn.Linear(W.shape[0], W.shape[1])
-        with torch.no_grad():
-            lin.weight.copy_(torch.from_numpy(W.T.copy()))
-            lin.bias.copy_(torch.from_numpy(b))
-        layers += [lin] + ([torch.nn.ReLU()] if i < len(params) - 1 else [])
-    model = torch.nn.Sequential(*layers)
-    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=cfg["momentum"])
+    params = mlp.init(widths, np.random.default_rng(0))   # numpy: B8's own parameters and training loop
+    model, opt = torch_twin(params, args.lr, cfg.momentum)
     xt, yt = torch.from_numpy(d.x_train), torch.from_numpy(d.y_train)
 
     # The numpy loop keeps its momentum across calls: one SGD object, reused epoch after epoch.
-    sgd = b08_mlp.SGD(args.lr, cfg["momentum"])
+    sgd = mlp.SGD(args.lr, cfg.momentum)
     rng = np.random.default_rng(1)
     np_times, th_times, np_acc, th_acc = [], [], [], []
     for epoch in range(args.epochs):
         order = rng.permutation(len(d.x_train))
-        t0 = time.perf_counter()
-        seen_loss, correct = 0.0, 0
-        for i in range(0, len(order), args.batch):
-            idx = order[i:i + args.batch]
-            xb, yb = d.x_train[idx], d.y_train[idx]
-            logits, acts = b08_mlp.forward(params, xb)
-            loss, dlogits = b08_mlp.softmax_cross_entropy(logits, yb)
-            sgd.step(params, b08_mlp.backward(params, acts, dlogits))
-            seen_loss += loss * len(idx)
-            correct += int((logits.argmax(axis=1) == yb).sum())
-        np_t = time.perf_counter() - t0
+        np_t, _, np_a = numpy_epoch(params, sgd, d.x_train, d.y_train, order, args.batch)
         th_t, _, th_a = torch_epoch(model, opt, xt, yt, order, args.batch)
         if epoch > 0:  # the first epoch warms caches, thread pools and torch's allocator
             np_times.append(np_t)
             th_times.append(th_t)
-        np_acc.append(correct / len(order))
+        np_acc.append(np_a)
         th_acc.append(th_a)
         print(f"epoch {epoch + 1}: numpy {np_t * 1e3:.1f} ms, torch {th_t * 1e3:.1f} ms", file=sys.stderr)
 
-    np_test = b08_mlp.accuracy(params, d.x_test, d.y_test)[1]
+    np_test = mlp.accuracy(params, d.x_test, d.y_test)[1]
     with torch.no_grad():
         th_test = float((model(torch.from_numpy(d.x_test)).argmax(dim=1) == torch.from_numpy(d.y_test)).float().mean())
     t_np, t_th = min(np_times), min(th_times)
@@ -155,13 +179,7 @@ def main() -> None:
         "train_accuracy_last_epoch": {"numpy": np_acc[-1], "torch": th_acc[-1]},
         "test_accuracy": {"numpy": np_test, "torch": th_test},
     }
-    print(f"{'-'.join(map(str, widths))}, batch {args.batch}, {len(d.x_train):,} samples, best of {len(np_times)} epochs")
-    print(f"numpy: {t_np * 1e3:.1f} ms/epoch, {doc['numpy_gflops']:g} GFLOP/s "
-          f"({doc['numpy_fraction_of_peak']:.1%} of the {peak.value:g} GFLOP/s matmul peak); test acc {np_test:.2%}")
-    print(f"torch: {t_th * 1e3:.1f} ms/epoch, {doc['torch_gflops']:g} GFLOP/s "
-          f"({doc['torch_fraction_of_peak']:.1%} of peak); test acc {th_test:.2%}")
-    print(f"ratio numpy/torch: {ratio:.2f}x best epochs, {med_ratio:.2f}x medians  "
-          f"(target <= {TARGET}x: {'PASS' if ratio <= TARGET else 'MISS'})")
+    show(doc)
     atomic_write(args.out, json.dumps(doc, indent=2) + "\n")
     print(f"results: {args.out}")
 

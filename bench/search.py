@@ -29,6 +29,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from inventory.files import atomic_write
 from tiers.tier1.b15_search import BATCH, FlatIndex, fill_random_unit
 
 
@@ -36,9 +37,6 @@ def timed(fn, *args) -> float:
     t = time.perf_counter()
     fn(*args)
     return time.perf_counter() - t
-
-
-from inventory.files import atomic_write  # noqa: E402  (after the sys.path set-up)
 
 
 def main() -> None:

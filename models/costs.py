@@ -571,7 +571,7 @@ class EncoderShape:
 
 MINILM = EncoderShape("all-MiniLM-L6-v2", vocab=30522, max_pos=512, layers=6, hidden=384, heads=12,
                       intermediate=1536)
-ENCODER_BATCH_TOKENS = 2048      # tiers/tier1/common.py batches texts up to this many (padded) tokens
+ENCODER_BATCH_TOKENS = 2048      # models/minilm.py (MiniLM.encode) batches texts up to this many (padded) tokens
 TOKENIZERS_BYTES = 30 * MB       # tokenizers + safetensors + scipy.special (for GELU's erf): +30 MB RSS here
 
 

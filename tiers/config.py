@@ -81,7 +81,11 @@ def build(cls: type[C], base: Mapping[str, Any], overrides: Mapping[str, Any] | 
         return _adapter(cls).validate_python(values)
     except ValidationError as exc:
         err = exc.errors()[0]
-        key = str(err["loc"][0]) if err.get("loc") else "?"
+        if not err.get("loc"):        # a check across fields (n_min <= n_max): name the settings given
+            given = ", ".join(f"{k}={v!r}" for k, v in overrides.items())
+            raise ConfigError(f"{prefix}settings" + (f" (--set {given})" if given else "")
+                              + f": {_expected(err)}") from None
+        key = str(err["loc"][0])
         if key in overrides:
             raise ConfigError(f"{prefix}--set {key}={overrides[key]!r}: {_expected(err)}") from None
         raise ConfigError(f"{prefix}setting {key}={values.get(key, err.get('input'))!r} (from the planned size): "

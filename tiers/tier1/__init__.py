@@ -1,6 +1,7 @@
 """Tier 1: the CPU milestones (numpy first), one readable file each.
 
-Each milestone module has `run(ctx) -> Output`, registered by id in
-`tiers.runner.REGISTRY`. A tier package imports `inventory/` and `models/`,
-never another tier package; heavy imports (matplotlib) stay inside `run`.
+Each milestone module declares a `Config` dataclass and `run(ctx) -> Output`, and
+is registered by its entry in tiers/milestones.yaml (`module:`). A tier package
+imports `inventory/`, `models/` and the shared `tiers` modules, never another tier
+package; matplotlib is loaded only when a plot is drawn (tiers.report.pyplot).
 """

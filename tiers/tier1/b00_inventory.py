@@ -1,5 +1,9 @@
 """B0: inventory the kit. The probe, with its micro-benchmarks, as a milestone.
 
+    probe(bench, discover) ─► Profile ─► profile.yaml        (the figures every later plan divides by)
+                                      ─► README body         (inventory.report.b0_readme, as `tierkit probe`)
+                                      ─► inventory.png       (measured vs datasheet; time per detector)
+
 Same report as `tierkit probe` writes (inventory.report.b0_readme), plus the
 fresh profile beside it and a chart of what was measured against the datasheet.
 The runner makes the fresh profile the live one when the run started from the
@@ -8,25 +12,36 @@ user's own profile (a reference kit is left alone), keeping earlier calibration.
 from __future__ import annotations
 
 import importlib.util
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any
 
-from inventory.probe import probe
+from annotated_types import Ge
+
 from inventory.files import atomic_write
+from inventory.probe import probe
 from inventory.profile import Profile, dumps
 from inventory.report import b0_readme
+from tiers.report import pyplot, save
 
 if TYPE_CHECKING:
     from tiers.runner import Context, Output
 
 
+@dataclass
+class Config:
+    bench: bool = True                          # the micro-benchmarks (matmul, bandwidth) the planner divides by
+    discover: bool = True                       # look for tierkit agents on the network (mDNS)
+    mdns_wait: Annotated[float, Ge(0)] = 0.25   # seconds to listen for their answers
+
+
 def run(ctx: Context) -> Output:
     from tiers.runner import Output
 
-    cfg = {"bench": True, "discover": True, "mdns_wait": 0.25, **ctx.config}
+    cfg: Config = ctx.config
 
     # 1. the probe: every detector in parallel, then the benchmarks one at a time
-    with ctx.progress("probing the kit" + (" and benchmarking" if cfg["bench"] else ""), None):
-        prof = probe(bench=bool(cfg["bench"]), discover=bool(cfg["discover"]), mdns_wait=float(cfg["mdns_wait"]),
+    with ctx.progress("probing the kit" + (" and benchmarking" if cfg.bench else ""), None):
+        prof = probe(bench=cfg.bench, discover=cfg.discover, mdns_wait=cfg.mdns_wait,
                      on_done=lambda name, s: ctx.log(f"{name}: {s.status} in {s.seconds:.2f} s"))
     if ctx.profile.name and ctx.profile.name != prof.name:
         ctx.log(f"planned for profile {ctx.profile.name}; probed {prof.name}")
@@ -45,6 +60,35 @@ def run(ctx: Context) -> Output:
 
     metrics = figures(prof)
     return Output(metrics=metrics, summary=summary(prof), report=body, plots=plots, profile=prof)
+
+
+def chart(p: Profile, path: Any) -> None:
+    """Measured matmul rates against the datasheet peak; how long each detector took."""
+    fig, (left, right) = pyplot().subplots(1, 2, figsize=(10, 4))
+    # measured vs theoretical: how much of the datasheet numpy reaches
+    c = p.cpu
+    if c and c.matmul_gflops:
+        names = [f"{d} matmul" for d in c.matmul_gflops]
+        vals = [f.value for f in c.matmul_gflops.values()]
+        left.barh(names, vals, color="tab:blue", label="measured")
+        peaks = {"fp32": c.peak_fp32_gflops, "fp64": c.peak_fp64_gflops}
+        for i, d in enumerate(c.matmul_gflops):
+            if peaks.get(d):
+                left.plot([peaks[d].value] * 2, [i - 0.4, i + 0.4], color="black", ls="--")
+        left.set_xlabel("GFLOP/s (dashed: theoretical peak)")
+        title = "CPU matmul" + (f"; bandwidth {c.memory_bandwidth_gbs.value:g} GB/s" if c.memory_bandwidth_gbs else "")
+        left.set_title(title, fontsize=9)
+    else:
+        left.text(0.5, 0.5, "no CPU benchmark", ha="center")
+        left.set_axis_off()
+    # how long each detector took: the probe's own cost
+    det = p.probe.detectors if p.probe else {}
+    colors = {"ok": "tab:green", "empty": "tab:gray", "skipped": "tab:gray", "error": "tab:red", "timeout": "tab:orange"}
+    right.barh(list(det), [s.seconds for s in det.values()], color=[colors[s.status] for s in det.values()])
+    right.set_xlabel("seconds (green ok, grey empty, red error, orange timeout)")
+    right.set_title("probe: time per detector", fontsize=9)
+    fig.suptitle(f"B0: {p.name}", fontsize=10)
+    save(fig, path)
 
 
 def summary(p: Profile) -> str:
@@ -89,38 +133,3 @@ def figures(p: Profile) -> dict[str, Any]:
     out["peers"] = [q.address for q in p.peers]
     out["detectors"] = {k: s.status for k, s in (p.probe.detectors.items() if p.probe else [])}
     return out
-
-
-def chart(p: Profile, path: Any) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    # measured vs theoretical: how much of the datasheet numpy reaches
-    c = p.cpu
-    if c and c.matmul_gflops:
-        names = [f"{d} matmul" for d in c.matmul_gflops]
-        vals = [f.value for f in c.matmul_gflops.values()]
-        left.barh(names, vals, color="tab:blue", label="measured")
-        peaks = {"fp32": c.peak_fp32_gflops, "fp64": c.peak_fp64_gflops}
-        for i, d in enumerate(c.matmul_gflops):
-            if peaks.get(d):
-                left.plot([peaks[d].value] * 2, [i - 0.4, i + 0.4], color="black", ls="--")
-        left.set_xlabel("GFLOP/s (dashed: theoretical peak)")
-        title = "CPU matmul" + (f"; bandwidth {c.memory_bandwidth_gbs.value:g} GB/s" if c.memory_bandwidth_gbs else "")
-        left.set_title(title, fontsize=9)
-    else:
-        left.text(0.5, 0.5, "no CPU benchmark", ha="center")
-        left.set_axis_off()
-    # how long each detector took: the probe's own cost
-    det = p.probe.detectors if p.probe else {}
-    colors = {"ok": "tab:green", "empty": "tab:gray", "skipped": "tab:gray", "error": "tab:red", "timeout": "tab:orange"}
-    right.barh(list(det), [s.seconds for s in det.values()], color=[colors[s.status] for s in det.values()])
-    right.set_xlabel("seconds (green ok, grey empty, red error, orange timeout)")
-    right.set_title("probe: time per detector", fontsize=9)
-    fig.suptitle(f"B0: {p.name}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -20,28 +20,45 @@ true shortest distances, to check what the agent learned.
 """
 from __future__ import annotations
 
+import re
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
+from annotated_types import Ge, Gt, Le
+from pydantic import AfterValidator
 
-from tiers.report import save
+from tiers.report import pyplot, save
 
 if TYPE_CHECKING:
     from tiers.runner import Context, Output
+
+Probability = Annotated[float, Ge(0), Le(1)]
+
+
+@dataclass
+class Config:
+    env: Annotated[str, AfterValidator(_square_grid)] = "GridWorld-5x5"  # NxN; 5x5 is the map drawn above
+    episodes: Annotated[int, Gt(0)] = 500
+    max_steps: Annotated[int, Gt(0)] = 100            # an episode that has not reached G by then ends
+    alpha: Annotated[float, Gt(0), Le(1)] = 0.5       # how far each update moves Q[s, a] towards its target
+    gamma: Probability = 0.99                         # discount: a reward t steps later counts gamma^t
+    epsilon_start: Probability = 0.5                  # exploration, decaying linearly over the first half
+    epsilon_end: Probability = 0.05
+    # random grids only (every size but the hand-drawn 5x5): past ~40% walls (site percolation's threshold)
+    # a big grid almost never has a path from S to G, and make_grid would redraw it forever
+    wall_density: Annotated[float, Ge(0), Le(0.35)] = 0.2
+    seed: int = 0
+    snapshots: Annotated[int, Gt(0)] = 6              # value maps drawn along training (values.png)
+
 
 MAP_5X5 = ["S....",
            ".##..",
            "..#.#",
            "#....",
            "..#.G"]
-
-DEFAULTS: dict[str, Any] = {
-    "env": "GridWorld-5x5", "episodes": 500, "max_steps": 100, "alpha": 0.5, "gamma": 0.99,
-    "epsilon_start": 0.5, "epsilon_end": 0.05, "wall_density": 0.2, "seed": 0, "snapshots": 6,
-}
 
 ACTIONS = [(-1, 0), (1, 0), (0, -1), (0, 1)]  # up, down, left, right (row, col)
 ARROWS = [(0, 1), (0, -1), (-1, 0), (1, 0)]   # the same as (dx, dy) with y pointing up, for quiver
@@ -79,6 +96,19 @@ def parse(rows: list[str]) -> GridWorld:
     walls = np.array([[ch == "#" for ch in row] for row in rows])
     find = lambda ch: next((r, c) for r, row in enumerate(rows) for c, x in enumerate(row) if x == ch)
     return GridWorld(walls, find("S"), find("G"))
+
+
+def grid_size(env: str) -> int:
+    """'GridWorld-5x5' -> 5; ValueError for anything but a square grid of at least 2 x 2."""
+    m = re.fullmatch(r"GridWorld-(\d+)x(\d+)", env, re.IGNORECASE)
+    if not m or m[1] != m[2] or int(m[1]) < 2:
+        raise ValueError("must be a square GridWorld-NxN with N >= 2, such as GridWorld-10x10")
+    return int(m[1])
+
+
+def _square_grid(env: str) -> str:
+    grid_size(env)
+    return env
 
 
 def make_grid(n: int, density: float, seed: int) -> GridWorld:
@@ -165,29 +195,21 @@ def greedy_path(world: GridWorld, Q: np.ndarray, start: int | None = None, limit
 
 # ---------------------------------------------------------------- the milestone
 
-def grid_size(env: str) -> int:
-    """'GridWorld-5x5' -> 5."""
-    try:
-        return int(env.rsplit("-", 1)[1].lower().split("x")[0])
-    except (IndexError, ValueError):
-        raise ValueError(f"B1 runs GridWorld-NxN environments, not {env!r}") from None
-
-
 def run(ctx: Context) -> Output:
     from tiers.runner import Output
 
-    cfg = {**DEFAULTS, **ctx.config}
-    world = make_grid(grid_size(cfg["env"]), cfg["wall_density"], cfg["seed"])
+    cfg: Config = ctx.config
+    world = make_grid(grid_size(cfg.env), cfg.wall_density, cfg.seed)
     dist = bfs_distances(world)
     shortest = int(dist[world.index(world.start)])
-    episodes = int(cfg["episodes"])
-    marks = sorted({max(1, round(episodes * f)) for f in np.geomspace(0.002, 1, cfg["snapshots"])})
+    episodes = cfg.episodes
+    marks = sorted({max(1, round(episodes * f)) for f in np.geomspace(0.002, 1, cfg.snapshots)})
     ctx.log(f"{world.n}x{world.n} grid, {int(world.walls.sum())} walls; BFS: shortest path {shortest} moves")
 
     t0 = time.perf_counter()
     with ctx.progress(f"Q-learning, {episodes:,} episodes", episodes) as bar:
-        out = q_learning(world, episodes, int(cfg["max_steps"]), cfg["alpha"], cfg["gamma"], cfg["epsilon_start"],
-                         cfg["epsilon_end"], cfg["seed"], marks, lambda ep: bar.advance() if ep % 50 == 49 else None)
+        out = q_learning(world, episodes, cfg.max_steps, cfg.alpha, cfg.gamma, cfg.epsilon_start,
+                         cfg.epsilon_end, cfg.seed, marks, lambda ep: bar.advance() if ep % 50 == 49 else None)
     seconds = time.perf_counter() - t0
     Q, nxt, goal = out["Q"], world.transitions(), world.index(world.goal)
     path = greedy_path(world, Q, nxt=nxt)
@@ -199,22 +221,18 @@ def run(ctx: Context) -> Output:
     ctx.log(f"greedy path from S: {len(path) - 1} moves ({'shortest' if reached and len(path) - 1 == shortest else 'NOT shortest'}); "
             f"{optimal}/{len(cells)} cells follow a shortest path; {steps:,} steps in {seconds:.2f} s")
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     plots = [policy_plot(plt, ctx.out_dir / "policy.png", world, Q, path, dist),
              values_plot(plt, ctx.out_dir / "values.png", world, out["snapshots"]),
              curves_plot(plt, ctx.out_dir / "episodes.png", out["returns"], out["lengths"], shortest)]
     metrics = {
-        "env": cfg["env"], "grid": world.n, "walls": int(world.walls.sum()), "episodes": episodes,
-        "max_steps": cfg["max_steps"], "alpha": cfg["alpha"], "gamma": cfg["gamma"],
-        "epsilon": [cfg["epsilon_start"], cfg["epsilon_end"]],
+        "env": cfg.env, "grid": world.n, "walls": int(world.walls.sum()), "episodes": episodes,
+        "max_steps": cfg.max_steps, "alpha": cfg.alpha, "gamma": cfg.gamma,
+        "epsilon": [cfg.epsilon_start, cfg.epsilon_end],
         "bfs_shortest": shortest, "greedy_length": len(path) - 1, "reached_goal": reached,
         "greedy_is_shortest": bool(reached and len(path) - 1 == shortest),
         "cells_on_shortest_path": optimal, "cells_reachable": len(cells),
-        "total_steps": steps, "fill": round(steps / (episodes * cfg["max_steps"]), 3),
+        "total_steps": steps, "fill": round(steps / (episodes * cfg.max_steps), 3),
         "microseconds_per_step": round(seconds / steps * 1e6, 2),
         "final_return_mean_last_10pct": float(np.mean(out["returns"][-max(1, episodes // 10):])),
         "first_episode_length": out["lengths"][0],
@@ -226,6 +244,8 @@ def run(ctx: Context) -> Output:
                f"shortest path. The first episode took {out['lengths'][0]} steps.")
     return Output(metrics=metrics, summary=summary, report=report(metrics), plots=plots)
 
+
+# ---------------------------------------------------------------- plots
 
 def _grid_image(world: GridWorld, values: np.ndarray | None = None) -> np.ndarray:
     v = np.zeros((world.n, world.n)) if values is None else values.reshape(world.n, world.n).astype(float)
@@ -301,6 +321,8 @@ def curves_plot(plt: Any, path: Any, returns: list[float], lengths: list[int], s
     save(fig, path)
     return f"{path.name}: return and length of every episode"
 
+
+# ---------------------------------------------------------------- the report
 
 def report(m: dict[str, Any]) -> str:
     return "\n".join([

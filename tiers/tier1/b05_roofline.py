@@ -1,5 +1,9 @@
 """B5: the roofline of this machine, drawn from its own measurements.
 
+    bandwidth roof   STREAM triad over arrays bigger than the cache          -> GB/s
+    compute roof     numpy matmul at n = n_min, 2 n_min, ... n_max (best)    -> GFLOP/s
+    each size        intensity = 2n^3 / (3 n^2 x 4 B) = n/6 FLOP/B;  attainable = min(compute, intensity x GB/s)
+
 A square matmul of size n does 2n^3 floating-point operations and, at the very
 least, moves its three n x n matrices through memory once: 3 n^2 x 4 bytes in
 fp32. Their ratio, the *arithmetic intensity* (n/6 FLOP per byte in fp32), says
@@ -17,34 +21,41 @@ import functools
 import statistics
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
+from annotated_types import Gt, MinLen
 
 from inventory import bench
-from tiers.report import save
+from tiers.report import pyplot, save
 
 if TYPE_CHECKING:
     from tiers.runner import Context, Output
 
 
 # ------------------------------------------------------------------ config
-# Defaults; the planner's sized config (ctx.config) overrides any of these.
-DEFAULTS: dict[str, Any] = {
-    "n_min": 64,             # smallest matmul
-    "n_max": 4096,           # largest matmul (3 x 64 MiB in fp32)
-    "sizes": None,           # or an explicit list of n, overriding n_min..n_max (powers of two)
-    "dtype": "float32",
-    "min_seconds": 0.25,     # time each size for at least this long (median of the repeats)
-    "bandwidth_bytes": None, # bytes per STREAM array; None: as the probe chooses (>= L3, 64-128 MiB)
-}
+
+@dataclass
+class Config:
+    n_min: Annotated[int, Gt(0)] = 64            # smallest matmul
+    n_max: Annotated[int, Gt(0)] = 4096          # largest matmul (3 x 64 MiB in fp32); the sweep doubles n
+    sizes: Annotated[list[Annotated[int, Gt(0)]], MinLen(1)] | None = None  # these n instead of n_min..n_max
+    dtype: Literal["float32", "float64"] = "float32"
+    min_seconds: Annotated[float, Gt(0)] = 0.25  # time each size for at least this long (the best repeat counts)
+    bandwidth_bytes: Annotated[int, Gt(0)] | None = None  # bytes per STREAM array; None: as the probe chooses
+    gpu_bandwidth_bytes: Annotated[int, Gt(0)] = 512 << 20  # the GPU's device-to-device copy
+
+    def __post_init__(self) -> None:
+        if self.sizes is None and self.n_min > self.n_max:
+            raise ValueError(f"n_min {self.n_min} is above n_max {self.n_max}: no matmul size to sweep")
 
 
-def sizes_from(cfg: dict[str, Any]) -> list[int]:
-    if cfg.get("sizes"):
-        return sorted(int(n) for n in cfg["sizes"])
-    n, out = int(cfg["n_min"]), []
-    while n <= int(cfg["n_max"]):
+def sizes_from(cfg: Config) -> list[int]:
+    if cfg.sizes:
+        return sorted(cfg.sizes)
+    n, out = cfg.n_min, []
+    while n <= cfg.n_max:
         out.append(n)
         n *= 2
     return out
@@ -77,15 +88,15 @@ def time_it(fn: Callable[[], object], min_seconds: float, sync: Callable[[], obj
 def run(ctx: Context) -> Output:
     from tiers.runner import Output
 
-    cfg = {**DEFAULTS, **ctx.config}
+    cfg: Config = ctx.config
     sizes = sizes_from(cfg)
-    dtype = np.dtype(cfg["dtype"])
+    dtype = np.dtype(cfg.dtype)
     cpu, mem = ctx.profile.cpu, ctx.profile.memory
 
     # -------------------------------------------------------------- the bandwidth roof
     # STREAM triad over arrays bigger than the last-level cache, every core loading
     # memory: the rate at which data reaches the cores from DRAM.
-    nbytes = cfg["bandwidth_bytes"] or bench.bandwidth_array_bytes(
+    nbytes = cfg.bandwidth_bytes or bench.bandwidth_array_bytes(
         cpu.caches.l3 if cpu else None, mem.available_bytes if mem else None)
     threads = cpu.physical_cores if cpu else 1
     with ctx.progress("memory bandwidth (STREAM triad)", None):
@@ -94,23 +105,7 @@ def run(ctx: Context) -> Output:
     ctx.log(f"bandwidth roof: {bandwidth:g} GB/s ({bw.method})")
 
     # -------------------------------------------------------------- the matmul sweep (numpy)
-    rng = np.random.default_rng(0)
-    rows: list[dict[str, Any]] = []
-    with ctx.progress(f"numpy matmul {sizes[0]}..{sizes[-1]}", len(sizes)) as bar:
-        for n in sizes:
-            a = rng.standard_normal((n, n), dtype=dtype)  # drawn in dtype: no float64 temporary
-            b = rng.standard_normal((n, n), dtype=dtype)
-            c = np.zeros((n, n), dtype=dtype)
-            c[...] = 1  # touch every page now, so the timing holds no page faults
-            # The big sizes take ~0.5-1.5 s each on a laptop: their first repeat is warm enough.
-            sec, median, reps = time_it(functools.partial(np.matmul, a, b, out=c), cfg["min_seconds"],
-                                        warmup=n < 2048)
-            gflops = 2 * n**3 / sec / 1e9
-            rows.append({"n": n, "seconds": sec, "median_seconds": median, "repeats": reps,
-                         "gflops": round(gflops, 2), "intensity": round(intensity(n, dtype.itemsize), 2)})
-            ctx.log(f"n={n}: {gflops:.1f} GFLOP/s, {sec * 1e3:.3f} ms (best of {reps}; median {median * 1e3:.3f} ms)")
-            del a, b, c
-            bar.advance()
+    rows = cpu_sweep(ctx, sizes, dtype, cfg.min_seconds)
 
     # -------------------------------------------------------------- the compute roofs
     # Measured: the best any matmul reached. Theoretical: cores x clock x FLOP/cycle
@@ -119,35 +114,16 @@ def run(ctx: Context) -> Output:
     peak_fig = (cpu.peak_fp64_gflops if dtype == np.float64 else cpu.peak_fp32_gflops) if cpu else None
     peak = peak_fig.value if peak_fig else None
     ridge = compute_roof / bandwidth  # FLOP/byte where the two roofs meet
+    place(rows, compute_roof, bandwidth)
     for r in rows:
-        attainable = min(compute_roof, r["intensity"] * bandwidth)
-        r["attainable_gflops"] = round(attainable, 2)
-        r["fraction_of_roof"] = round(r["gflops"] / attainable, 3)
         r["fraction_of_peak"] = round(r["gflops"] / peak, 3) if peak else None
-        r["region"] = "memory-bound" if r["intensity"] < ridge else "compute-bound"
 
     # -------------------------------------------------------------- the same on a CUDA GPU (torch)
     gpu = gpu_sweep(ctx, sizes, cfg) if ctx.device.startswith("cuda") else None
 
     # -------------------------------------------------------------- plots
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cpu_name = cpu.model if cpu else "CPU"
     ctx.log("plotting the roofline")
-    roofline_plot(plt, ctx.out_dir / "roofline.png", rows, bandwidth, compute_roof, peak,
-                  f"Roofline: {cpu_name}, numpy {dtype.name}", "GFLOP/s")
-    plots = [f"roofline.png: roofline of {cpu_name} ({dtype.name}); points are matmul sizes"]
-    if gpu:
-        roofline_plot(plt, ctx.out_dir / "roofline_gpu.png", gpu["per_size"], gpu["bandwidth_gbs"],
-                      gpu["compute_roof_gflops"], gpu.get("probe_gflops"),
-                      f"Roofline: {gpu['name']}, torch float32", "GFLOP/s", peak_label="probe's torch.mm",
-                      points_label="torch.mm, measured")
-        plots.append(f"roofline_gpu.png: roofline of {gpu['name']} (torch float32)")
-    gflops_plot(plt, ctx.out_dir / "gflops_vs_n.png", rows, compute_roof, peak, gpu)
-    plots.append("gflops_vs_n.png: achieved GFLOP/s against matrix size n")
+    plots = draw(ctx.out_dir, rows, bandwidth, compute_roof, peak, cpu.model if cpu else "CPU", dtype.name, gpu)
 
     # -------------------------------------------------------------- numbers
     best = max(rows, key=lambda r: r["gflops"])
@@ -175,13 +151,34 @@ def run(ctx: Context) -> Output:
     return Output(metrics=metrics, summary=summary, report=report(metrics), plots=plots)
 
 
-def gpu_sweep(ctx: Context, sizes: list[int], cfg: dict[str, Any]) -> dict[str, Any]:
+def cpu_sweep(ctx: Context, sizes: list[int], dtype: np.dtype, min_seconds: float) -> list[dict[str, Any]]:
+    """numpy's matmul at every size: the best of its repeats."""
+    rng = np.random.default_rng(0)
+    rows: list[dict[str, Any]] = []
+    with ctx.progress(f"numpy matmul {sizes[0]}..{sizes[-1]}", len(sizes)) as bar:
+        for n in sizes:
+            a = rng.standard_normal((n, n), dtype=dtype)  # drawn in dtype: no float64 temporary
+            b = rng.standard_normal((n, n), dtype=dtype)
+            c = np.zeros((n, n), dtype=dtype)
+            c[...] = 1  # touch every page now, so the timing holds no page faults
+            # The big sizes take ~0.5-1.5 s each on a laptop: their first repeat is warm enough.
+            r = measured(n, dtype.itemsize, time_it(functools.partial(np.matmul, a, b, out=c), min_seconds,
+                                                    warmup=n < 2048))
+            rows.append(r)
+            ctx.log(f"n={n}: {2 * n**3 / r['seconds'] / 1e9:.1f} GFLOP/s, {r['seconds'] * 1e3:.3f} ms "
+                    f"(best of {r['repeats']}; median {r['median_seconds'] * 1e3:.3f} ms)")
+            del a, b, c
+            bar.advance()
+    return rows
+
+
+def gpu_sweep(ctx: Context, sizes: list[int], cfg: Config) -> dict[str, Any]:
     """The same sweep with torch.mm on the plan's CUDA device; device-to-device copy as the bandwidth roof."""
     import torch
 
     dev = torch.device(ctx.device)
     sync = functools.partial(torch.cuda.synchronize, dev)  # kernels are async: time them to completion
-    nbytes = int(cfg.get("gpu_bandwidth_bytes") or 512 << 20)
+    nbytes = cfg.gpu_bandwidth_bytes
     src = torch.empty(nbytes, dtype=torch.uint8, device=dev)
     dst = torch.empty_like(src)
     sec, _, _ = time_it(functools.partial(dst.copy_, src), 0.1, sync)
@@ -192,18 +189,11 @@ def gpu_sweep(ctx: Context, sizes: list[int], cfg: dict[str, Any]) -> dict[str, 
         for n in sizes:
             a = torch.randn(n, n, device=dev)
             b = torch.randn(n, n, device=dev)
-            sec, median, reps = time_it(functools.partial(torch.mm, a, b), cfg["min_seconds"], sync)
-            rows.append({"n": n, "seconds": sec, "median_seconds": median, "repeats": reps,
-                         "gflops": round(2 * n**3 / sec / 1e9, 2),
-                         "intensity": round(intensity(n, 4), 2)})
+            rows.append(measured(n, 4, time_it(functools.partial(torch.mm, a, b), cfg.min_seconds, sync)))
             del a, b
             bar.advance()
     roof = max(r["gflops"] for r in rows)
-    for r in rows:
-        attainable = min(roof, r["intensity"] * bandwidth)
-        r["attainable_gflops"] = round(attainable, 2)
-        r["fraction_of_roof"] = round(r["gflops"] / attainable, 3)
-        r["region"] = "memory-bound" if r["intensity"] < roof / bandwidth else "compute-bound"
+    place(rows, roof, bandwidth)
     index = dev.index or 0
     probed = next((g for g in ctx.profile.gpus if g.backend == "cuda" and (g.index or 0) == index), None)
     fp32 = probed.matmul_tflops.get("fp32") if probed else None
@@ -211,6 +201,42 @@ def gpu_sweep(ctx: Context, sizes: list[int], cfg: dict[str, Any]) -> dict[str, 
     return {"name": torch.cuda.get_device_name(dev), "per_size": rows, "bandwidth_gbs": round(bandwidth, 1),
             "compute_roof_gflops": roof, "ridge_flop_per_byte": round(roof / bandwidth, 2),
             "probe_gflops": fp32.value * 1e3 if fp32 else None}
+
+
+def measured(n: int, itemsize: int, timing: tuple[float, float, int]) -> dict[str, Any]:
+    """One size's row: its best and median time, its rate, its arithmetic intensity."""
+    sec, median, reps = timing
+    return {"n": n, "seconds": sec, "median_seconds": median, "repeats": reps,
+            "gflops": round(2 * n**3 / sec / 1e9, 2), "intensity": round(intensity(n, itemsize), 2)}
+
+
+def place(rows: list[dict[str, Any]], roof: float, bandwidth: float) -> None:
+    """Each size under the roofline: what its intensity lets it attain, how much of that it reached, which roof."""
+    for r in rows:
+        attainable = min(roof, r["intensity"] * bandwidth)
+        r["attainable_gflops"] = round(attainable, 2)
+        r["fraction_of_roof"] = round(r["gflops"] / attainable, 3)
+        r["region"] = "memory-bound" if r["intensity"] < roof / bandwidth else "compute-bound"
+
+
+# ------------------------------------------------------------------ plots
+
+def draw(out: Any, rows: list[dict[str, Any]], bandwidth: float, roof: float, peak: float | None, cpu_name: str,
+         dtype: str, gpu: dict[str, Any] | None) -> list[str]:
+    """roofline.png (and roofline_gpu.png), gflops_vs_n.png; their README captions."""
+    plt = pyplot()
+    roofline_plot(plt, out / "roofline.png", rows, bandwidth, roof, peak, f"Roofline: {cpu_name}, numpy {dtype}",
+                  "GFLOP/s")
+    plots = [f"roofline.png: roofline of {cpu_name} ({dtype}); points are matmul sizes"]
+    if gpu:
+        roofline_plot(plt, out / "roofline_gpu.png", gpu["per_size"], gpu["bandwidth_gbs"],
+                      gpu["compute_roof_gflops"], gpu.get("probe_gflops"),
+                      f"Roofline: {gpu['name']}, torch float32", "GFLOP/s", peak_label="probe's torch.mm",
+                      points_label="torch.mm, measured")
+        plots.append(f"roofline_gpu.png: roofline of {gpu['name']} (torch float32)")
+    gflops_plot(plt, out / "gflops_vs_n.png", rows, roof, peak, gpu)
+    plots.append("gflops_vs_n.png: achieved GFLOP/s against matrix size n")
+    return plots
 
 
 # The triad a = b + s*c does 2 FLOPs per element and moves 5 x 8 bytes (as counted
@@ -279,6 +305,8 @@ def gflops_plot(plt: Any, path: Any, rows: list[dict[str, Any]], roof: float, pe
     ax.legend(fontsize=8)
     save(fig, path)
 
+
+# ------------------------------------------------------------------ the report
 
 def report(m: dict[str, Any]) -> str:
     """The milestone's own README sections."""

@@ -18,14 +18,27 @@ and the gradients against torch's autograd.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
+from annotated_types import Gt
 
 from tiers.report import md_table, pyplot, save
 
 if TYPE_CHECKING:
     from tiers.runner import Context, Output
+
+
+@dataclass
+class Config:
+    vocab_size: Annotated[int, Gt(0)] = 16   # tokens the toy sequences are drawn from
+    block_size: Annotated[int, Gt(0)] = 8    # sequence length T: the head learns to reverse T tokens
+    n_embd: Annotated[int, Gt(0)] = 32       # d: the width of embeddings, queries, keys and values
+    batch_size: Annotated[int, Gt(0)] = 32
+    steps: Annotated[int, Gt(0)] = 1500
+    lr: Annotated[float, Gt(0)] = 1e-2       # Adam's
+    seed: int = 0
+
 
 TOY_SENTENCE = "the cat sat on the mat because the cat was tired"
 
@@ -196,19 +209,14 @@ def toy_sentence_attention(rng: np.random.Generator, d: int = 16) -> tuple[list[
 def run(ctx: Context) -> Output:
     from tiers.runner import Output
 
-    cfg = {"vocab_size": 16, "block_size": 8, "n_embd": 32, "batch_size": 32, "steps": 1500, "lr": 1e-2,
-           "seed": 0, **ctx.config}
-    V, T, d, B, steps = (int(cfg[k]) for k in ("vocab_size", "block_size", "n_embd", "batch_size", "steps"))
-    rng = np.random.default_rng(int(cfg["seed"]))
+    cfg: Config = ctx.config
+    V, T, d, B, steps = cfg.vocab_size, cfg.block_size, cfg.n_embd, cfg.batch_size, cfg.steps
+    rng = np.random.default_rng(cfg.seed)
     plt = pyplot()
 
     # 1. the toy sentence, with and without the causal mask
     words, full, causal = toy_sentence_attention(rng)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5.5))
-    for ax, mat, title in ((axes[0], full, "no mask: every word sees every word"),
-                           (axes[1], causal, "causal mask: a word sees only itself and the past")):
-        heatmap(ax, mat, words, words, title)
-    save(fig, ctx.out_dir / "toy_sentence_attention.png")
+    plots = [toy_plot(plt, ctx.out_dir / "toy_sentence_attention.png", words, full, causal)]
 
     # 2. the backward pass, checked against finite differences (float64, tiny sizes)
     grad_err = max(gradient_check(np.random.default_rng(1)), gradient_check(np.random.default_rng(2), causal=True))
@@ -216,7 +224,7 @@ def run(ctx: Context) -> Output:
 
     # 3. learn to reverse
     head = Head.init(V, T, d, rng)
-    opt = Adam(head.params(), float(cfg["lr"]))
+    opt = Adam(head.params(), cfg.lr)
     losses, accs, every = [], [], max(1, steps // 100)
     with ctx.progress(f"training one head to reverse {T}-token sequences", steps) as bar:
         for step in range(steps):
@@ -228,32 +236,10 @@ def run(ctx: Context) -> Output:
                 losses.append((step, loss))
                 accs.append((step, float((logits.argmax(-1) == y).mean())))
             bar.advance()
-    x, y = reverse_batch(np.random.default_rng(123), 1024, T, V)     # held-out sequences, B at a time
-    right, anti_sum = np.zeros((len(x), T), dtype=bool), 0.0
-    for s in range(0, len(x), B):
-        logits, cache = head.forward(x[s:s + B])
-        right[s:s + B] = logits.argmax(-1) == y[s:s + B]
-        anti_sum += float(cache["a"][:, np.arange(T), T - 1 - np.arange(T)].sum())  # weight on the mirrored position
-    test_acc, seq_acc, anti = float(right.mean()), float(right.all(-1).mean()), anti_sum / (len(x) * T)
+    test_acc, seq_acc, anti, sample = held_out(head, T, V, B)
     ctx.log(f"after {steps} steps: loss {losses[-1][1]:.3f}, held-out token accuracy {test_acc:.1%}, "
             f"mean attention on the mirrored position {anti:.2f}")
-
-    sample = x[0]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
-    heatmap(axes[0], head.forward(x[:1])[1]["a"][0], [str(t) for t in sample], [str(t) for t in sample],
-            "learned attention on one sequence (rows: output position)", annotate=T <= 12)
-    axes[1].plot(*zip(*losses), label="loss (cross-entropy)")
-    ax2 = axes[1].twinx()
-    ax2.plot(*zip(*accs), color="tab:orange", label="token accuracy (batch)")
-    ax2.set_ylim(0, 1.02)
-    axes[1].set_yscale("log")                  # the loss falls by orders of magnitude once the pattern is found
-    axes[1].set_xlabel("step")
-    axes[1].set_ylabel("loss (log scale)")
-    ax2.set_ylabel("accuracy")
-    axes[1].set_title(f"training: reverse {T} tokens, vocab {V}, d={d}", fontsize=10)
-    axes[1].legend(loc="center right", fontsize=8)
-    ax2.legend(loc="right", bbox_to_anchor=(1, 0.4), fontsize=8)
-    save(fig, ctx.out_dir / "learned_attention.png")
+    plots.append(learned_plot(plt, ctx.out_dir / "learned_attention.png", head, sample, losses, accs))
 
     n_params = sum(p.size for p in head.params().values())
     metrics: dict[str, Any] = {
@@ -268,27 +254,52 @@ def run(ctx: Context) -> Output:
                f"{T}-token sequences: {test_acc:.1%} of held-out tokens right, and on average "
                f"{anti:.0%} of each position's attention sits on the mirrored position, the anti-diagonal "
                f"in the heatmap.")
-    report = "\n".join([
-        "## The head", "",
-        "`scores = Q Kᵀ / √d`, masked (causal: `-inf` above the diagonal), `softmax` by row, `out = weights V`. "
-        "Each row of a heatmap is one query's weights over the keys; it sums to 1.", "",
-        f"Toy sentence: *{TOY_SENTENCE}*. With Wq = Wk = 3·I the words match themselves and their repeats; the "
-        f"causal mask leaves {metrics['toy_causal_upper_triangle_weight']:g} weight above the diagonal.", "",
-        "## Learning to reverse", "",
-        md_table(["", "value"], [
-            ["sequence length, vocabulary, width", f"{T}, {V}, {d}"],
-            ["steps x batch", f"{steps} x {B} (Adam, lr {cfg['lr']})"],
-            ["final training loss", f"{losses[-1][1]:.4f}"],
-            ["held-out token accuracy", f"{test_acc:.1%}"],
-            ["held-out whole-sequence accuracy", f"{seq_acc:.1%}"],
-            ["attention on the mirrored position", f"{anti:.1%}"],
-            ["gradient check (max relative error vs finite differences)", f"{grad_err:.1e}"],
-        ]), "",
-        "Reversal needs position i to fetch position T-1-i: the queries and keys learn it from the position "
-        "embeddings, and the values carry the token. No mask here: the output at i needs tokens that come later."])
-    return Output(metrics=metrics, summary=summary, report=report,
-                  plots=["toy_sentence_attention.png: one head over a toy sentence, without and with the causal mask",
-                         "learned_attention.png: the learned attention on a held-out sequence, and the training curve"])
+    return Output(metrics=metrics, summary=summary, report=report(metrics, cfg.lr), plots=plots)
+
+
+def held_out(head: Head, T: int, V: int, B: int) -> tuple[float, float, float, np.ndarray]:
+    """On 1,024 new sequences, B at a time: token accuracy, whole-sequence accuracy, and the mean attention
+    weight on the mirrored position (T-1-i for output i); and one sequence to draw."""
+    x, y = reverse_batch(np.random.default_rng(123), 1024, T, V)
+    right, anti_sum = np.zeros((len(x), T), dtype=bool), 0.0
+    for s in range(0, len(x), B):
+        logits, cache = head.forward(x[s:s + B])
+        right[s:s + B] = logits.argmax(-1) == y[s:s + B]
+        anti_sum += float(cache["a"][:, np.arange(T), T - 1 - np.arange(T)].sum())
+    return float(right.mean()), float(right.all(-1).mean()), anti_sum / (len(x) * T), x[0]
+
+
+# ---------------------------------------------------------------- plots
+
+def toy_plot(plt: Any, path: Any, words: list[str], full: np.ndarray, causal: np.ndarray) -> str:
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.5))
+    for ax, mat, title in ((axes[0], full, "no mask: every word sees every word"),
+                           (axes[1], causal, "causal mask: a word sees only itself and the past")):
+        heatmap(ax, mat, words, words, title)
+    save(fig, path)
+    return f"{path.name}: one head over a toy sentence, without and with the causal mask"
+
+
+def learned_plot(plt: Any, path: Any, head: Head, sample: np.ndarray, losses: list[tuple[int, float]],
+                 accs: list[tuple[int, float]]) -> str:
+    T, (V, d) = len(sample), head.E.shape
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    labels = [str(t) for t in sample]
+    heatmap(axes[0], head.forward(sample[None])[1]["a"][0], labels, labels,
+            "learned attention on one sequence (rows: output position)", annotate=T <= 12)
+    axes[1].plot(*zip(*losses), label="loss (cross-entropy)")
+    ax2 = axes[1].twinx()
+    ax2.plot(*zip(*accs), color="tab:orange", label="token accuracy (batch)")
+    ax2.set_ylim(0, 1.02)
+    axes[1].set_yscale("log")                  # the loss falls by orders of magnitude once the pattern is found
+    axes[1].set_xlabel("step")
+    axes[1].set_ylabel("loss (log scale)")
+    ax2.set_ylabel("accuracy")
+    axes[1].set_title(f"training: reverse {T} tokens, vocab {V}, d={d}", fontsize=10)
+    axes[1].legend(loc="center right", fontsize=8)
+    ax2.legend(loc="right", bbox_to_anchor=(1, 0.4), fontsize=8)
+    save(fig, path)
+    return f"{path.name}: the learned attention on a held-out sequence, and the training curve"
 
 
 def heatmap(ax: Any, mat: np.ndarray, rows: list[str], cols: list[str], title: str, annotate: bool = True) -> None:
@@ -305,3 +316,27 @@ def heatmap(ax: Any, mat: np.ndarray, rows: list[str], cols: list[str], title: s
                     ax.text(j, i, f"{mat[i, j]:.1f}", ha="center", va="center", fontsize=6,
                             color="black" if mat[i, j] > 0.6 * mat.max() else "white")
     ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+
+
+# ---------------------------------------------------------------- the report
+
+def report(m: dict[str, Any], lr: float) -> str:
+    T, V, d, steps, B = m["block_size"], m["vocab_size"], m["n_embd"], m["steps"], m["batch_size"]
+    return "\n".join([
+        "## The head", "",
+        ("`scores = Q Kᵀ / √d`, masked (causal: `-inf` above the diagonal), `softmax` by row, `out = weights V`. "
+        "Each row of a heatmap is one query's weights over the keys; it sums to 1."), "",
+        (f"Toy sentence: *{TOY_SENTENCE}*. With Wq = Wk = 3·I the words match themselves and their repeats; the "
+        f"causal mask leaves {m['toy_causal_upper_triangle_weight']:g} weight above the diagonal."), "",
+        "## Learning to reverse", "",
+        md_table(["", "value"], [
+            ["sequence length, vocabulary, width", f"{T}, {V}, {d}"],
+            ["steps x batch", f"{steps} x {B} (Adam, lr {lr})"],
+            ["final training loss", f"{m['final_loss']:.4f}"],
+            ["held-out token accuracy", f"{m['test_token_accuracy']:.1%}"],
+            ["held-out whole-sequence accuracy", f"{m['test_sequence_accuracy']:.1%}"],
+            ["attention on the mirrored position", f"{m['mirrored_attention']:.1%}"],
+            ["gradient check (max relative error vs finite differences)", f"{m['gradient_check_max_rel_error']:.1e}"],
+        ]), "",
+        ("Reversal needs position i to fetch position T-1-i: the queries and keys learn it from the position "
+        "embeddings, and the values carry the token. No mask here: the output at i needs tokens that come later.")])

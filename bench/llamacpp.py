@@ -60,6 +60,26 @@ def raw_rep(llm: Any, prompt: np.ndarray, new_tokens: int) -> tuple[float, float
     return t1 - t0, t2 - t1
 
 
+def alternate(eng: Any, raw: Any, prompt: np.ndarray, new_tokens: int,
+              reps: int) -> tuple[list[float], list[float], list[float], list[float]]:
+    """`reps` repetitions of each, in alternating order: tokens/s (tierkit prompt, tierkit generation,
+    raw prompt, raw generation), one figure per repetition."""
+    from tiers.tier2 import b16_llamacpp as b16
+
+    t_pp, t_tg, r_pp, r_tg = [], [], [], []
+    for i in range(reps):
+        for who in (("tierkit", "raw") if i % 2 == 0 else ("raw", "tierkit")):
+            if who == "tierkit":
+                s = b16.time_speed(eng, prompt.tolist(), new_tokens, 1)
+                t_pp.append(s["prompt_tokens_per_s"])
+                t_tg.append(s["gen_tokens_per_s"])
+            else:
+                a, b = raw_rep(raw, prompt, new_tokens)
+                r_pp.append(len(prompt) / a)
+                r_tg.append(new_tokens / b)
+    return t_pp, t_tg, r_pp, r_tg
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     data = Path(os.environ.get("TIERKIT_DATA") or REPO.parent / "shared" / "data")
@@ -94,18 +114,7 @@ def main() -> None:
     raw_rep(raw, prompt, args.new_tokens)
     same = eng.greedy(prompt.tolist()[:32], 16) == _raw_greedy(raw, prompt[:32], 16)
 
-    t_pp, t_tg, r_pp, r_tg = [], [], [], []
-    for i in range(args.reps):
-        order = ("tierkit", "raw") if i % 2 == 0 else ("raw", "tierkit")
-        for who in order:
-            if who == "tierkit":
-                s = b16.time_speed(eng, prompt.tolist(), args.new_tokens, 1)
-                t_pp.append(s["prompt_tokens_per_s"])
-                t_tg.append(s["gen_tokens_per_s"])
-            else:
-                a, b = raw_rep(raw, prompt, args.new_tokens)
-                r_pp.append(args.prompt_tokens / a)
-                r_tg.append(args.new_tokens / b)
+    t_pp, t_tg, r_pp, r_tg = alternate(eng, raw, prompt, args.new_tokens, args.reps)
     med = statistics.median
     # tokens/s, so overhead = raw / tierkit - 1 (how much slower tierkit is). Judged on the median of the
     # paired ratios: each tierkit repetition against the raw one run right beside it, so a slow minute

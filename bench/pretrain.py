@@ -55,29 +55,33 @@ def peak_flops(device: Any, precision: str) -> tuple[float, str]:
     return rate, f"torch {precision} {n}x{n} matmul: {rate / 1e12:.1f} TFLOP/s (measured now)"
 
 
+def b12_model(rung: dict[str, Any]) -> Any:
+    """The GPTConfig `tierkit run B12` builds at this rung (its arch, bias and dropout), on the 65 characters
+    of Tiny Shakespeare."""
+    from tiers.config import build
+    from tiers.tier2 import b12_pretrain as b12
+
+    return b12.model_config(build(b12.Config, rung), "char", 65)
+
+
 def matmul_params(rung: dict[str, Any]) -> int:
     """Weights that take part in a matmul per token: every Linear of B12's model, the output head included
     (the embedding lookup is not a matmul). Counted on the model itself, so either flavour is right."""
     from torch import nn
 
-    from models.gpt import GPT, GPTConfig
-    from tiers.tier2.b12_pretrain import DEFAULTS
+    from models.gpt import GPT
 
-    cfg = GPTConfig(vocab_size=65, block_size=rung["block_size"], n_layer=rung["n_layer"], n_head=rung["n_head"],
-                    n_embd=rung["n_embd"], arch=DEFAULTS["arch"], bias=DEFAULTS["bias"])
-    return sum(m.weight.numel() for m in GPT(cfg).modules() if isinstance(m, nn.Linear))
+    return sum(m.weight.numel() for m in GPT(b12_model(rung)).modules() if isinstance(m, nn.Linear))
 
 
 def measure(rung: dict[str, Any], compiled: bool, device: Any, precision: str, ids: Any, steps: int, warmup: int,
             repeats: int) -> dict[str, Any]:
     import torch
 
-    from models.gpt import GPT, GPTConfig
+    from models.gpt import GPT
     from tiers.tier2 import common as c
-    from tiers.tier2.b12_pretrain import DEFAULTS
 
-    cfg = GPTConfig(vocab_size=65, block_size=rung["block_size"], n_layer=rung["n_layer"], n_head=rung["n_head"],
-                    n_embd=rung["n_embd"], dropout=0.0, arch=DEFAULTS["arch"], bias=DEFAULTS["bias"])  # B12's model
+    cfg = b12_model(rung)
     model = GPT(cfg, seed=0).to(device).train()
     opt = c.make_optimizer(model, c.TrainConfig(), device)
     fwd = torch.compile(model) if compiled else model
@@ -124,6 +128,7 @@ def main() -> None:
 
     import torch
 
+    from models.tokenizers import CharTokenizer
     from tiers import catalog
     from tiers.tier2 import common as c
 
@@ -137,7 +142,7 @@ def main() -> None:
         text = c.shakespeare()
     except DataError as exc:
         sys.exit(f"bench/pretrain.py: {exc} (or point TIERKIT_DATA at a folder holding tinyshakespeare.txt)")
-    tok = c.CharTokenizer(text)
+    tok = CharTokenizer(text)
     ids = torch.tensor(tok.encode(text), dtype=torch.long)
     peak, peak_basis = peak_flops(device, precision)
     print(f"device {device} ({precision}); peak: {peak_basis}")

@@ -41,12 +41,13 @@ there is one: llama.cpp's own tools then stop at the end of a line (--ignore-eos
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from inventory.files import atomic_path
 
 NO_MERGE = "<no-merges>"   # read by llama.cpp as the pair ("", ""), which never occurs
 
@@ -143,7 +144,7 @@ def llama_tensors(model: Any) -> dict[str, np.ndarray]:
 def export_gguf(model: Any, tokenizer: Any, path: str | Path, name: str = "tierkit-gpt",
                 eos: str | None = "\n") -> Path:
     """Write `model` (models.gpt.GPT, arch "llama") with its char vocabulary to `path` as an F32
-    llama-architecture GGUF, atomically (a temporary file in the same folder, then rename)."""
+    llama-architecture GGUF, atomically (inventory.files.atomic_path: a temporary file beside it, then rename)."""
     import gguf
 
     cfg = model.config
@@ -155,9 +156,7 @@ def export_gguf(model: Any, tokenizer: Any, path: str | Path, name: str = "tierk
     tokens, merges = byte_level(vocab)
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         w = gguf.GGUFWriter(str(tmp), "llama")
         w.add_name(name)
         w.add_file_type(gguf.LlamaFileType.ALL_F32)
@@ -186,11 +185,6 @@ def export_gguf(model: Any, tokenizer: Any, path: str | Path, name: str = "tierk
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -27,7 +27,6 @@ probe/fit path.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from inventory.files import atomic_path
 
 ARCHES = ("gpt2", "llama")
 
@@ -334,6 +335,10 @@ class GPT(nn.Module):
             cache.pos = start + x.shape[1]
         return self.head(x[:, -1:, :]) if self.has_head else x
 
+    def logits(self, idx: torch.Tensor) -> torch.Tensor:
+        """(B, T, vocab): the prediction at every position, what a training loss reads (B12-B14)."""
+        return self.head(self.blocks(self.embed(idx)))
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not (self.has_embed and self.has_head):
@@ -390,21 +395,12 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
 # ---------------------------------------------------------------- checkpoints
 
 def save_checkpoint(path: str | Path, model: GPT, meta: dict[str, Any] | None = None, **extra: Any) -> Path:
-    """Write {config, model state dict, meta, extra...} atomically: a temporary file in the same
-    folder, fsync, rename. A crash leaves the previous checkpoint, never half of a new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """Write {config, model state dict, meta, extra...} atomically (inventory.files.atomic_path: a
+    temporary file beside it, fsync, rename). A crash leaves the previous checkpoint, never half of a new one."""
     state = {"config": model.config.to_dict(), "model": model.state_dict(), "meta": meta or {}, **extra}
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    return Path(path)
 
 
 def load_checkpoint(path: str | Path, layers: range | tuple[int, int] | None = None,

@@ -43,18 +43,20 @@ def trained(tmp_path_factory):
     """(model, tokenizer, F32 GGUF path, held-out ids): trained ~150 steps, exported once for the module."""
     if not SHAKESPEARE.exists():
         pytest.skip(f"{SHAKESPEARE} missing (the shared test data)")
+    from models.tokenizers import CharTokenizer
+    from tiers.tier2 import b12_pretrain as b12
     from tiers.tier2 import common
 
     torch.set_num_threads(1)
     text = SHAKESPEARE.read_text(encoding="utf-8")
-    tok = common.CharTokenizer(text)
+    tok = CharTokenizer(text)
     train_ids, val_ids = common.split_ids(tok.encode(text))
     cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
                     arch="llama", dropout=0.0, tie_weights=True)
     model = GPT(cfg, seed=0)
     tc = common.TrainConfig(steps=150, lr=3e-3, min_lr=3e-4, warmup=10, eval_interval=0, seed=0)
-    common.train_lm(model, tc, lambda s, g: common.random_batch(train_ids, 64, 16, g), device=torch.device("cpu"),
-                    log=lambda *a: None)
+    b12.train(model, tc, lambda g: common.random_batch(train_ids, 64, 16, g), device=torch.device("cpu"),
+              log=lambda *a: None)
     model.eval()
     path = export_gguf(model, tok, tmp_path_factory.mktemp("gguf") / "tiny-f32.gguf")
     return model, tok, path, val_ids[:2049]

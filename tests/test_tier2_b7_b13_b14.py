@@ -2,7 +2,7 @@
 
 Each milestone runs through `tierkit run B<n> --size char-0.1M` on a reference kit (no
 probe, no profile touched). With no B12 checkpoint in the fresh home, the base is the
-stand-in char model common.base_model trains in seconds. The functions are then tested
+stand-in char model b12_pretrain.base_model trains in seconds. The functions are then tested
 directly: the quantiser's error bound and int4 packing, the SFT mask (exactly the prompt
 and the template's headers), LoRA (only its parameters train), the DPO loss on a hand-made
 example and the sign of its gradient. Bad input gets one line and no build folder.
@@ -119,7 +119,7 @@ def test_b7_cli_perplexity_rises_with_fewer_bits(home):
 # ---------------------------------------------------------------- B13
 
 def char_base():
-    from tiers.tier2.common import CharTokenizer
+    from models.tokenizers import CharTokenizer
 
     return CharTokenizer("\n !',-.?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 
@@ -178,6 +178,7 @@ def test_long_pairs_are_cut_to_the_context():
 
 def test_lora_trains_only_lora_parameters():
     from models.gpt import GPT, GPTConfig
+    from tiers.tier2 import b12_pretrain as b12
     from tiers.tier2 import common
 
     torch.manual_seed(0)
@@ -190,7 +191,7 @@ def test_lora_trains_only_lora_parameters():
     x = torch.randint(0, 23, (4, 16))
     batch = (x, torch.roll(x, -1, 1))
     tc = common.TrainConfig(steps=20, lr=1e-2, warmup=0, weight_decay=0.0, eval_interval=0, seed=0)
-    common.train_lm(model, tc, lambda s, g: batch, device=torch.device("cpu"), log=lambda *a: None)
+    b12.train(model, tc, lambda g: batch, device=torch.device("cpu"), log=lambda *a: None)
     state = model.state_dict()
     for k, v in grown.items():
         key = k if k in state else k.replace(".weight", ".base.weight").replace(".bias", ".base.bias")

@@ -1,4 +1,4 @@
-"""B9 CNN, B11 transformer, B12 pretraining, and the tier-2 foundation they share (tiers/tier2/common.py).
+"""B9 CNN, B11 transformer, B12 pretraining and its loop, and the tier-2 foundation (tiers/tier2/common.py).
 
 The milestones run through `tierkit run` at their smallest sizes (on a reference
 kit: no probe, no profile touched), on the real Tiny Shakespeare and MNIST files
@@ -10,6 +10,7 @@ without the cache; B9's CNN beats chance by far and sits in one table with B8's 
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -22,8 +23,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from models.tokenizers import CharTokenizer, make_tokenizer, tokenizer_from_meta
 from tests.conftest import REPO, SHARED, assert_one_line_error, run_cli
 from tests.test_runner import assert_png
+from tiers.tier2 import b12_pretrain as b12
 from tiers.tier2 import common as c
 
 DATA = SHARED / "data"
@@ -53,6 +56,16 @@ def build(home: Path, mid: str) -> tuple[Path, dict]:
     return folder, json.loads((folder / "metrics.json").read_text())
 
 
+def run_ok(home: Path, mid: str, *args: str, pngs: tuple[str, ...] = ()) -> tuple[Path, dict]:
+    """`tierkit run` that must succeed: its build folder and metrics.json, each of `pngs` a real PNG."""
+    proc = cli(home, mid, *args)
+    assert proc.returncode == 0, proc.stderr
+    folder, m = build(home, mid)
+    for png in pngs:
+        assert_png(folder / png)
+    return folder, m
+
+
 # ---------------------------------------------------------------- common.py
 
 def test_device_and_precision_on_this_machine():
@@ -70,8 +83,8 @@ def test_lr_schedule_warmup_then_cosine():
     tc = c.TrainConfig(steps=1000, lr=1e-3, min_lr=1e-4, warmup=100)
     lrs = [c.lr_at(s, tc) for s in range(1000)]
     assert lrs[0] == pytest.approx(1e-3 / 101) and lrs[99] == pytest.approx(1e-3 * 100 / 101)
-    assert all(a < b for a, b in zip(lrs[:100], lrs[1:101]))                  # rises through warmup
-    assert all(a >= b for a, b in zip(lrs[100:], lrs[101:]))                  # then only falls
+    assert all(a < b for a, b in itertools.pairwise(lrs[:101]))                  # rises through warmup
+    assert all(a >= b for a, b in itertools.pairwise(lrs[100:]))                  # then only falls
     assert lrs[100] == pytest.approx(1e-3) and lrs[550] == pytest.approx(5.5e-4)  # cosine midpoint
     assert c.lr_at(1000, tc) == 1e-4 and lrs[-1] == pytest.approx(1e-4, rel=1e-3)
 
@@ -89,22 +102,22 @@ def test_weight_decay_only_on_matrices():
 
 def test_tokenizers_round_trip_through_their_meta():
     text = "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 20
-    char = c.CharTokenizer(text)
+    char = CharTokenizer(text)
     assert char.decode(char.encode("hear me")) == "hear me"
     with pytest.raises(ValueError, match="'Z' is not in this"):
         char.encode("Zed")
     assert char.decode(char.encode("Zed", errors="drop")) == "ed"
-    bpe = c.make_tokenizer("bpe", text, 300)
+    bpe = make_tokenizer("bpe", text, 300)
     assert bpe.vocab_size > 256 and len(bpe.encode(text)) < len(text.encode())   # merges shorten the text
     for tok in (char, bpe):
-        again = c.tokenizer_from_meta(json.loads(json.dumps(tok.meta())))      # meta survives JSON (and torch.save)
+        again = tokenizer_from_meta(json.loads(json.dumps(tok.meta())))      # meta survives JSON (and torch.save)
         assert again.encode(text) == tok.encode(text) and again.decode(tok.encode(text)) == text
     if (DATA / "tokenizers" / "gpt2.tiktoken").exists():
-        g = c.make_tokenizer("gpt2", text)
+        g = make_tokenizer("gpt2", text)
         assert g.vocab_size == 50257 and g.encode("hello world") == [31373, 995]   # GPT-2's published ids
-        assert c.tokenizer_from_meta(g.meta()).decode(g.encode(text)) == text
+        assert tokenizer_from_meta(g.meta()).decode(g.encode(text)) == text
     with pytest.raises(ValueError, match="unknown tokenizer kind"):
-        c.tokenizer_from_meta({"kind": "sentencepiece"})
+        tokenizer_from_meta({"kind": "sentencepiece"})
 
 
 def test_perplexity_is_exp_of_the_mean_window_loss():
@@ -141,14 +154,15 @@ def _toy_run(steps: int, path: Path | None, resume: bool = False, stop_at: int |
             raise Crash
 
     try:
-        return c.train_lm(model, tc, lambda s, g: c.random_batch(ids, 16, 4, g), device=torch.device("cpu"),
-                          eval_fn=lambda m, s: c.estimate_loss(m, {"val": ids}, 16, 4, 2, 0, torch.device("cpu")),
-                          ckpt_path=path, resume=resume, on_step=on_step, log=lambda *a: None)
+        resume_from = c.read_resume(path, tc, model.config) if resume else None
+        return b12.train(model, tc, lambda g: c.random_batch(ids, 16, 4, g), device=torch.device("cpu"),
+                         evaluate=lambda m: c.estimate_loss(m, {"val": ids}, 16, 4, 2, 0, torch.device("cpu")),
+                         ckpt_path=path, resume_from=resume_from, on_step=on_step, log=lambda *a: None)
     except Crash:
         return {}
 
 
-def test_train_lm_resume_is_bit_exact_with_dropout(tmp_path):
+def test_train_resume_is_bit_exact_with_dropout(tmp_path):
     """In-process version of the SIGKILL test below: dropout on, so the global RNG state must be restored too."""
     full = _toy_run(40, tmp_path / "a.pt")
     assert full["loss"][-1] < full["loss"][0]
@@ -168,11 +182,7 @@ def test_train_lm_resume_is_bit_exact_with_dropout(tmp_path):
 
 @needs_text
 def test_b12_tiny_run_beats_the_unigram_baseline(home):
-    proc = cli(home, "B12", *B12_TINY)
-    assert proc.returncode == 0, proc.stderr
-    folder, m = build(home, "B12")
-    for png in ("loss.png", "lr.png", "grad_norm.png"):
-        assert_png(folder / png)
+    folder, m = run_ok(home, "B12", *B12_TINY, pngs=("loss.png", "lr.png", "grad_norm.png"))
     readme = (folder / "README.md").read_text()
     assert "## Samples" in readme and "unigram" in readme and "(loss.png)" in readme
     r = m["metrics"]
@@ -188,7 +198,7 @@ def test_b12_tiny_run_beats_the_unigram_baseline(home):
     from models.gpt import load_checkpoint
 
     model, ckpt = load_checkpoint(folder / "ckpt.pt")
-    tok = c.tokenizer_from_meta(ckpt["meta"]["tokenizer"])
+    tok = tokenizer_from_meta(ckpt["meta"]["tokenizer"])
     assert model.num_params() == 28_864 and ckpt["step"] == 200 and tok.vocab_size == 65
     assert not (home / "builds" / ".B12-pretraining.resume.pt").exists()   # moved into the build
 
@@ -250,9 +260,7 @@ def test_b12_resume_errors_are_one_line(home):
 
 @needs_text
 def test_b12_bpe_tokens(home):
-    proc = cli(home, "B12", *B12_TINY, "--set", "tokenizer=bpe", "--set", "vocab_size=320", "--set", "steps=60")
-    assert proc.returncode == 0, proc.stderr
-    _, m = build(home, "B12")
+    _, m = run_ok(home, "B12", *B12_TINY, "--set", "tokenizer=bpe", "--set", "vocab_size=320", "--set", "steps=60")
     r = m["metrics"]
     assert r["tokenizer"] == "bpe" and r["vocab_size"] == 320 and r["model_vocab"] == 320
     assert r["tokens"] < 0.8 * 1_115_394                       # merges: fewer tokens than characters
@@ -263,11 +271,7 @@ def test_b12_bpe_tokens(home):
 
 @needs_text
 def test_b11_parameters_kv_cache_and_stages(home):
-    proc = cli(home, "B11", "--size", "28K")
-    assert proc.returncode == 0, proc.stderr
-    folder, m = build(home, "B11")
-    for png in ("kv_cache.png", "loss.png"):
-        assert_png(folder / png)
+    folder, m = run_ok(home, "B11", "--size", "28K", pngs=("kv_cache.png", "loss.png"))
     assert "| transformer.h.0.attn.c_attn.weight | 96 x 32 | 3,072 |" in (folder / "README.md").read_text()
     assert "transformer.wte.weight" in (folder / "params.md").read_text()
     r = m["metrics"]
@@ -319,7 +323,7 @@ def test_cifar10_folder_in_its_published_format(tmp_path):
         with open(tmp_path / name, "wb") as f:
             pickle.dump({b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
                          b"labels": list(rng.integers(0, 10, n))}, f)
-    xtr, ytr, xte, yte = load_cifar10(tmp_path)
+    xtr, ytr, xte, _ = load_cifar10(tmp_path)
     assert xtr.shape == (6, 3, 32, 32) and xte.shape == (4, 3, 32, 32) and ytr.dtype == np.int64
     (tmp_path / "test_batch").unlink()
     with pytest.raises(FileNotFoundError, match="test_batch is missing; point TIERKIT_CIFAR10"):
@@ -328,11 +332,7 @@ def test_cifar10_folder_in_its_published_format(tmp_path):
 
 @needs_mnist
 def test_b9_cnn_learns_mnist_and_is_compared_with_b8(home):
-    proc = cli(home, "B9", "--size", "mnist-xs-8k")
-    assert proc.returncode == 0, proc.stderr
-    folder, m = build(home, "B9")
-    for png in ("accuracy.png", "filters.png"):
-        assert_png(folder / png)
+    folder, m = run_ok(home, "B9", "--size", "mnist-xs-8k", pngs=("accuracy.png", "filters.png"))
     assert "## CNN vs MLP" in (folder / "README.md").read_text()
     r = m["metrics"]
     assert r["n_train"] == 8000 and r["n_test"] == 2000 and "test split only" in r["data"]

@@ -20,7 +20,7 @@ dequantises into a copy of the model, and measures:
 
 Norms and biases stay fp32 (they are tiny and sensitive); every 2-D weight
 (Linear, token and position embeddings) is quantised. The model is the B12
-model through `common.base_model` (your checkpoint, or a small char model
+model through `b12_pretrain.base_model` (your checkpoint, or a small char model
 trained in seconds when there is none).
 """
 from __future__ import annotations
@@ -28,9 +28,12 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
+from annotated_types import Gt
+
+from tiers.report import md_table, pyplot, save
 
 if TYPE_CHECKING:
     import torch
@@ -40,7 +43,15 @@ if TYPE_CHECKING:
 QMAX = {8: 127, 4: 7}
 SCHEMES = [(8, False), (8, True), (4, False), (4, True)]  # (bits, per_channel)
 
-DEFAULTS: dict[str, Any] = {"eval_tokens": 200_000, "batch_size": 8, "sensitivity_tokens": None, "seed": 0}
+
+
+@dataclass
+class Config:
+    eval_tokens: Annotated[int, Gt(0)] = 200_000    # held-out tokens each scheme's perplexity is measured on
+    batch_size: Annotated[int, Gt(0)] = 8           # windows per forward pass while scoring
+    sensitivity_tokens: Annotated[int, Gt(0)] | None = None   # per-matrix runs are many: None is min(held-out, 50,000)
+    seed: int = 0
+    init: str | None = None      # a GPT checkpoint (a path or *.pt); None: B12's build, else a stand-in trained here
 
 
 # ---------------------------------------------------------------- the quantiser (numpy)
@@ -177,25 +188,24 @@ def run(ctx: Context) -> Output:
     import torch
 
     from tiers.runner import Output
-    from tiers.report import md_table, pyplot
+    from tiers.tier2 import b12_pretrain as b12
     from tiers.tier2 import common
 
-    cfg = {**DEFAULTS, **ctx.config}
-    torch.manual_seed(cfg["seed"])
-    model, tok, path = common.base_model(ctx)
+    cfg: Config = ctx.config
+    torch.manual_seed(cfg.seed)
+    model, tok, path = b12.base_model(ctx, cfg.init)
     model.eval()
     device = next(model.parameters()).device
     block = model.config.block_size
     ids = torch.tensor(tok.encode(common.shakespeare(), errors="drop"), dtype=torch.long)
     _, held = common.split_ids(ids)                 # the text B12 never trained on
-    held = held[:int(cfg["eval_tokens"]) + 1]
-    sens_n = int(cfg["sensitivity_tokens"] or min(len(held) - 1, 50_000))
+    held = held[:cfg.eval_tokens + 1]
+    sens_n = cfg.sensitivity_tokens or min(len(held) - 1, 50_000)
     sens = held[:sens_n + 1]
-    bs = int(cfg["batch_size"])
     ctx.log(f"held-out text: {len(held) - 1:,} tokens (sensitivity on {sens_n:,}); block {block}")
 
     def ppl(m: Any, t: torch.Tensor) -> float:
-        return common.perplexity(m, t, block, bs, device)
+        return common.perplexity(m, t, block, cfg.batch_size, device)
 
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
@@ -251,10 +261,60 @@ def run(ctx: Context) -> Output:
                f"**{i8:.3f}** at int8 and **{i4:.3f}** at int4 (per-channel, symmetric, round-to-nearest), on "
                f"{len(held) - 1:,} held-out tokens; the int4 model is {rows[0]['bytes'] / rows[-1]['bytes']:.1f}x "
                f"smaller. Most sensitive weight at int4: `{worst['weight']}`.")
-    return Output(metrics=metrics, summary=summary, report=report(metrics, md_table), plots=plots)
+    return Output(metrics=metrics, summary=summary, report=report(metrics), plots=plots)
 
 
-def report(m: dict[str, Any], md_table: Any) -> str:
+# ---------------------------------------------------------------- plots and the report
+
+def scheme_plot(plt: Any, path: Any, rows: list[dict[str, Any]]) -> str:
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    names = [r["scheme"].replace(" per-", "\nper-") for r in rows]
+    colors = ["#555555", "#4c72b0", "#4c72b0", "#dd8452", "#dd8452"]
+    a.bar(names, [r["perplexity"] for r in rows], color=colors)
+    lo = min(r["perplexity"] for r in rows)
+    a.set_ylim(lo * 0.97, max(r["perplexity"] for r in rows) * 1.01)
+    a.set_ylabel("held-out perplexity")
+    a.set_title("perplexity (lower is better)", fontsize=10)
+    b.bar(names, [r["bytes"] / 2**20 for r in rows], color=colors)
+    b.set_ylabel("MiB")
+    b.set_title("model size", fontsize=10)
+    for ax in (a, b):
+        ax.tick_params(axis="x", labelsize=8)
+        ax.grid(True, axis="y", alpha=0.3)
+    save(fig, path)
+    return f"{path.name}: perplexity and size at fp32, int8 and int4, per tensor and per channel"
+
+
+def sensitivity_plot(plt: Any, path: Any, sens: list[dict[str, Any]], base: float) -> str:
+    fig, ax = plt.subplots(figsize=(8, 0.28 * len(sens) + 1.5))
+    labels = [r["weight"].removeprefix("transformer.").removesuffix(".weight") for r in sens]
+    ax.barh(labels, [r["delta"] for r in sens], color="#dd8452")
+    ax.invert_yaxis()
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_xlabel(f"perplexity increase over fp32 ({base:.3f})")
+    ax.set_title("one weight matrix at int4 per-channel, the rest fp32", fontsize=10)
+    ax.tick_params(axis="y", labelsize=7)
+    ax.grid(True, axis="x", alpha=0.3)
+    save(fig, path)
+    return f"{path.name}: per-layer sensitivity, int4 per-channel, one matrix at a time"
+
+
+def grid_plot(plt: Any, path: Any, model: Any, name: str) -> str:
+    """The weights of the most sensitive matrix against the int4 grid its per-tensor scale allows."""
+    w = dict(model.named_parameters())[name].detach().float().cpu().numpy()
+    t = quantise(w, 4, False)
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    ax.hist(w.ravel(), bins=200, color="#4c72b0", alpha=0.8)
+    for k in range(-QMAX[4], QMAX[4] + 1):
+        ax.axvline(float(k * t.scale), color="#dd8452", lw=0.7, alpha=0.8)
+    ax.set_yscale("log")
+    ax.set_xlabel("weight value")
+    ax.set_title(f"{name}: weights and the 15 int4 levels (per-tensor scale {float(t.scale):.3g})", fontsize=9)
+    save(fig, path)
+    return f"{path.name}: why per-tensor int4 hurts: most weights share a few levels near zero"
+
+
+def report(m: dict[str, Any]) -> str:
     base = m["schemes"][0]
     out = ["## Perplexity and size per scheme", "",
            (f"Held-out text: the last 10% of Tiny Shakespeare ({m['eval_tokens']:,} tokens), every token "
@@ -277,57 +337,3 @@ def report(m: dict[str, Any], md_table: Any) -> str:
                     [[r["weight"], f"{r['params']:,}", f"{r['perplexity']:.4f}", f"{r['delta']:+.4f}"]
                      for r in sorted(m["sensitivity"], key=lambda r: -r["delta"])])]
     return "\n".join(out)
-
-
-def scheme_plot(plt: Any, path: Any, rows: list[dict[str, Any]]) -> str:
-    from tiers.report import save
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    names = [r["scheme"].replace(" per-", "\nper-") for r in rows]
-    colors = ["#555555", "#4c72b0", "#4c72b0", "#dd8452", "#dd8452"]
-    a.bar(names, [r["perplexity"] for r in rows], color=colors)
-    lo = min(r["perplexity"] for r in rows)
-    a.set_ylim(lo * 0.97, max(r["perplexity"] for r in rows) * 1.01)
-    a.set_ylabel("held-out perplexity")
-    a.set_title("perplexity (lower is better)", fontsize=10)
-    b.bar(names, [r["bytes"] / 2**20 for r in rows], color=colors)
-    b.set_ylabel("MiB")
-    b.set_title("model size", fontsize=10)
-    for ax in (a, b):
-        ax.tick_params(axis="x", labelsize=8)
-        ax.grid(True, axis="y", alpha=0.3)
-    save(fig, path)
-    return f"{path.name}: perplexity and size at fp32, int8 and int4, per tensor and per channel"
-
-
-def sensitivity_plot(plt: Any, path: Any, sens: list[dict[str, Any]], base: float) -> str:
-    from tiers.report import save
-
-    fig, ax = plt.subplots(figsize=(8, 0.28 * len(sens) + 1.5))
-    labels = [r["weight"].removeprefix("transformer.").removesuffix(".weight") for r in sens]
-    ax.barh(labels, [r["delta"] for r in sens], color="#dd8452")
-    ax.invert_yaxis()
-    ax.axvline(0, color="k", lw=0.8)
-    ax.set_xlabel(f"perplexity increase over fp32 ({base:.3f})")
-    ax.set_title("one weight matrix at int4 per-channel, the rest fp32", fontsize=10)
-    ax.tick_params(axis="y", labelsize=7)
-    ax.grid(True, axis="x", alpha=0.3)
-    save(fig, path)
-    return f"{path.name}: per-layer sensitivity, int4 per-channel, one matrix at a time"
-
-
-def grid_plot(plt: Any, path: Any, model: Any, name: str) -> str:
-    """The weights of the most sensitive matrix against the int4 grid its per-tensor scale allows."""
-    from tiers.report import save
-
-    w = dict(model.named_parameters())[name].detach().float().cpu().numpy()
-    t = quantise(w, 4, False)
-    fig, ax = plt.subplots(figsize=(8, 3.8))
-    ax.hist(w.ravel(), bins=200, color="#4c72b0", alpha=0.8)
-    for k in range(-QMAX[4], QMAX[4] + 1):
-        ax.axvline(float(k * t.scale), color="#dd8452", lw=0.7, alpha=0.8)
-    ax.set_yscale("log")
-    ax.set_xlabel("weight value")
-    ax.set_title(f"{name}: weights and the 15 int4 levels (per-tensor scale {float(t.scale):.3g})", fontsize=9)
-    save(fig, path)
-    return f"{path.name}: why per-tensor int4 hurts: most weights share a few levels near zero"

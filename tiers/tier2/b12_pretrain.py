@@ -1,15 +1,20 @@
-"""B12: pretraining a small GPT on Tiny Shakespeare, with the training loop written by hand.
+"""B12: pretraining a small GPT on Tiny Shakespeare, with the training loop written out in this file.
 
     text ─► tokens (characters, our own BPE, or GPT-2's) ─► 90% train / 10% held out
-    for step in 0..steps-1:
-        lr = warmup then cosine(step)             every eval_interval: loss on train and held-out
-        x, y = random windows of the train ids    every sample_interval: a sample (temperature, top-k, top-p)
-        loss = cross_entropy(model(x), y)         every ckpt_interval: an atomic checkpoint
-        loss.backward(); clip the gradient norm; AdamW step
+    for step in start..steps-1:                     (start > 0 when --resume continues a checkpoint)
+        every eval_interval: the loss on train and held-out windows; every sample_interval: a sample
+        lr = warmup, then cosine(step)
+        for each of grad_accum micro-batches:
+            x, y = random windows of the train ids (y: x shifted by one token)
+            loss = cross_entropy(model.logits(x), y) / grad_accum            the forward pass
+            loss.backward()                                                 gradients add up
+        clip the gradient norm to grad_clip; AdamW step
+        every ckpt_interval: an atomic checkpoint (weights, optimiser, generators, history)
 
-The loop itself is `tiers.tier2.common.train_lm` (B13 and B14 reuse it with
-their own batches and losses); this file is the pretraining around it: data,
-model, the checkpoint to resume from, the plots and the report.
+`train` below is that loop. B11 runs it for a short sanity run; B13 and B14 run it
+with their own batches and losses (the masked SFT loss, the DPO loss), so there is
+one loop to read. `base_model` is what B12 leaves for B7, B13, B14 and B16: its
+checkpoint, or, when there is none, a small stand-in trained here in seconds.
 
 Resuming: while it runs, the checkpoint lives at `<builds>/.B12-pretraining.resume.pt`
 (outside the build folder, which only appears when the run succeeds). It holds the
@@ -33,181 +38,351 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
+import numpy as np
 import torch
+from annotated_types import Ge, Gt, Le, Lt
+from torch.nn import functional as F
 
 from models import costs
-from models.gpt import GPT, GPTConfig
+from models.gpt import GPT, GPTConfig, load_checkpoint
+from models.tokenizers import CharTokenizer, Tokenizer, make_tokenizer, tokenizer_from_meta
+from tiers.report import md_table, pyplot, save
 from tiers.tier2 import common as c
 
 if TYPE_CHECKING:
     from tiers.runner import Context, Output
 
-DEFAULTS: dict[str, Any] = {
-    "arch": "llama", "dropout": 0.0, "bias": False,  # llama: RoPE, RMSNorm, SwiGLU; runs in llama.cpp (B16)
-    "lr": 1e-3, "min_lr": 1e-4, "warmup": 100, "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.99,
-    "grad_clip": 1.0, "grad_accum": 1, "eval_interval": 250, "eval_iters": 200, "sample_interval": 500,
-    "ckpt_interval": 250, "seed": 1337, "val_frac": 0.1,
-    "tokenizer": None,          # char | bpe | gpt2; None: from the rung's data ("... BPE" -> gpt2 or bpe)
-    "temperature": 0.8, "top_k": 200, "top_p": None, "sample_tokens": 300, "prompt": "\n",
-    "resume": False,
-}
+FOLDER = "B12-pretraining"
 RESUME_NAME = ".B12-pretraining.resume.pt"
 
 
-def tokenizer_kind(cfg: dict[str, Any]) -> str:
-    if cfg.get("tokenizer"):
-        return str(cfg["tokenizer"]).lower()
-    data = str(cfg.get("data") or "").lower()
+@dataclass
+class Config:
+    # the size: every rung of the ladder names these (tiers/milestones.yaml)
+    vocab_size: Annotated[int, Gt(0)]   # char: the text's own characters instead; bpe: merged up to this
+    block_size: Annotated[int, Gt(0)]   # the context, in tokens
+    n_layer: Annotated[int, Gt(0)]
+    n_head: Annotated[int, Gt(0)]
+    n_embd: Annotated[int, Gt(0)]
+    batch_size: Annotated[int, Gt(0)]
+    steps: Annotated[int, Gt(0)]
+    data: str = "tiny-shakespeare (characters)"   # names the tokens: "... GPT-2 BPE" -> gpt2, "... BPE" -> bpe
+    tokenizer: Literal["char", "bpe", "gpt2"] | None = None   # None: from `data`
+    # the model
+    arch: Literal["gpt2", "llama"] = "llama"      # llama: RoPE, RMSNorm, SwiGLU; runs in llama.cpp (B16)
+    dropout: Annotated[float, Ge(0), Lt(1)] = 0.0
+    bias: bool = False
+    # the optimiser and its schedule
+    lr: Annotated[float, Gt(0)] = 1e-3
+    min_lr: Annotated[float, Ge(0)] = 1e-4        # the cosine decays to this
+    warmup: Annotated[int, Ge(0)] = 100           # steps of linear warmup
+    weight_decay: Annotated[float, Ge(0)] = 0.1   # on matrices only (common.make_optimizer)
+    beta1: Annotated[float, Ge(0), Lt(1)] = 0.9
+    beta2: Annotated[float, Ge(0), Lt(1)] = 0.99  # nanoGPT's: few tokens per step, a shorter memory
+    grad_clip: Annotated[float, Ge(0)] = 1.0      # 0: no clipping (the norm is still recorded)
+    grad_accum: Annotated[int, Gt(0)] = 1         # micro-batches per optimiser step
+    seed: int = 1337
+    val_frac: Annotated[float, Gt(0), Lt(1)] = 0.1  # the last part of the text, held out
+    # what it measures and keeps while it runs
+    eval_interval: Annotated[int, Ge(0)] = 250    # 0: only at the end
+    eval_iters: Annotated[int, Gt(0)] = 200       # batches per loss estimate
+    sample_interval: Annotated[int, Ge(0)] = 500  # 0: only at the end
+    ckpt_interval: Annotated[int, Ge(0)] = 250    # 0: only at the end
+    resume: bool = False                          # `tierkit run B12 --resume`: continue the interrupted run
+    # the samples
+    prompt: str = "\n"
+    sample_tokens: Annotated[int, Gt(0)] = 300
+    temperature: Annotated[float, Ge(0)] = 0.8    # 0: greedy
+    top_k: Annotated[int, Gt(0)] | None = 200
+    top_p: Annotated[float, Gt(0), Le(1)] | None = None
+
+
+def tokenizer_kind(cfg: Config) -> str:
+    if cfg.tokenizer:
+        return cfg.tokenizer
+    data = cfg.data.lower()
     if "gpt-2" in data or "gpt2" in data:
         return "gpt2"
     return "bpe" if "bpe" in data else "char"
 
 
-def train_config(cfg: dict[str, Any]) -> c.TrainConfig:
-    return c.TrainConfig(steps=int(cfg["steps"]), lr=float(cfg["lr"]), min_lr=float(cfg["min_lr"]),
-                         warmup=int(cfg["warmup"]), weight_decay=float(cfg["weight_decay"]),
-                         beta1=float(cfg["beta1"]), beta2=float(cfg["beta2"]), grad_clip=float(cfg["grad_clip"]),
-                         grad_accum=int(cfg["grad_accum"]), eval_interval=int(cfg["eval_interval"]),
-                         sample_interval=int(cfg["sample_interval"]), ckpt_interval=int(cfg["ckpt_interval"]),
-                         seed=int(cfg["seed"]))
+def model_config(cfg: Config, kind: str, tok_vocab: int) -> GPTConfig:
+    """The GPT for this size and these tokens: one embedding row per token."""
+    vocab = tok_vocab if kind == "char" else max(tok_vocab, cfg.vocab_size)
+    if kind == "gpt2":
+        vocab = 64 * math.ceil(tok_vocab / 64)   # 50257 -> 50304: matmuls on multiples of 64 run faster
+    return GPTConfig(vocab_size=vocab, block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                     n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias, arch=cfg.arch)
 
+
+# ---------------------------------------------------------------- the training loop
+
+def next_token_loss(model: GPT, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Pretraining's loss: at every position, the cross-entropy of the prediction against the next token."""
+    x, y = batch                                   # y[:, t] = x[:, t + 1]
+    logits = model.logits(x)                       # the forward pass: (B, T, vocab)
+    return F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
+
+
+def train(model: GPT, tc: c.TrainConfig, get_batch: Callable[[torch.Generator], Any], *, device: torch.device,
+          precision: str = "fp32", loss_fn: Callable[[GPT, Any], torch.Tensor] = next_token_loss,
+          evaluate: Callable[[GPT], dict[str, float]] | None = None, sample: Callable[[GPT, int], str] | None = None,
+          ckpt_path: Path | None = None, resume_from: dict[str, Any] | None = None,
+          meta: dict[str, Any] | None = None, on_step: Callable[[int, dict[str, Any]], None] | None = None,
+          log: Callable[..., None] = print) -> dict[str, Any]:
+    """Train `model` in place for tc.steps optimiser steps; return the history.
+
+    get_batch(gen) draws a batch with `gen`, the loop's data generator (checkpointed: use no
+    other randomness); loss_fn(model, batch) is the loss; evaluate(model) -> {name: value} and
+    sample(model, step) -> text run every eval_interval / sample_interval steps and at the end.
+    History: per step "loss", "lr", "grad_norm", "seconds"; "evals" and "samples" with their step.
+    With ckpt_path, a checkpoint every ckpt_interval steps and at the end; resume_from (a checkpoint
+    from common.read_resume) continues that run bit-exactly.
+    """
+    model.to(device).train()
+    opt = c.make_optimizer(model, tc, device)            # AdamW, weight decay on matrices only
+    scaler = c.grad_scaler(device, precision)            # fp16 only: the loss scaled so gradients do not underflow
+    data_gen = torch.Generator().manual_seed(tc.seed)    # which windows each batch reads
+    torch.manual_seed(tc.seed)                           # dropout masks come from the global generator
+    hist: dict[str, Any] = {k: [] for k in ("loss", "lr", "grad_norm", "seconds", "evals", "samples", "resumed_at")}
+    start = 0
+    if resume_from is not None:
+        start, hist = c.restore_state(resume_from, model, opt, scaler, data_gen)
+        log(f"resumed from {ckpt_path} at step {start} of {tc.steps}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    clip = tc.grad_clip if tc.grad_clip > 0 else float("inf")
+
+    for step in range(start, tc.steps):
+        _observe(model, step, tc, hist, evaluate, sample, log)
+        t0 = time.perf_counter()
+        lr = c.lr_at(step, tc)                           # warmup, then cosine decay
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for _ in range(tc.grad_accum):
+            batch = get_batch(data_gen)
+            with c.autocast(device, precision):
+                loss = loss_fn(model, batch) / tc.grad_accum     # forward and loss (next_token_loss, above)
+            (scaler.scale(loss) if scaler is not None else loss).backward()   # backward: gradients add up
+            total += float(loss.detach())
+        if scaler is not None:
+            scaler.unscale_(opt)                         # clip the true gradients, not the scaled ones
+        norm = float(torch.nn.utils.clip_grad_norm_(params, clip))   # the global norm, scaled down to grad_clip
+        if scaler is not None:
+            scaler.step(opt)                             # skipped when fp16 overflowed (inf or nan gradients)
+            scaler.update()
+        else:
+            opt.step()                                   # AdamW: the update
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)               # so the step's time is its own
+        rec = {"loss": total, "lr": lr, "grad_norm": norm, "seconds": time.perf_counter() - t0}
+        for k, v in rec.items():
+            hist[k].append(v)
+        if on_step is not None:
+            on_step(step, rec)
+        if ckpt_path is not None and tc.ckpt_interval and (step + 1) % tc.ckpt_interval == 0 and step + 1 < tc.steps:
+            c.save_state(ckpt_path, model, opt, scaler, step + 1, data_gen, hist, tc, meta)
+    _observe(model, tc.steps, tc, hist, evaluate, sample, log)
+    if ckpt_path is not None:
+        c.save_state(ckpt_path, model, opt, scaler, tc.steps, data_gen, hist, tc, meta)
+    return hist
+
+
+def _observe(model: GPT, step: int, tc: c.TrainConfig, hist: dict[str, Any],
+             evaluate: Callable[[GPT], dict[str, float]] | None, sample: Callable[[GPT, int], str] | None,
+             log: Callable[..., None]) -> None:
+    """Evaluate and sample when `step` is due (every interval, and at the end), at most once per step."""
+    def due(interval: int, done: list[dict[str, Any]]) -> bool:
+        return (step == tc.steps or bool(interval and step % interval == 0)) and all(d["step"] != step for d in done)
+
+    if evaluate is not None and due(tc.eval_interval, hist["evals"]):
+        rec = {"step": step, **evaluate(model)}
+        hist["evals"].append(rec)
+        log(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in rec.items() if k != "step"))
+    if sample is not None and due(tc.sample_interval, hist["samples"]):
+        hist["samples"].append({"step": step, "text": sample(model, step)})
+
+
+# ---------------------------------------------------------------- what B7, B13, B14 and B16 start from
+
+STANDIN = {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64, "batch_size": 16}
+
+
+def checkpoint_path(ctx: Context) -> Path:
+    """Where B12 leaves its model: <build root>/B12-pretraining/ckpt.pt."""
+    return Path(ctx.out_dir).parent / FOLDER / "ckpt.pt"
+
+
+def base_model(ctx: Context, init: str | None = None) -> tuple[GPT, Tokenizer, Path | None]:
+    """(model, tokenizer, checkpoint path) to fine-tune, align, quantise or export.
+
+    `init` when it names a checkpoint file (a path, or a name ending .pt); else the B12 build's
+    checkpoint; else a small char-level model trained here on Tiny Shakespeare in seconds (path
+    None), said so in the log: a stand-in for checking the pipeline, not a good model.
+    """
+    init = init or ""
+    candidates = [Path(init).expanduser()] if "/" in init or init.endswith(".pt") else []
+    if candidates and not candidates[0].is_file():
+        raise FileNotFoundError(f"init checkpoint {candidates[0]} does not exist; run `tierkit run B12` "
+                                "or point init at a tierkit GPT checkpoint")
+    candidates.append(checkpoint_path(ctx))
+    device, _ = c.device_and_precision(ctx)
+    for path in candidates:
+        if path.is_file():
+            model, ckpt = load_checkpoint(path, map_location="cpu")
+            tok_meta = ckpt.get("meta", {}).get("tokenizer")
+            if not tok_meta:
+                raise ValueError(f"{path}: the checkpoint has no tokenizer in its meta; re-run `tierkit run B12`")
+            ctx.log(f"base model: {path} ({model.num_params():,} parameters)")
+            return model.to(device), tokenizer_from_meta(tok_meta), path
+    ctx.log(f"base model: no B12 checkpoint at {candidates[-1]}; training a small char-level model "
+            f"({STANDIN['n_layer']} layers, {STANDIN['n_embd']} wide, 300 steps) as a stand-in. "
+            "Run `tierkit run B12` for a real one.")
+    model, tok = standin(device)
+    return model, tok, None
+
+
+def standin(device: torch.device | str = "cpu", arch: str = "gpt2", steps: int = 300, seed: int = 0,
+            on_step: Callable[[int, dict[str, Any]], None] | None = None) -> tuple[GPT, CharTokenizer]:
+    """A 2-layer char-level GPT trained briefly on Tiny Shakespeare (~100k parameters, seconds on a CPU)."""
+    s, device = STANDIN, torch.device(device)
+    text = c.shakespeare()
+    tok = CharTokenizer(text)
+    train_ids, _ = c.split_ids(tok.encode(text))
+    mcfg = GPTConfig(vocab_size=tok.vocab_size, block_size=s["block_size"], n_layer=s["n_layer"],
+                     n_head=s["n_head"], n_embd=s["n_embd"], dropout=0.0, arch=arch)
+    model = GPT(mcfg, seed=seed)
+    tc = c.TrainConfig(steps=steps, lr=3e-3, min_lr=3e-4, warmup=20, eval_interval=0, seed=seed)
+    train(model, tc, lambda g: c.random_batch(train_ids, mcfg.block_size, s["batch_size"], g, device),
+          device=device, on_step=on_step, log=lambda *a: None)
+    return model.eval(), tok
+
+
+# ---------------------------------------------------------------- the milestone
 
 def run(ctx: Context) -> Output:
     from tiers.runner import Output, RunError
 
-    cfg = {**DEFAULTS, **ctx.config}
+    cfg: Config = ctx.config
     device, precision = c.device_and_precision(ctx)
+
+    # the data: Tiny Shakespeare as tokens, the first 90% to train on, the rest held out
     text = c.shakespeare()
     kind = tokenizer_kind(cfg)
     t0 = time.perf_counter()
-    tok = c.make_tokenizer(kind, text, int(cfg["vocab_size"]))
+    tok = make_tokenizer(kind, text, cfg.vocab_size)
     ids = torch.tensor(tok.encode(text), dtype=torch.long)
     tok_seconds = time.perf_counter() - t0
-    train_ids, val_ids = c.split_ids(ids, float(cfg["val_frac"]))
+    train_ids, val_ids = c.split_ids(ids, cfg.val_frac)
     ctx.log(f"data: Tiny Shakespeare, {len(text):,} characters -> {len(ids):,} {kind} tokens "
             f"(vocabulary {tok.vocab_size:,}); {len(train_ids):,} to train, {len(val_ids):,} held out")
 
-    vocab = tok.vocab_size if kind == "char" else max(tok.vocab_size, int(cfg["vocab_size"]))
-    if kind == "gpt2":
-        vocab = 64 * math.ceil(tok.vocab_size / 64)   # 50257 -> 50304: matmuls on multiples of 64 run faster
-    mcfg = GPTConfig(vocab_size=vocab, block_size=int(cfg["block_size"]), n_layer=int(cfg["n_layer"]),
-                     n_head=int(cfg["n_head"]), n_embd=int(cfg["n_embd"]), dropout=float(cfg["dropout"]),
-                     bias=bool(cfg["bias"]), arch=str(cfg["arch"]))
-    model = GPT(mcfg, seed=int(cfg["seed"]))
-    n_params = model.num_params()
-    shape = costs.GPTShape(mcfg.vocab_size, mcfg.block_size, mcfg.n_layer, mcfg.n_head, mcfg.n_embd, mcfg.bias)
-    predicted_params = (costs.gpt_params(shape) if mcfg.arch == "gpt2" else
-                        costs.llama_params(mcfg.vocab_size, mcfg.n_layer, mcfg.n_embd, mcfg.n_head, mcfg.n_kv_head,
-                                           mcfg.ffn_hidden, mcfg.tie_weights))
-    tc = train_config(cfg)
-    B, T = int(cfg["batch_size"]), mcfg.block_size
+    # the model and the loop's settings
+    mcfg = model_config(cfg, kind, tok.vocab_size)
+    model = GPT(mcfg, seed=cfg.seed)
+    tc = c.TrainConfig.pick(cfg)
+    B, T = cfg.batch_size, mcfg.block_size
     ctx.log(f"model: {mcfg.arch}, {mcfg.n_layer} layers, {mcfg.n_head} heads, {mcfg.n_embd} wide, context {T}: "
-            f"{n_params:,} parameters; {tc.steps} steps of batch {B} x {tc.grad_accum} on {device} ({precision})")
+            f"{model.num_params():,} parameters; {tc.steps} steps of batch {B} x {tc.grad_accum} on {device} "
+            f"({precision})")
 
+    # from the start, or from where the interrupted run's checkpoint left it (--resume)
     resume_path = Path(ctx.out_dir).parent / RESUME_NAME
-    if not cfg["resume"] and resume_path.exists():
+    resume_from = None
+    if cfg.resume:
+        try:
+            resume_from = c.read_resume(resume_path, tc, mcfg)
+        except c.ResumeError as e:
+            raise RunError(f"B12: {e}") from None
+    elif resume_path.exists():
         ctx.log(f"an interrupted run's checkpoint {resume_path} is overwritten (pass --resume to continue it)")
+
     splits = {"train": train_ids, "val": val_ids}
-    eval_iters = int(cfg["eval_iters"])
-
-    def eval_fn(m: GPT, step: int) -> dict[str, float]:
-        return c.estimate_loss(m, splits, T, B, eval_iters, tc.seed, device, precision)
-
-    def sample_fn(m: GPT, step: int) -> str:
-        return c.sample_text(m, tok, cfg["prompt"], int(cfg["sample_tokens"]), float(cfg["temperature"]),
-                             cfg["top_k"], cfg["top_p"], seed=step, device=device)
-
-    meta = {"tokenizer": tok.meta(), "milestone": "B12", "data": "tinyshakespeare", "config": dict(cfg)}
-    with ctx.progress(f"pretraining {n_params / 1e6:.2f}M", tc.steps) as bar:
-        def on_step(step: int, rec: dict[str, Any]) -> None:
-            bar.advance()
-
-        if cfg["resume"]:
-            try:
-                bar.advance(c.read_resume(resume_path, tc, mcfg)["step"])
-            except c.ResumeError as e:
-                raise RunError(f"B12: {e}") from None
+    meta = {"tokenizer": tok.meta(), "milestone": "B12", "data": "tinyshakespeare", "config": asdict(cfg)}
+    with ctx.progress(f"pretraining {model.num_params() / 1e6:.2f}M", tc.steps) as bar:
+        bar.advance(resume_from["step"] if resume_from else 0)
         t_train = time.perf_counter()
-        hist = c.train_lm(model, tc, lambda s, g: c.random_batch(train_ids, T, B, g, device), device=device,
-                          precision=precision, eval_fn=eval_fn, sample_fn=sample_fn, ckpt_path=resume_path,
-                          resume=bool(cfg["resume"]), meta=meta, on_step=on_step, log=ctx.log)
+        hist = train(model, tc, lambda g: c.random_batch(train_ids, T, B, g, device), device=device,
+                     precision=precision, ckpt_path=resume_path, resume_from=resume_from, meta=meta,
+                     evaluate=lambda m: c.estimate_loss(m, splits, T, B, cfg.eval_iters, tc.seed, device, precision),
+                     sample=lambda m, step: c.sample_text(m, tok, cfg.prompt, cfg.sample_tokens, cfg.temperature,
+                                                          cfg.top_k, cfg.top_p, seed=step, device=device),
+                     on_step=lambda step, rec: bar.advance(), log=ctx.log)
         train_seconds = time.perf_counter() - t_train
 
-    # the finished checkpoint goes into the build folder; the resume file is no longer needed
     final = Path(ctx.out_dir) / "ckpt.pt"
-    resume_path.replace(final)
-
-    unigram = c.unigram_entropy(train_ids)
-    last = hist["evals"][-1]
-    ppl_full = c.perplexity(model, val_ids, T, batch_size=max(B, 16), device=device)
-    tokens_per_step = B * T * tc.grad_accum
-    step_s = sorted(hist["seconds"])[len(hist["seconds"]) // 2]
-    flops_tok = 6 * costs.gpt_matmul_params(shape) + 6 * mcfg.n_layer * T * mcfg.n_embd
-    samples = final_samples(model, tok, cfg, device)
-    metrics = {
-        "tokenizer": kind, "vocab_size": tok.vocab_size, "model_vocab": mcfg.vocab_size, "tokens": len(ids),
-        "train_tokens": len(train_ids), "val_tokens": len(val_ids), "tokenize_seconds": tok_seconds,
-        "model": mcfg.to_dict(), "params": n_params, "params_predicted": predicted_params,
-        "device": str(device), "precision": precision, "train_config": vars(tc),
-        "batch_size": B, "tokens_trained": tokens_per_step * tc.steps,
-        "final_train_loss": last["train"], "final_val_loss": last["val"], "best_val_loss": min(e["val"] for e in hist["evals"]),
-        "val_loss_full": math.log(ppl_full), "val_perplexity_full": ppl_full,
-        "unigram_baseline": unigram, "uniform_baseline": math.log(tok.vocab_size),
-        "train_seconds": train_seconds, "median_step_seconds": step_s,
-        "tokens_per_second": tokens_per_step / step_s, "model_flops_per_token": flops_tok,
-        "achieved_gflops": flops_tok * tokens_per_step / step_s / 1e9,
-        "resumed_at": hist["resumed_at"], "checkpoint": str(final.name), "prompt": cfg["prompt"],
-        "history": {k: hist[k] for k in ("loss", "lr", "grad_norm", "evals")},
-        "samples_during_training": hist["samples"], "samples": samples,
-    }
-    plt = _pyplot()
-    plots = [loss_plot(plt, ctx.out_dir / "loss.png", hist, unigram), series_plot(
-        plt, ctx.out_dir / "lr.png", hist["lr"], "learning rate", "warmup, then cosine decay"), series_plot(
-        plt, ctx.out_dir / "grad_norm.png", hist["grad_norm"], "gradient norm (before clipping)",
-        f"clipped at {tc.grad_clip:g}", hline=tc.grad_clip if tc.grad_clip > 0 else None, log=True)]
+    resume_path.replace(final)    # the finished checkpoint goes into the build folder, where B7-B16 look
+    m = measure(model, tok, kind, ids, splits, hist, cfg, tc, device)
+    m.update(tokenize_seconds=tok_seconds, train_seconds=train_seconds, device=str(device), precision=precision,
+             checkpoint=final.name)
     (Path(ctx.out_dir) / "samples.txt").write_text(
-        "\n\n".join(f"=== {s['setting']} ===\n{s['text']}" for s in samples) + "\n", encoding="utf-8")
-    summary = (f"A {n_params / 1e6:.2f}M-parameter {mcfg.arch} GPT pretrained on Tiny Shakespeare ({kind} tokens) "
-               f"for {tc.steps:,} steps reached a held-out loss of **{last['val']:.4f}** nats per token "
-               f"(unigram baseline {unigram:.3f}, uniform {math.log(tok.vocab_size):.3f}) in {train_seconds:.1f} s "
-               f"on {device} ({metrics['tokens_per_second']:,.0f} tokens/s)"
+        "\n\n".join(f"=== {s['setting']} ===\n{s['text']}" for s in m["samples"]) + "\n", encoding="utf-8")
+    summary = (f"A {m['params'] / 1e6:.2f}M-parameter {mcfg.arch} GPT pretrained on Tiny Shakespeare ({kind} tokens) "
+               f"for {tc.steps:,} steps reached a held-out loss of **{m['final_val_loss']:.4f}** nats per token "
+               f"(unigram baseline {m['unigram_baseline']:.3f}, uniform {m['uniform_baseline']:.3f}) in "
+               f"{train_seconds:.1f} s on {device} ({m['tokens_per_second']:,.0f} tokens/s)"
                + (f"; resumed at step {', '.join(map(str, hist['resumed_at']))}" if hist["resumed_at"] else "") + ".")
-    return Output(metrics=metrics, summary=summary, report=report(metrics), plots=plots)
+    return Output(metrics=m, summary=summary, report=report(m), plots=plots(ctx.out_dir, hist, m, tc))
 
 
-def final_samples(model: GPT, tok: Any, cfg: dict[str, Any], device: torch.device) -> list[dict[str, str]]:
+def measure(model: GPT, tok: Tokenizer, kind: str, ids: torch.Tensor, splits: dict[str, torch.Tensor],
+            hist: dict[str, Any], cfg: Config, tc: c.TrainConfig, device: torch.device) -> dict[str, Any]:
+    """The run's numbers: held-out loss against the baselines, speed, the history, samples."""
+    mcfg, train_ids, val_ids, B = model.config, splits["train"], splits["val"], cfg.batch_size
+    shape = costs.GPTShape(mcfg.vocab_size, mcfg.block_size, mcfg.n_layer, mcfg.n_head, mcfg.n_embd, mcfg.bias)
+    predicted = (costs.gpt_params(shape) if mcfg.arch == "gpt2" else
+                 costs.llama_params(mcfg.vocab_size, mcfg.n_layer, mcfg.n_embd, mcfg.n_head, mcfg.n_kv_head,
+                                    mcfg.ffn_hidden, mcfg.tie_weights))
+    ppl_full = c.perplexity(model, val_ids, mcfg.block_size, batch_size=max(B, 16), device=device)
+    tokens_per_step = B * mcfg.block_size * tc.grad_accum
+    step_s = sorted(hist["seconds"])[len(hist["seconds"]) // 2]
+    flops_tok = 6 * costs.gpt_matmul_params(shape) + 6 * mcfg.n_layer * mcfg.block_size * mcfg.n_embd
+    last = hist["evals"][-1]
+    return {
+        "tokenizer": kind, "vocab_size": tok.vocab_size, "model_vocab": mcfg.vocab_size, "tokens": len(ids),
+        "train_tokens": len(train_ids), "val_tokens": len(val_ids),
+        "model": mcfg.to_dict(), "params": model.num_params(), "params_predicted": predicted,
+        "train_config": asdict(tc), "batch_size": B, "tokens_trained": tokens_per_step * tc.steps,
+        "final_train_loss": last["train"], "final_val_loss": last["val"],
+        "best_val_loss": min(e["val"] for e in hist["evals"]),
+        "val_loss_full": math.log(ppl_full), "val_perplexity_full": ppl_full,
+        "unigram_baseline": c.unigram_entropy(train_ids), "uniform_baseline": math.log(tok.vocab_size),
+        "median_step_seconds": step_s, "tokens_per_second": tokens_per_step / step_s,
+        "model_flops_per_token": flops_tok, "achieved_gflops": flops_tok * tokens_per_step / step_s / 1e9,
+        "resumed_at": hist["resumed_at"], "prompt": cfg.prompt,
+        "history": {k: hist[k] for k in ("loss", "lr", "grad_norm", "evals")},
+        "samples_during_training": hist["samples"], "samples": final_samples(model, tok, cfg, device),
+    }
+
+
+def final_samples(model: GPT, tok: Tokenizer, cfg: Config, device: torch.device) -> list[dict[str, str]]:
     """The same prompt under four decoding settings: greedy, the configured one, top-p, hot."""
-    n = int(cfg["sample_tokens"])
     settings = [("greedy (temperature 0)", 0.0, None, None),
-                (f"temperature {cfg['temperature']}, top-k {cfg['top_k']}", float(cfg["temperature"]), cfg["top_k"],
-                 cfg["top_p"]),
+                (f"temperature {cfg.temperature}, top-k {cfg.top_k}", cfg.temperature, cfg.top_k, cfg.top_p),
                 ("temperature 1.0, top-p 0.9", 1.0, None, 0.9),
                 ("temperature 1.5 (too hot)", 1.5, None, None)]
-    return [{"setting": name, "text": c.sample_text(model, tok, cfg["prompt"], n, t, k, p, seed=0, device=device)}
+    return [{"setting": name, "text": c.sample_text(model, tok, cfg.prompt, cfg.sample_tokens, t, k, p, seed=0,
+                                                    device=device)}
             for name, t, k, p in settings]
 
 
-def _pyplot() -> Any:
-    import matplotlib
+# ---------------------------------------------------------------- plots and the report
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig: Any, path: Path) -> None:
-    from tiers.report import save
-
-    save(fig, path)
+def plots(out_dir: Path, hist: dict[str, Any], m: dict[str, Any], tc: c.TrainConfig) -> list[str]:
+    plt = pyplot()
+    return [loss_plot(plt, Path(out_dir) / "loss.png", hist, m["unigram_baseline"]),
+            series_plot(plt, Path(out_dir) / "lr.png", hist["lr"], "learning rate", "warmup, then cosine decay"),
+            series_plot(plt, Path(out_dir) / "grad_norm.png", hist["grad_norm"], "gradient norm (before clipping)",
+                        f"clipped at {tc.grad_clip:g}", hline=tc.grad_clip if tc.grad_clip > 0 else None, log=True)]
 
 
 def loss_plot(plt: Any, path: Path, hist: dict[str, Any], unigram: float) -> str:
-    import numpy as np
-
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     loss = np.asarray(hist["loss"])
     k = max(1, len(loss) // 100)
@@ -226,7 +401,7 @@ def loss_plot(plt: Any, path: Path, hist: dict[str, Any], unigram: float) -> str
     ax.set_title("B12 pretraining: loss" + (" (dotted: resumed here)" if hist["resumed_at"] else ""), fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save(fig, path)
     return f"{path.name}: training loss per step, train and held-out estimates, the unigram baseline"
 
 
@@ -243,13 +418,11 @@ def series_plot(plt: Any, path: Path, values: list[float], what: str, note: str,
     ax.set_ylabel(what)
     ax.set_title(f"B12: {what}", fontsize=10)
     ax.grid(True, alpha=0.3)
-    _save(fig, path)
+    save(fig, path)
     return f"{path.name}: {what} per step ({note})"
 
 
 def report(m: dict[str, Any]) -> str:
-    from tiers.report import md_table
-
     tc, mc = m["train_config"], m["model"]
     ev = m["history"]["evals"]
     out = ["## Result", "",
@@ -257,16 +430,16 @@ def report(m: dict[str, Any]) -> str:
            f"{mc['block_size']}, vocabulary {mc['vocab_size']:,} ({m['tokenizer']} tokens): **{m['params']:,} parameters**"
            + (f" (models.costs predicts {m['params_predicted']:,})" if m["params_predicted"] else ""),
            f"- data: Tiny Shakespeare, {m['train_tokens']:,} tokens to train, {m['val_tokens']:,} held out (last 10%)",
-           f"- training: {tc['steps']:,} steps x batch {m['batch_size']} x {tc['grad_accum']} accumulation "
+           (f"- training: {tc['steps']:,} steps x batch {m['batch_size']} x {tc['grad_accum']} accumulation "
            f"= {m['tokens_trained']:,} tokens; AdamW (betas {tc['beta1']}, {tc['beta2']}, weight decay "
            f"{tc['weight_decay']} on matrices), lr {tc['lr']:g} -> {tc['min_lr']:g} (warmup {tc['warmup']}, cosine), "
-           f"clip {tc['grad_clip']:g}; {m['device']} ({m['precision']})",
-           f"- held-out loss: **{m['final_val_loss']:.4f}** (estimate on random windows; best {m['best_val_loss']:.4f}); "
-           f"over the whole held-out split {m['val_loss_full']:.4f} (perplexity {m['val_perplexity_full']:.2f})",
-           f"- baselines: unigram (each token from its frequency) {m['unigram_baseline']:.4f}; uniform "
-           f"ln V = {m['uniform_baseline']:.4f}",
-           f"- speed: {m['tokens_per_second']:,.0f} tokens/s (median step {m['median_step_seconds'] * 1e3:.1f} ms), "
-           f"{m['achieved_gflops']:.2f} GFLOP/s of model FLOPs (6N + attention per token)",
+           f"clip {tc['grad_clip']:g}; {m['device']} ({m['precision']})"),
+           (f"- held-out loss: **{m['final_val_loss']:.4f}** (estimate on random windows; best {m['best_val_loss']:.4f}); "
+           f"over the whole held-out split {m['val_loss_full']:.4f} (perplexity {m['val_perplexity_full']:.2f})"),
+           (f"- baselines: unigram (each token from its frequency) {m['unigram_baseline']:.4f}; uniform "
+           f"ln V = {m['uniform_baseline']:.4f}"),
+           (f"- speed: {m['tokens_per_second']:,.0f} tokens/s (median step {m['median_step_seconds'] * 1e3:.1f} ms), "
+           f"{m['achieved_gflops']:.2f} GFLOP/s of model FLOPs (6N + attention per token)"),
            f"- checkpoint: `{m['checkpoint']}` (weights, optimizer, RNG states, step: resumable)"
            + (f"; this run was resumed at step {', '.join(map(str, m['resumed_at']))}" if m["resumed_at"] else ""),
            "", "## Loss during training", "",

@@ -25,9 +25,14 @@ only the three markers.
 Loss masking: the model is trained on the response only. For a sequence
 s = prompt part + response part, inputs are s[:-1] and targets s[1:]; every
 target that is a prompt token (the `<|user|>` header, the prompt, and the
-`<|assistant|>` header with its newline) is set to -1, which the model's
-cross-entropy ignores (`ignore_index=-1` in models/gpt.py). The first real
-target is the first response token; the last is `<|end|>`.
+`<|assistant|>` header with its newline) is set to -1, and `sft_loss` averages
+the cross-entropy over the other targets only:
+
+    loss = mean over the t where y[t] != -1 of  -log softmax(model.logits(x)[t])[y[t]]
+
+The first real target is the first response token; the last is `<|end|>`. The
+loop that minimises it is B12's (`b12_pretrain.train`: AdamW, warmup and cosine,
+clipping), with this loss and batches of templated pairs.
 
 Data: the hh-rlhf "chosen" dialogues (the data registry's `hh-rlhf`), each
 parsed into Human/Assistant turns; the first exchange of each dialogue is a
@@ -43,6 +48,7 @@ mask keeps every old row exactly as it was.
 """
 from __future__ import annotations
 
+import copy
 import gzip
 import itertools
 import json
@@ -51,13 +57,47 @@ import os
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
+
+import torch
+from annotated_types import Ge, Gt, Lt
+from torch import nn
+from torch.nn import functional as F
+
+from models.gpt import GPT, GPTConfig, save_checkpoint
+from tiers.report import md_table, pyplot
+from tiers.tier2 import b12_pretrain as b12
+from tiers.tier2 import common
 
 if TYPE_CHECKING:
-    import torch
-
     from tiers.runner import Context, Output
+
+FOLDER, CKPT = "B13-sft", "sft.pt"     # where B14 finds the SFT model
+
+
+@dataclass
+class Config:
+    steps: Annotated[int, Gt(0)] = 1000
+    batch_size: Annotated[int, Gt(0)] = 32        # examples per micro-batch
+    grad_accum: Annotated[int, Gt(0)] = 1         # micro-batches per optimiser step
+    lr: Annotated[float, Gt(0)] = 1e-3
+    min_lr: Annotated[float, Ge(0)] = 1e-4
+    warmup: Annotated[int, Ge(0)] = 20
+    weight_decay: Annotated[float, Ge(0)] = 0.0   # (with LoRA always 0: it would pull the update, not W, to 0)
+    grad_clip: Annotated[float, Ge(0)] = 1.0
+    eval_interval: Annotated[int, Ge(0)] = 0      # held-out loss every this many steps; 0: only at the end
+    seed: int = 1337
+    held_out: Annotated[float, Gt(0), Lt(1)] = 0.1   # the last part of the pairs, never trained on
+    eval_pairs: Annotated[int, Gt(0)] = 200       # held-out pairs the loss is measured on
+    min_char_count: Annotated[int, Gt(0)] = 20    # char base: a new character earns a token from this many uses
+    lora_rank: Annotated[int, Ge(0)] = 0          # 0: full fine-tuning
+    lora_alpha: Annotated[float, Gt(0)] = 16.0
+    generations: Annotated[int, Ge(0)] = 4        # held-out prompts answered by base and SFT in the README
+    init: str | None = None   # a GPT checkpoint (a path or *.pt); else (the ladder's 'pretrained'): B12's build or a stand-in
+    data_file: str | None = None                  # your JSONL of {"prompt", "response"} (or $TIERKIT_B13_DATA)
+
 
 USER, ASSISTANT, END = "<|user|>", "<|assistant|>", "<|end|>"
 SPECIALS = (USER, ASSISTANT, END)
@@ -150,9 +190,9 @@ def hh_file() -> Path:
     raise SFTError(data.missing_message("hh-rlhf"))
 
 
-def load_pairs(cfg: dict[str, Any]) -> tuple[list[tuple[str, str]], str]:
+def load_pairs(cfg: Config) -> tuple[list[tuple[str, str]], str]:
     """(pairs, where they came from): config `data_file` or TIERKIT_B13_DATA, else hh-rlhf chosen."""
-    user = cfg.get("data_file") or os.environ.get("TIERKIT_B13_DATA")
+    user = cfg.data_file or os.environ.get("TIERKIT_B13_DATA")
     if user:
         p = Path(user).expanduser()
         if not p.is_file():
@@ -315,8 +355,6 @@ def encode_pairs(tok: ChatTokenizer, pairs: Sequence[tuple[str, str]], block_siz
 
 def collate(examples: Sequence[tuple[list[int], list[int]]], device: Any = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad a batch to its longest example: inputs with 0, targets with -1 (ignored)."""
-    import torch
-
     T = max(len(x) for x, _ in examples)
     X = torch.zeros((len(examples), T), dtype=torch.long)
     Y = torch.full((len(examples), T), -1, dtype=torch.long)
@@ -326,15 +364,41 @@ def collate(examples: Sequence[tuple[list[int], list[int]]], device: Any = "cpu"
     return X.to(device), Y.to(device)
 
 
+# ---------------------------------------------------------------- the loss: the response only
+
+def sft_loss(model: GPT, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The masked SFT loss: next-token cross-entropy, averaged over the response tokens only.
+
+    Targets that are prompt tokens are -1 (masked_example), and so is the padding (collate):
+    they are left out of the mean, so the model learns to answer, never to write the question.
+    """
+    X, Y = batch
+    logits = model.logits(X)                       # (B, T, vocab): a prediction at every position
+    answer = Y != -1                               # the response tokens and <|end|>
+    return F.cross_entropy(logits[answer], Y[answer])
+
+
+@torch.no_grad()
+def response_loss(model: GPT, examples: Sequence[tuple[list[int], list[int]]], batch_size: int = 32) -> float:
+    """sft_loss over all of `examples`: the mean cross-entropy per response token."""
+    device = next(model.parameters()).device
+    was = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        X, Y = collate(examples[i:i + batch_size], device)
+        n = int((Y != -1).sum())
+        total += float(sft_loss(model, (X, Y))) * n
+        count += n
+    model.train(was)
+    return total / max(count, 1)
+
+
 # ---------------------------------------------------------------- a bigger vocabulary for the model
 
-def grow_vocab(model: Any, new_size: int) -> Any:
+def grow_vocab(model: GPT, new_size: int) -> GPT:
     """A copy of `model` with `new_size` token rows; old rows copied, new rows = the mean of the old ones
     (a neutral start: the new tokens begin as 'an average token', not as noise)."""
-    import torch
-
-    from models.gpt import GPT, GPTConfig
-
     cfg = model.config
     if new_size <= cfg.vocab_size:
         return model
@@ -355,57 +419,48 @@ def grow_vocab(model: Any, new_size: int) -> Any:
 
 # ---------------------------------------------------------------- LoRA
 
-def _lora_module() -> Any:
-    import torch
-    from torch import nn
+class LoRALinear(nn.Module):
+    """y = W x + b + (alpha / r) * B (A x): the frozen base plus a rank-r update.
 
-    class LoRALinear(nn.Module):
-        """y = W x + b + (alpha / r) * B (A x): the frozen base plus a rank-r update.
+    A starts random (Kaiming-uniform like a Linear), B at zero, so the update is zero at
+    the start and the fine-tune begins exactly at the base model. The update has
+    r * (in + out) parameters instead of in * out.
+    """
 
-        A starts random (Kaiming-uniform like a Linear), B at zero, so the update is zero at
-        the start and the fine-tune begins exactly at the base model. The update has
-        r * (in + out) parameters instead of in * out.
-        """
+    def __init__(self, base: nn.Linear, r: int, alpha: float):
+        super().__init__()
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
-        def __init__(self, base: nn.Linear, r: int, alpha: float):
-            super().__init__()
-            self.base = base
-            for p in base.parameters():
-                p.requires_grad_(False)
-            self.r, self.alpha, self.scaling = r, alpha, alpha / r
-            self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=base.weight.device))
-            self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=base.weight.device))
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + (x @ self.lora_A.t().to(x.dtype)) @ self.lora_B.t().to(x.dtype) * self.scaling
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.base(x) + (x @ self.lora_A.t().to(x.dtype)) @ self.lora_B.t().to(x.dtype) * self.scaling
-
-        def merged(self) -> nn.Linear:
-            """The plain Linear with the update folded in (W + scaling * B A): no cost at inference."""
-            lin = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None,
-                            device=self.base.weight.device)
-            with torch.no_grad():
-                lin.weight.copy_(self.base.weight + self.scaling * self.lora_B @ self.lora_A)
-                if self.base.bias is not None:
-                    lin.bias.copy_(self.base.bias)
-            return lin
-
-    return LoRALinear
+    def merged(self) -> nn.Linear:
+        """The plain Linear with the update folded in (W + scaling * B A): no cost at inference."""
+        lin = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None,
+                        device=self.base.weight.device)
+        with torch.no_grad():
+            lin.weight.copy_(self.base.weight + self.scaling * self.lora_B @ self.lora_A)
+            if self.base.bias is not None:
+                lin.bias.copy_(self.base.bias)
+        return lin
 
 
 LORA_TARGETS = ("c_attn", "c_proj", "c_fc", "gate", "up")
 
 
-def add_lora(model: Any, r: int, alpha: float, train_rows_from: int | None = None) -> list[str]:
+def add_lora(model: GPT, r: int, alpha: float, train_rows_from: int | None = None) -> list[str]:
     """Freeze `model`, wrap its attention and MLP Linear layers in LoRA; return the trainable names.
 
     `train_rows_from`: when the vocabulary grew, rows >= this index of the token embedding
     (tied with the output matrix) train too; a gradient hook zeroes the rest, so the base's
     rows stay bit-identical.
     """
-    from torch import nn
-
-    LoRALinear = _lora_module()
     for p in model.parameters():
         p.requires_grad_(False)
     for block in model.transformer.h.values():
@@ -419,7 +474,7 @@ def add_lora(model: Any, r: int, alpha: float, train_rows_from: int | None = Non
         w.requires_grad_(True)
         keep = train_rows_from
 
-        def only_new_rows(g: Any) -> Any:
+        def only_new_rows(g: torch.Tensor) -> torch.Tensor:
             g = g.clone()
             g[:keep] = 0
             return g
@@ -428,51 +483,31 @@ def add_lora(model: Any, r: int, alpha: float, train_rows_from: int | None = Non
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
-def merge_lora(model: Any) -> Any:
+def merge_lora(model: GPT) -> GPT:
     """Fold every LoRA update into its Linear, in place: the model is a plain GPT again (saveable)."""
     for block in model.transformer.h.values():
         for parent in (block.attn, block.mlp):
             for name in LORA_TARGETS:
                 m = getattr(parent, name, None)
-                if m is not None and hasattr(m, "merged"):
+                if isinstance(m, LoRALinear):
                     setattr(parent, name, m.merged())
     for p in model.parameters():
         p.requires_grad_(True)
     return model
 
 
-# ---------------------------------------------------------------- evaluation and generation
+# ---------------------------------------------------------------- generation
 
-def response_loss(model: Any, examples: Sequence[tuple[list[int], list[int]]], batch_size: int = 32) -> float:
-    """Mean cross-entropy per response token (prompt tokens masked) over `examples`."""
-    import torch
-
-    device = next(model.parameters()).device
-    was = model.training
-    model.eval()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(examples), batch_size):
-            X, Y = collate(examples[i:i + batch_size], device)
-            n = int((Y != -1).sum())
-            total += float(model(X, Y)[1]) * n
-            count += n
-    model.train(was)
-    return total / max(count, 1)
-
-
-def chat(model: Any, tok: ChatTokenizer, prompt: str, max_new_tokens: int = 120) -> str:
+@torch.no_grad()
+def chat(model: GPT, tok: ChatTokenizer, prompt: str, max_new_tokens: int = 120) -> str:
     """Greedy reply to one prompt in the template, stopped at <|end|> (or the context's end)."""
-    import torch
-
     block = model.config.block_size
     ids, _, _ = render(tok, prompt, None, max_tokens=max(8, block // 2))
     device = next(model.parameters()).device
     n = max(1, min(max_new_tokens, block - len(ids)))
     was = model.training
     model.eval()
-    with torch.no_grad():
-        out = model.generate(torch.tensor([ids], device=device), n, temperature=0)[0, len(ids):].tolist()
+    out = model.generate(torch.tensor([ids], device=device), n, temperature=0)[0, len(ids):].tolist()
     model.train(was)
     if tok.end in out:
         return tok.decode(out[:out.index(tok.end)])
@@ -480,14 +515,6 @@ def chat(model: Any, tok: ChatTokenizer, prompt: str, max_new_tokens: int = 120)
 
 
 # ---------------------------------------------------------------- the milestone
-
-DEFAULTS: dict[str, Any] = {"steps": 1000, "batch_size": 32, "lr": 1e-3, "min_lr": 1e-4, "warmup": 20,
-                            "weight_decay": 0.0, "grad_clip": 1.0, "eval_interval": 0, "held_out": 0.1,
-                            "eval_pairs": 200, "min_char_count": 20, "lora_rank": 0, "lora_alpha": 16.0,
-                            "generations": 4, "seed": 1337}
-CKPT = "sft.pt"
-B13_FOLDER = "B13-sft"
-
 
 def split_pairs(pairs: list[tuple[str, str]], frac: float) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """The last `frac` of the pairs (at least 1, at most all but 1) held out; file order, so no shuffling leak."""
@@ -498,118 +525,73 @@ def split_pairs(pairs: list[tuple[str, str]], frac: float) -> tuple[list[tuple[s
 
 
 def run(ctx: Context) -> Output:
-    import torch
-
     from tiers.runner import Output, RunError
-    from tiers.report import md_table, pyplot, save
-    from tiers.tier2 import common
 
-    cfg = {**DEFAULTS, **ctx.config}
+    cfg: Config = ctx.config
     try:
         pairs, source = load_pairs(cfg)
     except SFTError as e:
         raise RunError(str(e)) from None
-    train_pairs, held_pairs = split_pairs(pairs, float(cfg["held_out"]))
+    train_pairs, held_pairs = split_pairs(pairs, cfg.held_out)
     ctx.log(f"data: {len(pairs):,} pairs from {source}; {len(train_pairs):,} train, {len(held_pairs):,} held out")
 
-    base, base_tok, base_path = common.base_model(ctx)
+    # the base, its vocabulary grown by the template's markers (and, for a char base, by new characters)
+    base, base_tok, base_path = b12.base_model(ctx, cfg.init)
     device, precision = common.device_and_precision(ctx)
-    extra, replaced = plan_chars(base_tok, (t for pr in train_pairs for t in pr), int(cfg["min_char_count"]))
+    extra, replaced = plan_chars(base_tok, (t for pr in train_pairs for t in pr), cfg.min_char_count)
     tok = ChatTokenizer(base_tok, extra)
     base = grow_vocab(base, tok.vocab_size).to(device)
     ctx.log(f"vocabulary: {tok.base_size} base tokens + {len(extra)} new characters {extra!r} + 3 markers; "
             f"{sum(replaced.values()):,} rare characters ({len(replaced)} kinds) become {FALLBACK!r}")
-    block = base.config.block_size
-    train_ex = encode_pairs(tok, train_pairs, block)
-    held_ex = encode_pairs(tok, held_pairs[:int(cfg["eval_pairs"])], block)
+    train_ex = encode_pairs(tok, train_pairs, base.config.block_size)
+    held_ex = encode_pairs(tok, held_pairs[:cfg.eval_pairs], base.config.block_size)
     resp_tokens = sum(sum(t != -1 for t in y) for _, y in train_ex)
     ctx.log(f"{len(train_ex):,} training examples, {resp_tokens:,} response tokens (prompt tokens masked)")
 
-    import copy
-
+    # a copy of the base trained on sft_loss with B12's loop (LoRA: only the updates and the new rows train)
     model = copy.deepcopy(base)
     base_loss = response_loss(base, held_ex)
-    lora = int(cfg["lora_rank"]) > 0
-    trainable = add_lora(model, int(cfg["lora_rank"]), float(cfg["lora_alpha"]), tok.base_size) if lora \
+    lora = cfg.lora_rank > 0
+    trainable = add_lora(model, cfg.lora_rank, cfg.lora_alpha, tok.base_size) if lora \
         else [n for n, _ in model.named_parameters()]
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    tc = common.TrainConfig.from_dict({**cfg, "steps": int(cfg["steps"]), "sample_interval": 0, "ckpt_interval": 0,
-                                       "weight_decay": 0.0 if lora else float(cfg["weight_decay"])})
-    bs = int(cfg["batch_size"])
+    tc = common.TrainConfig.pick(cfg, weight_decay=0.0 if lora else cfg.weight_decay)
 
-    def batch_fn(step: int, gen: torch.Generator) -> Any:
-        ix = torch.randint(len(train_ex), (bs,), generator=gen).tolist()
+    def batch(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        ix = torch.randint(len(train_ex), (cfg.batch_size,), generator=gen).tolist()
         return collate([train_ex[i] for i in ix], device)
 
-    with ctx.progress(f"SFT{' (LoRA r=' + str(cfg['lora_rank']) + ')' if lora else ''}", tc.steps) as bar:
-        hist = common.train_lm(model, tc, batch_fn, device=device, precision=precision,
-                               eval_fn=lambda m, s: {"held_out_loss": response_loss(m, held_ex)},
-                               on_step=lambda s, r: bar.advance(), log=ctx.log)
+    with ctx.progress(f"SFT{f' (LoRA r={cfg.lora_rank})' if lora else ''}", tc.steps) as bar:
+        hist = b12.train(model, tc, batch, device=device, precision=precision, loss_fn=sft_loss,
+                         evaluate=lambda m: {"held_out_loss": response_loss(m, held_ex)},
+                         on_step=lambda s, r: bar.advance(), log=ctx.log)
     if lora:
         merge_lora(model)
-    sft_loss = response_loss(model, held_ex)
-    ctx.log(f"held-out response loss: base {base_loss:.4f} -> SFT {sft_loss:.4f}")
+    after = response_loss(model, held_ex)
+    ctx.log(f"held-out response loss: base {base_loss:.4f} -> SFT {after:.4f}")
 
-    gens = []
-    for p, r in held_pairs[:int(cfg["generations"])]:
-        gens.append({"prompt": p, "reference": r, "base": chat(base, tok, p), "sft": chat(model, tok, p)})
-    meta = {"tokenizer": base_tok.meta(), "chat": tok.to_meta(), "template": TEMPLATE, "base": str(base_path or
-            "stand-in char model"), "lora_rank": int(cfg["lora_rank"])}
-    from models.gpt import save_checkpoint
-
+    gens = [{"prompt": p, "reference": r, "base": chat(base, tok, p), "sft": chat(model, tok, p)}
+            for p, r in held_pairs[:cfg.generations]]
+    meta = {"tokenizer": base_tok.meta(), "chat": tok.to_meta(), "template": TEMPLATE,
+            "base": str(base_path or "stand-in char model"), "lora_rank": cfg.lora_rank}
     save_checkpoint(ctx.out_dir / CKPT, model, meta=meta)
-
     metrics = {"data": source, "pairs": len(pairs), "train_pairs": len(train_pairs), "held_out_pairs": len(held_pairs),
                "train_examples": len(train_ex), "eval_examples": len(held_ex), "response_tokens": resp_tokens,
                "base": meta["base"], "vocab": {"base": tok.base_size, "added_chars": extra, "markers": list(SPECIALS),
                                                "replaced": dict(replaced.most_common(20)), "total": tok.vocab_size},
-               "template": TEMPLATE, "lora": {"rank": int(cfg["lora_rank"]), "alpha": float(cfg["lora_alpha"])}
-               if lora else None, "trainable_params": n_train, "params": model.num_params(),
-               "trainable_names": trainable[:50], "steps": tc.steps, "batch_size": bs,
-               "held_out_loss_base": base_loss, "held_out_loss_sft": sft_loss,
-               "loss": hist["loss"], "evals": hist["evals"], "generations": gens, "checkpoint": CKPT}
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    k = max(1, len(hist["loss"]) // 50)
-    sm = torch.tensor(hist["loss"]).unfold(0, k, 1).mean(1).tolist() if len(hist["loss"]) >= k else hist["loss"]
-    ax.plot(range(k, k + len(sm)), sm, lw=1, label="training batches (running mean)")
-    ax.axhline(base_loss, color="gray", ls="--", label=f"base, held out ({base_loss:.3f})")
-    ax.plot([e["step"] for e in hist["evals"]], [e["held_out_loss"] for e in hist["evals"]], "o-",
-            label=f"SFT, held out ({sft_loss:.3f})")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy per response token")
-    ax.set_title("SFT: loss on responses only (prompt tokens masked)", fontsize=10)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    save(fig, ctx.out_dir / "sft_loss.png")
-
-    report = [
-        "## The chat template", "", "```", TEMPLATE, "```", "",
-        f"`{USER}`, `{ASSISTANT}` and `{END}` are new tokens (ids {tok.user}, {tok.assistant}, {tok.end}); the loss "
-        "is computed on the response and `<|end|>` only. Vocabulary: "
-        f"{tok.base_size} base tokens, {len(extra)} characters added for this data ({extra!r}), 3 markers "
-        f"= {tok.vocab_size}. Characters replaced by {FALLBACK!r} (fewer than {cfg['min_char_count']} uses): "
-        + (", ".join(f"{c!r} x{n}" for c, n in replaced.most_common(12)) or "none") + ".", "",
-        "The targets of one training example (`·`: a masked target, one per prompt token):", "",
-        "```", masked_view(tok, train_ex[0]), "```", "",
-        "## Result", "",
-        md_table(["", "value"], [["data", source], ["pairs train / held out", f"{len(train_pairs):,} / {len(held_pairs):,}"],
-                                 ["base", meta["base"]],
-                                 ["fine-tuning", f"LoRA r={cfg['lora_rank']} alpha={cfg['lora_alpha']}" if lora else "full"],
-                                 ["trainable parameters", f"{n_train:,} of {model.num_params():,}"],
-                                 ["steps x batch", f"{tc.steps} x {bs}"],
-                                 ["held-out loss per response token, base", f"{base_loss:.4f}"],
-                                 ["held-out loss per response token, SFT", f"{sft_loss:.4f}"]]), "",
-        "## Base vs SFT on held-out prompts (greedy)", ""]
-    for g in gens:
-        report += [f"**prompt:** {g['prompt'][:200]!r}", "",
-                   md_table(["", "reply"], [["base", repr(g["base"][:200])], ["SFT", repr(g["sft"][:200])],
-                                            ["hh-rlhf reference", repr(g["reference"][:200])]]), ""]
+               "template": TEMPLATE, "lora": {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha} if lora else None,
+               "trainable_params": n_train, "params": model.num_params(), "trainable_names": trainable[:50],
+               "steps": tc.steps, "batch_size": cfg.batch_size, "held_out_loss_base": base_loss,
+               "held_out_loss_sft": after, "loss": hist["loss"], "evals": hist["evals"], "generations": gens,
+               "checkpoint": CKPT}
+    loss_plot(ctx.out_dir / "sft_loss.png", hist, base_loss, after)
     summary = (f"SFT of {meta['base']} on {len(train_pairs):,} instruction pairs ({source.split(' (')[0]}): the "
-               f"held-out loss per response token fell from **{base_loss:.3f}** (base) to **{sft_loss:.3f}** "
+               f"held-out loss per response token fell from **{base_loss:.3f}** (base) to **{after:.3f}** "
                f"after {tc.steps} steps ({'LoRA, ' if lora else ''}{n_train:,} trainable parameters). "
                f"The model is in `{CKPT}` (B14 starts from it).")
-    return Output(metrics=metrics, summary=summary, report="\n".join(report),
+    return Output(metrics=metrics, summary=summary,
+                  report=report(metrics, tok, replaced.most_common(12), cfg.min_char_count,
+                                masked_view(tok, train_ex[0])),
                   plots=["sft_loss.png: training and held-out loss on response tokens"])
 
 
@@ -617,3 +599,51 @@ def masked_view(tok: ChatTokenizer, ex: tuple[list[int], list[int]], limit: int 
     """The example's targets as text, masked ones as `·`: shows exactly what the loss sees."""
     _, y = ex
     return "".join("·" if t == -1 else tok.decode([t]) for t in y[:limit])
+
+
+# ---------------------------------------------------------------- the plot and the report
+
+def running_mean(values: list[float], k: int) -> list[float]:
+    """The mean of each k consecutive values (the values themselves when there are fewer than k)."""
+    return torch.tensor(values).unfold(0, k, 1).mean(1).tolist() if len(values) >= k else values
+
+
+def loss_plot(path: Path, hist: dict[str, Any], base_loss: float, after: float) -> None:
+    fig, ax = pyplot().subplots(figsize=(7, 4))
+    k = max(1, len(hist["loss"]) // 50)
+    sm = running_mean(hist["loss"], k)
+    ax.plot(range(k, k + len(sm)), sm, lw=1, label="training batches (running mean)")
+    ax.axhline(base_loss, color="gray", ls="--", label=f"base, held out ({base_loss:.3f})")
+    ax.plot([e["step"] for e in hist["evals"]], [e["held_out_loss"] for e in hist["evals"]], "o-",
+            label=f"SFT, held out ({after:.3f})")
+    common.finish_plot(fig, ax, path, "step", "cross-entropy per response token",
+                       "SFT: loss on responses only (prompt tokens masked)")
+
+
+def report(m: dict[str, Any], tok: ChatTokenizer, replaced: list[tuple[str, int]], min_count: int,
+           example: str) -> str:
+    extra, lora = m["vocab"]["added_chars"], m["lora"]
+    out = [
+        "## The chat template", "", "```", TEMPLATE, "```", "",
+        (f"`{USER}`, `{ASSISTANT}` and `{END}` are new tokens (ids {tok.user}, {tok.assistant}, {tok.end}); the loss "
+         "is computed on the response and `<|end|>` only. Vocabulary: "
+         f"{tok.base_size} base tokens, {len(extra)} characters added for this data ({extra!r}), 3 markers "
+         f"= {tok.vocab_size}. Characters replaced by {FALLBACK!r} (fewer than {min_count} uses): "
+         + (", ".join(f"{ch!r} x{n}" for ch, n in replaced) or "none") + "."), "",
+        "The targets of one training example (`·`: a masked target, one per prompt token):", "",
+        "```", example, "```", "",
+        "## Result", "",
+        md_table(["", "value"],
+                 [["data", m["data"]], ["pairs train / held out", f"{m['train_pairs']:,} / {m['held_out_pairs']:,}"],
+                  ["base", m["base"]],
+                  ["fine-tuning", f"LoRA r={lora['rank']} alpha={lora['alpha']}" if lora else "full"],
+                  ["trainable parameters", f"{m['trainable_params']:,} of {m['params']:,}"],
+                  ["steps x batch", f"{m['steps']} x {m['batch_size']}"],
+                  ["held-out loss per response token, base", f"{m['held_out_loss_base']:.4f}"],
+                  ["held-out loss per response token, SFT", f"{m['held_out_loss_sft']:.4f}"]]), "",
+        "## Base vs SFT on held-out prompts (greedy)", ""]
+    for g in m["generations"]:
+        out += [f"**prompt:** {g['prompt'][:200]!r}", "",
+                md_table(["", "reply"], [["base", repr(g["base"][:200])], ["SFT", repr(g["sft"][:200])],
+                                         ["hh-rlhf reference", repr(g["reference"][:200])]]), ""]
+    return "\n".join(out)

@@ -15,6 +15,10 @@ The gradient (Rafailov et al. 2023): -β σ(-z) [∇ log πθ(y_w|x) - ∇ log �
 z the bracket above: it raises the chosen response's likelihood and lowers the
 rejected one's, weighted by how wrong the implicit reward currently is.
 
+The loss and log π(y|x) are written out below (`dpo_loss`, `sequence_logprobs`); the
+loop that minimises them is B12's (`b12_pretrain.train`), with batches of pairs and
+the reference's log-probs computed once up front (it is frozen).
+
 Data: hh-rlhf (harmless-base), each pair's two dialogues share every turn but
 the last Assistant reply. The prompt is the last Human turn (a small model's
 context cannot hold the whole conversation), chosen/rejected the two final
@@ -28,17 +32,45 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
+
+import torch
+from annotated_types import Ge, Gt, Lt, MinLen
+from torch.nn import functional as F
+
+from models.gpt import GPT, load_checkpoint
+from models.tokenizers import tokenizer_from_meta
+from tiers.report import md_table, pyplot, save
+from tiers.tier2 import b12_pretrain as b12
+from tiers.tier2 import b13_sft as b13
+from tiers.tier2 import common
 
 if TYPE_CHECKING:
-    import torch
-
     from tiers.runner import Context, Output
 
-DEFAULTS: dict[str, Any] = {"betas": [0.05, 0.1, 0.5], "steps": None, "epochs": 1, "batch_size": 16, "lr": 5e-4,
-                            "warmup": 10, "held_out": 0.1, "eval_pairs": 200, "pairs": None, "seq": None,
-                            "min_char_count": 20, "generations": 3, "seed": 1337}
+Example = tuple[list[int], list[int]]     # (inputs, targets) of one templated exchange, prompt masked (B13)
+Pair = tuple[Example, Example]            # (chosen, rejected)
+
+
+@dataclass
+class Config:
+    betas: Annotated[list[Annotated[float, Gt(0)]], MinLen(1)] = field(default_factory=lambda: [0.05, 0.1, 0.5])
+    steps: Annotated[int, Gt(0)] | None = None    # None: `epochs` passes over the training pairs
+    epochs: Annotated[float, Gt(0)] = 1.0
+    batch_size: Annotated[int, Gt(0)] = 16        # pairs per step
+    lr: Annotated[float, Gt(0)] = 5e-4            # decays to a tenth
+    warmup: Annotated[int, Ge(0)] = 10
+    held_out: Annotated[float, Gt(0), Lt(1)] = 0.1   # the last part of the pairs, never trained on
+    eval_pairs: Annotated[int, Gt(0)] = 200       # held-out pairs the margins are measured on
+    pairs: Annotated[int, Gt(0)] | None = None    # the first this many pairs of the file; None: all
+    seq: Annotated[int, Gt(0)] | None = None      # tokens per exchange; None (or more): the model's context
+    min_char_count: Annotated[int, Gt(0)] = 20    # as B13, when the reference is the base (no SFT checkpoint)
+    generations: Annotated[int, Ge(0)] = 3        # held-out prompts answered by the reference and each policy
+    seed: int = 1337
+    reference: str | None = None                  # an SFT checkpoint; None: B13's build, else the base
+    init: str | None = None                       # the base when there is no SFT model (as B13's init)
 
 
 # ---------------------------------------------------------------- the loss, by hand
@@ -49,18 +81,13 @@ def dpo_loss(pi_w: torch.Tensor, pi_l: torch.Tensor, ref_w: torch.Tensor, ref_l:
 
     -log σ(z) is computed as softplus(-z): the same number, without overflow for large |z|.
     """
-    import torch.nn.functional as F
-
     z = beta * ((pi_w - ref_w) - (pi_l - ref_l))
     return F.softplus(-z).mean(), z
 
 
-def sequence_logprobs(model: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def sequence_logprobs(model: GPT, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Sum over each row of log p(y_t | x_<=t) where y_t != -1 (response tokens only): shape (B,)."""
-    import torch
-
-    logits = model.head(model.blocks(model.embed(x)))            # every position's logits
-    logp = torch.log_softmax(logits.float(), dim=-1)
+    logp = torch.log_softmax(model.logits(x).float(), dim=-1)       # every position's log-probabilities
     mask = y != -1
     picked = logp.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return (picked * mask).sum(-1)
@@ -70,11 +97,9 @@ def sequence_logprobs(model: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Ten
 
 def preference_pairs(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str, str]]:
     """(last Human turn, chosen final reply, rejected final reply) for each well-formed hh-rlhf row."""
-    from tiers.tier2.b13_sft import parse_dialogue
-
     out = []
     for row in rows:
-        c, r = parse_dialogue(str(row.get("chosen", ""))), parse_dialogue(str(row.get("rejected", "")))
+        c, r = b13.parse_dialogue(str(row.get("chosen", ""))), b13.parse_dialogue(str(row.get("rejected", "")))
         if len(c) < 2 or len(c) != len(r) or c[:-1] != r[:-1]:
             continue  # not a shared conversation with one differing final reply
         if c[-1][0] != "Assistant" or c[-2][0] != "Human" or not c[-1][1] or not r[-1][1] or c[-1][1] == r[-1][1]:
@@ -83,31 +108,25 @@ def preference_pairs(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str, str
     return out
 
 
-def encode_triples(tok: Any, triples: Sequence[tuple[str, str, str]], seq: int) -> list[tuple[Any, Any]]:
+def encode_triples(tok: b13.ChatTokenizer, triples: Sequence[tuple[str, str, str]], seq: int) -> list[Pair]:
     """Each triple as two masked examples (chosen, rejected), cut to seq + 1 tokens; dropped when the two
     responses become identical after cutting or a response keeps no token."""
-    from tiers.tier2.b13_sft import encode_pairs
-
     out = []
     for p, w, l in triples:
-        ex = encode_pairs(tok, [(p, w), (p, l)], seq)
+        ex = b13.encode_pairs(tok, [(p, w), (p, l)], seq)
         if len(ex) == 2 and ex[0] != ex[1]:
             out.append((ex[0], ex[1]))
     return out
 
 
-def batch_tensors(pairs: Sequence[tuple[Any, Any]], device: Any) -> tuple[torch.Tensor, ...]:
+def batch_tensors(pairs: Sequence[Pair], device: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """Chosen and rejected padded to one length, stacked: (X (2B, T), Y (2B, T)); rows 0..B-1 chosen."""
-    from tiers.tier2.b13_sft import collate
-
-    return collate([w for w, _ in pairs] + [l for _, l in pairs], device)
+    return b13.collate([w for w, _ in pairs] + [l for _, l in pairs], device)
 
 
-def logprobs(model: Any, pairs: Sequence[tuple[Any, Any]], device: Any, batch_size: int = 32,
+def logprobs(model: GPT, pairs: Sequence[Pair], device: Any, batch_size: int = 32,
              grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed response log-probs (chosen, rejected) for every pair."""
-    import torch
-
     ws, ls = [], []
     with torch.set_grad_enabled(grad):
         for i in range(0, len(pairs), batch_size):
@@ -119,7 +138,7 @@ def logprobs(model: Any, pairs: Sequence[tuple[Any, Any]], device: Any, batch_si
     return torch.cat(ws), torch.cat(ls)
 
 
-def margin_stats(model: Any, ref_w: torch.Tensor, ref_l: torch.Tensor, pairs: Sequence[tuple[Any, Any]],
+def margin_stats(model: GPT, ref_w: torch.Tensor, ref_l: torch.Tensor, pairs: Sequence[Pair],
                  device: Any, beta: float | None = None) -> dict[str, float]:
     """Held-out: the mean margin log π(y_w) - log π(y_l), the share of pairs whose implicit reward
     prefers y_w (the policy's log-ratio gained more on y_w than on y_l), and the DPO loss at beta."""
@@ -137,14 +156,10 @@ def margin_stats(model: Any, ref_w: torch.Tensor, ref_l: torch.Tensor, pairs: Se
 
 # ---------------------------------------------------------------- training
 
-def train_dpo(ref: Any, train: Sequence[tuple[Any, Any]], held: Sequence[tuple[Any, Any]], beta: float,
-              steps: int, batch_size: int, lr: float, device: Any, precision: str = "fp32", warmup: int = 10,
-              seed: int = 1337, eval_interval: int = 0, on_step: Any = None, log: Any = print) -> tuple[Any, dict]:
-    """A policy initialised from `ref`, trained with the DPO loss through common.train_lm; (policy, history)."""
-    import torch
-
-    from tiers.tier2 import common
-
+def train_dpo(ref: GPT, train: Sequence[Pair], held: Sequence[Pair], beta: float, tc: common.TrainConfig,
+              batch_size: int, device: torch.device, precision: str = "fp32", on_step: Any = None,
+              log: Any = print) -> tuple[GPT, dict[str, Any]]:
+    """A policy initialised from `ref`, trained on the DPO loss with B12's loop; (policy, history)."""
     ref.eval()
     for p in ref.parameters():
         p.requires_grad_(False)
@@ -155,82 +170,67 @@ def train_dpo(ref: Any, train: Sequence[tuple[Any, Any]], held: Sequence[tuple[A
     for p in policy.parameters():
         p.requires_grad_(True)
 
-    def batch_fn(step: int, gen: torch.Generator) -> Any:
+    def batch(gen: torch.Generator) -> tuple[list[Pair], torch.Tensor, torch.Tensor]:
         ix = torch.randint(len(train), (batch_size,), generator=gen)
         return [train[i] for i in ix.tolist()], ref_w[ix], ref_l[ix]
 
-    def loss_fn(model: Any, batch: Any) -> torch.Tensor:
+    def loss(model: GPT, batch: tuple[list[Pair], torch.Tensor, torch.Tensor]) -> torch.Tensor:
         pairs, rw, rl = batch
-        X, Y = batch_tensors(pairs, device)
-        lp = sequence_logprobs(model, X, Y)
+        lp = sequence_logprobs(model, *batch_tensors(pairs, device))   # chosen rows first, then rejected
         return dpo_loss(lp[:len(pairs)], lp[len(pairs):], rw, rl, beta)[0]
 
-    tc = common.TrainConfig(steps=steps, lr=lr, min_lr=lr / 10, warmup=warmup, weight_decay=0.0, grad_clip=1.0,
-                            eval_interval=eval_interval, seed=seed)
-    hist = common.train_lm(policy, tc, batch_fn, device=device, precision=precision, loss_fn=loss_fn,
-                           eval_fn=lambda m, s: margin_stats(m, held_w, held_l, held, device, beta),
-                           on_step=on_step, log=log)
+    hist = b12.train(policy, tc, batch, device=device, precision=precision, loss_fn=loss,
+                     evaluate=lambda m: margin_stats(m, held_w, held_l, held, device, beta), on_step=on_step, log=log)
     return policy, hist
 
 
 # ---------------------------------------------------------------- the reference model
 
-def reference(ctx: Context, texts: Any, min_char_count: int) -> tuple[Any, Any, str]:
+def reference(ctx: Context, cfg: Config, texts: Any) -> tuple[GPT, b13.ChatTokenizer, str]:
     """(reference model, chat tokenizer, what it is): B13's SFT checkpoint when it is there, else the
     base with the chat vocabulary added (untrained markers: DPO then also teaches the template)."""
-    from models.gpt import load_checkpoint
-    from tiers.tier2 import common
-    from tiers.tier2.b13_sft import B13_FOLDER, CKPT, ChatTokenizer, grow_vocab, plan_chars
-
     device, _ = common.device_and_precision(ctx)
-    sft = Path(ctx.config.get("reference") or Path(ctx.out_dir).parent / B13_FOLDER / CKPT).expanduser()
+    sft = Path(cfg.reference or Path(ctx.out_dir).parent / b13.FOLDER / b13.CKPT).expanduser()
     if sft.is_file():
         try:
             model, ckpt = load_checkpoint(sft)
             meta = ckpt.get("meta", {})
-            tok = ChatTokenizer.from_meta(common.tokenizer_from_meta(meta["tokenizer"]), meta["chat"])
+            tok = b13.ChatTokenizer.from_meta(tokenizer_from_meta(meta["tokenizer"]), meta["chat"])
         except (ValueError, KeyError) as e:
             raise ValueError(f"{sft}: not a B13 SFT checkpoint ({e}); re-run `tierkit run B13` or delete it") from None
         ctx.log(f"reference: the SFT model {sft}")
         return model.to(device), tok, f"B13 SFT model ({sft})"
-    base, base_tok, path = common.base_model(ctx)
-    extra, _ = plan_chars(base_tok, texts, min_char_count)
-    tok = ChatTokenizer(base_tok, extra)
+    base, base_tok, path = b12.base_model(ctx, cfg.init)
+    extra, _ = b13.plan_chars(base_tok, texts, cfg.min_char_count)
+    tok = b13.ChatTokenizer(base_tok, extra)
     ctx.log(f"reference: no SFT checkpoint at {sft}; using the base with the chat vocabulary added")
-    return grow_vocab(base, tok.vocab_size).to(device), tok, f"base ({path or 'stand-in char model'}), no SFT"
+    return b13.grow_vocab(base, tok.vocab_size).to(device), tok, f"base ({path or 'stand-in char model'}), no SFT"
 
 
 # ---------------------------------------------------------------- the milestone
 
 def run(ctx: Context) -> Output:
-    import torch
-
     from tiers.runner import Output, RunError
-    from tiers.report import md_table, pyplot, save
-    from tiers.tier2 import common
-    from tiers.tier2.b13_sft import SFTError, chat, hh_file, read_jsonl
 
-    cfg = {**DEFAULTS, **ctx.config}
+    cfg: Config = ctx.config
     try:
-        path = hh_file()
-        triples = preference_pairs(read_jsonl(path))
-    except SFTError as e:
+        path = b13.hh_file()
+        triples = preference_pairs(b13.read_jsonl(path))
+    except b13.SFTError as e:
         raise RunError(str(e)) from None
-    if cfg.get("pairs"):
-        triples = triples[:int(cfg["pairs"])]
+    triples = triples[:cfg.pairs] if cfg.pairs else triples
     if len(triples) < 10:
         raise RunError(f"{path}: only {len(triples)} usable preference pairs; DPO needs at least 10")
-    n_held = max(1, int(len(triples) * float(cfg["held_out"])))
+    n_held = max(1, int(len(triples) * cfg.held_out))
     train_t, held_t = triples[:-n_held], triples[-n_held:]
-    ref, tok, ref_what = reference(ctx, (t for tr in train_t for t in tr), int(cfg["min_char_count"]))
+    ref, tok, ref_what = reference(ctx, cfg, (t for tr in train_t for t in tr))
     device, precision = common.device_and_precision(ctx)
-    seq = min(int(cfg["seq"] or ref.config.block_size), ref.config.block_size)
+    seq = min(cfg.seq or ref.config.block_size, ref.config.block_size)
     train = encode_triples(tok, train_t, seq)
-    held = encode_triples(tok, held_t, seq)[:int(cfg["eval_pairs"])]
-    bs = int(cfg["batch_size"])
-    steps = int(cfg["steps"] or max(1, math.ceil(len(train) * float(cfg["epochs"]) / bs)))
+    held = encode_triples(tok, held_t, seq)[:cfg.eval_pairs]
+    steps = cfg.steps or max(1, math.ceil(len(train) * cfg.epochs / cfg.batch_size))
     ctx.log(f"data: {len(triples):,} pairs from {path}; {len(train):,} train, {len(held):,} held out; "
-            f"seq {seq}; {steps} steps x {bs} pairs per β")
+            f"seq {seq}; {steps} steps x {cfg.batch_size} pairs per β")
 
     ref.eval()
     for p in ref.parameters():
@@ -238,38 +238,45 @@ def run(ctx: Context) -> Output:
     held_w, held_l = logprobs(ref, held, device)
     before = margin_stats(ref, held_w, held_l, held, device)
     ctx.log(f"held-out margin before (reference): {before['margin']:.3f}")
+    tc = common.TrainConfig(steps=steps, lr=cfg.lr, min_lr=cfg.lr / 10, warmup=cfg.warmup, weight_decay=0.0,
+                            grad_clip=1.0, eval_interval=max(1, steps // 8), seed=cfg.seed)
     results, policies = [], {}
-    betas = [float(b) for b in cfg["betas"]]
-    for beta in betas:
+    for beta in cfg.betas:
         with ctx.progress(f"DPO β={beta:g}", steps) as bar:
-            policy, hist = train_dpo(ref, train, held, beta, steps, bs, float(cfg["lr"]), device, precision,
-                                     int(cfg["warmup"]), int(cfg["seed"]), eval_interval=max(1, steps // 8),
+            policy, hist = train_dpo(ref, train, held, beta, tc, cfg.batch_size, device, precision,
                                      on_step=lambda s, r: bar.advance(), log=lambda *a: None)
         after = margin_stats(policy, held_w, held_l, held, device, beta)
         ctx.log(f"β={beta:g}: held-out margin {before['margin']:.3f} -> {after['margin']:.3f}, "
                 f"reward accuracy {after['reward_accuracy']:.1%}")
         results.append({"beta": beta, "after": after, "loss": hist["loss"], "evals": hist["evals"]})
         policies[beta] = policy
-    best = max(results, key=lambda r: r["after"]["margin"])
-    gens = []
-    for p, w, l in held_t[:int(cfg["generations"])]:
-        g = {"prompt": p, "chosen": w, "rejected": l, "reference": chat(ref, tok, p)}
-        g.update({f"beta={b:g}": chat(policies[b], tok, p) for b in betas})
-        gens.append(g)
+    gens = [{"prompt": p, "chosen": w, "rejected": l, "reference": b13.chat(ref, tok, p)}
+            | {f"beta={b:g}": b13.chat(policies[b], tok, p) for b in cfg.betas}
+            for p, w, l in held_t[:cfg.generations]]
 
     metrics = {"data": str(path), "pairs": len(triples), "train_pairs": len(train), "held_out_pairs": len(held),
-               "seq": seq, "steps": steps, "batch_size": bs, "lr": float(cfg["lr"]), "reference": ref_what,
+               "seq": seq, "steps": steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "reference": ref_what,
                "params": ref.num_params(), "before": before,
                "betas": [{k: v for k, v in r.items() if k != "loss"} | {"final_train_loss": r["loss"][-1]}
                          for r in results],
-               "best_beta": best["beta"], "margin_rose": {str(r["beta"]): r["after"]["margin"] > before["margin"]
-                                                         for r in results},
+               "best_beta": max(results, key=lambda r: r["after"]["margin"])["beta"],
+               "margin_rose": {str(r["beta"]): r["after"]["margin"] > before["margin"] for r in results},
                "generations": gens}
-    plt = pyplot()
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    plot(ctx.out_dir / "dpo.png", results, before)
+    summary = (f"DPO from {ref_what.split(' (')[0]} on {len(train):,} hh-rlhf preference pairs: the held-out "
+               f"chosen-vs-rejected log-probability margin went from **{before['margin']:.3f}** to "
+               + ", ".join(f"**{r['after']['margin']:.3f}** (β={r['beta']:g})" for r in results) + ".")
+    return Output(metrics=metrics, summary=summary, report=report(metrics, results, cfg.betas),
+                  plots=["dpo.png: DPO loss and held-out margin per β"])
+
+
+# ---------------------------------------------------------------- the plot and the report
+
+def plot(path: Path, results: list[dict[str, Any]], before: dict[str, float]) -> None:
+    fig, (a, b) = pyplot().subplots(1, 2, figsize=(11, 4))
     for r in results:
         k = max(1, len(r["loss"]) // 40)
-        sm = torch.tensor(r["loss"]).unfold(0, k, 1).mean(1).tolist() if len(r["loss"]) >= k else r["loss"]
+        sm = b13.running_mean(r["loss"], k)
         a.plot(range(k, k + len(sm)), sm, lw=1, label=f"β={r['beta']:g}")
         b.plot([e["step"] for e in r["evals"]], [e["margin"] for e in r["evals"]], "o-", ms=3, label=f"β={r['beta']:g}")
     a.axhline(math.log(2), color="gray", ls=":", label="log 2 (start: policy = reference)")
@@ -281,18 +288,21 @@ def run(ctx: Context) -> Output:
     for ax in (a, b):
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    save(fig, ctx.out_dir / "dpo.png")
+    save(fig, path)
 
-    report = [
+
+def report(m: dict[str, Any], results: list[dict[str, Any]], betas: list[float]) -> str:
+    before, held, train = m["before"], m["held_out_pairs"], m["train_pairs"]
+    out = [
         "## The loss", "",
         ("`loss = softplus(-β[(log πθ(y_w|x) - log π_ref(y_w|x)) - (log πθ(y_l|x) - log π_ref(y_l|x))])` "
-        "(= -log σ(...)), log π summed over the response tokens only (prompt masked as in B13). "
-        f"Reference (frozen): {ref_what}."), "",
+         "(= -log σ(...)), log π summed over the response tokens only (prompt masked as in B13). "
+         f"Reference (frozen): {m['reference']}."), "",
         "## β sweep: held-out preference pairs", "",
-        (f"{len(held):,} held-out pairs (never trained on), {len(train):,} training pairs, {steps} steps x {bs} "
-        f"pairs, lr {cfg['lr']}, context {seq} tokens. Margin = mean log π(chosen) - log π(rejected); "
-        "reward accuracy = share of pairs where the policy's log-ratio to the reference gained more on the "
-        "chosen reply than on the rejected one."), "",
+        (f"{held:,} held-out pairs (never trained on), {train:,} training pairs, {m['steps']} steps x "
+         f"{m['batch_size']} pairs, lr {m['lr']}, context {m['seq']} tokens. Margin = mean log π(chosen) - "
+         "log π(rejected); reward accuracy = share of pairs where the policy's log-ratio to the reference gained "
+         "more on the chosen reply than on the rejected one."), "",
         md_table(["model", "held-out margin", "change", "reward accuracy", "log π(chosen)", "log π(rejected)",
                   "held-out DPO loss"],
                  [["reference", f"{before['margin']:.3f}", "", "", f"{before['chosen_logp']:.2f}",
@@ -302,15 +312,11 @@ def run(ctx: Context) -> Output:
                      f"{r['after']['chosen_logp']:.2f}", f"{r['after']['rejected_logp']:.2f}",
                      f"{r['after']['dpo_loss']:.4f}"] for r in results]), "",
         ("Both log-probabilities usually fall during DPO: the loss only asks that the rejected one falls "
-        "faster, and the cheapest way is often to make both replies less likely."), "",
+         "faster, and the cheapest way is often to make both replies less likely."), "",
         "## Replies to held-out prompts (greedy)", ""]
-    for g in gens:
+    for g in m["generations"]:
         rows = [["chosen (data)", repr(g["chosen"][:160])], ["rejected (data)", repr(g["rejected"][:160])],
                 ["reference", repr(g["reference"][:160])]] + [[f"DPO β={b:g}", repr(g[f'beta={b:g}'][:160])]
                                                               for b in betas]
-        report += [f"**prompt:** {g['prompt'][:200]!r}", "", md_table(["", "reply"], rows), ""]
-    summary = (f"DPO from {ref_what.split(' (')[0]} on {len(train):,} hh-rlhf preference pairs: the held-out "
-               f"chosen-vs-rejected log-probability margin went from **{before['margin']:.3f}** to "
-               + ", ".join(f"**{r['after']['margin']:.3f}** (β={r['beta']:g})" for r in results) + ".")
-    return Output(metrics=metrics, summary=summary, report="\n".join(report),
-                  plots=["dpo.png: DPO loss and held-out margin per β"])
+        out += [f"**prompt:** {g['prompt'][:200]!r}", "", md_table(["", "reply"], rows), ""]
+    return "\n".join(out)

@@ -9,7 +9,7 @@ Which model:
   TinyLlama or stories260K. It is timed as it is; when its weights are F32/F16/BF16 it is
   also quantised to Q8_0 and Q4_0 (quantising an already-quantised file would stack errors,
   so a Q4_K_M download gets one row).
-- otherwise the learner's B12 checkpoint (`tiers.tier2.common.base_model`), exported with
+- otherwise the learner's B12 checkpoint (`tiers.tier2.b12_pretrain.base_model`), exported with
   models.gguf_export; with no B12 checkpoint, a small llama-flavour char model trained here
   in seconds stands in (said so in the README).
 
@@ -31,23 +31,42 @@ import os
 import statistics
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
 
 import numpy as np
+from annotated_types import Gt
+
+from inventory.files import atomic_path
+from tiers.report import md_table, pyplot, save
 
 if TYPE_CHECKING:
     from tiers.runner import Context, Output
 
-DEFAULTS: dict[str, Any] = {
-    "prompt_tokens": 512, "new_tokens": 256, "requests": 8, "threads": None, "n_batch": 512,
-    "n_gpu_layers": None, "kv_type": "f16", "quants": ["Q8_0", "Q4_0"], "ppl_tokens": 8192,
-    "ppl_window": None, "standin_steps": 300, "seed": 0,
-}
 QUANT_FTYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 7}    # llama_ftype values (llama.h)
 KV_TYPES = {"f32": 0, "f16": 1}                                # ggml_type values for the KV cache
 UNQUANTISED = {"F32", "F16", "BF16"}                           # tensor types that quantising does not stack on
+
+
+@dataclass
+class Config:
+    prompt_tokens: Annotated[int, Gt(0)] = 512     # the prompt whose processing is timed (llama-bench's pp)
+    new_tokens: Annotated[int, Gt(0)] = 256        # then tokens generated one at a time (tg)
+    requests: Annotated[int, Gt(0)] = 8            # repetitions of both; the median is reported
+    threads: Annotated[int, Gt(0)] | None = None   # None: $TIERKIT_B16_THREADS, else the physical cores
+    n_batch: Annotated[int, Gt(0)] = 512           # prompt tokens per llama_decode call
+    n_gpu_layers: int | None = None                # None: all (-1) on a GPU plan when llama.cpp can offload, else 0
+    kv_type: Literal["f16", "f32"] = "f16"         # the KV cache's element type
+    quants: list[Literal["F32", "F16", "Q8_0", "Q4_0"]] = field(default_factory=lambda: ["Q8_0", "Q4_0"])
+    ppl_tokens: Annotated[int, Gt(0)] = 8192       # held-out tokens the perplexity is measured on
+    ppl_window: Annotated[int, Gt(0)] | None = None  # None: the model's context, at most 256
+    standin_steps: Annotated[int, Gt(0)] = 300     # training steps of the stand-in, when there is no B12 model
+    seed: int = 0                                  # the timed prompt's tokens and the stand-in
+    gguf: str | None = None                        # any local GGUF (or $TIERKIT_B16_GGUF); None: your B12 model
+    init: str | None = None                        # a B12 checkpoint (a path or *.pt); None: B12's build
+    model: str | None = None                       # the planned size's model and quantisation, recorded beside
+    quant: str | None = None                       # what ran (the plan prices that download)
 
 
 # ---------------------------------------------------------------- llama.cpp's log, kept off the terminal
@@ -114,12 +133,12 @@ class Settings:
     use_mmap: bool = True
 
 
-def default_settings(cfg: dict[str, Any], device: str, n_ctx: int) -> Settings:
+def default_settings(cfg: Config, device: str, n_ctx: int) -> Settings:
     """Threads: `threads` in the config, else $TIERKIT_B16_THREADS, else the physical cores (llama.cpp's
     advice: hyper-threads slow the matmuls down; on a machine busy with other work, fewer threads than
     cores is faster, because llama.cpp's threads spin-wait for each other at every operation).
     GPU layers: all (-1) when the plan is on a GPU and this llama.cpp build can offload, else 0."""
-    threads = cfg.get("threads") or os.environ.get("TIERKIT_B16_THREADS")
+    threads = cfg.threads or os.environ.get("TIERKIT_B16_THREADS")
     if not threads:
         try:
             import psutil
@@ -127,14 +146,13 @@ def default_settings(cfg: dict[str, Any], device: str, n_ctx: int) -> Settings:
             threads = psutil.cpu_count(logical=False) or os.cpu_count() or 1
         except ImportError:
             threads = os.cpu_count() or 1
-    gpu_layers = cfg.get("n_gpu_layers")
+    gpu_layers = cfg.n_gpu_layers
     if gpu_layers is None:
         import llama_cpp
 
         gpu_layers = -1 if device.startswith(("cuda", "mps", "rocm")) and llama_cpp.llama_supports_gpu_offload() else 0
-    n_batch = int(cfg.get("n_batch") or 512)
-    return Settings(n_threads=int(threads), n_threads_batch=int(threads), n_ctx=int(n_ctx), n_batch=n_batch,
-                    n_ubatch=n_batch, n_gpu_layers=int(gpu_layers), kv_type=str(cfg.get("kv_type", "f16")))
+    return Settings(n_threads=int(threads), n_threads_batch=int(threads), n_ctx=int(n_ctx), n_batch=cfg.n_batch,
+                    n_ubatch=cfg.n_batch, n_gpu_layers=int(gpu_layers), kv_type=cfg.kv_type)
 
 
 class Engine:
@@ -332,154 +350,159 @@ def time_speed(engine: Engine, prompt: list[int], new_tokens: int, reps: int,
 
 def quantize(src: str | Path, dst: str | Path, quant: str, threads: int = 0) -> Path:
     """llama.cpp's own quantiser (llama_model_quantize, what the llama-quantize tool calls), written to a
-    temporary name and renamed. llama.cpp keeps 1-D tensors (norms) in F32 and picks its own type for
-    tensors whose rows are not a multiple of the block size; the tensor-type counts show what it did."""
+    temporary name beside `dst` and renamed (inventory.files.atomic_path). llama.cpp keeps 1-D tensors (norms)
+    in F32 and picks its own type for tensors whose rows are not a multiple of the block size; the
+    tensor-type counts show what it did."""
     import llama_cpp
 
     quiet_llama()
     if quant not in QUANT_FTYPES:
         raise ValueError(f"quantisation {quant!r}: use one of {', '.join(QUANT_FTYPES)}")
     src, dst = check_gguf(src), Path(dst)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = QUANT_FTYPES[quant]
     params.nthread = threads
     _LOG.clear()
-    try:
+    with atomic_path(dst) as tmp:
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
-        if rc != 0 or not tmp.is_file():
+        if rc != 0 or not tmp.stat().st_size:
             raise ValueError(f"llama.cpp could not quantise {src} to {quant} ({_last_error() or f'code {rc}'})")
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
     return dst
 
 
 # ---------------------------------------------------------------- which model
 
-def user_gguf(cfg: dict[str, Any]) -> Path | None:
-    value = cfg.get("gguf") or os.environ.get("TIERKIT_B16_GGUF")
+def user_gguf(cfg: Config) -> Path | None:
+    value = cfg.gguf or os.environ.get("TIERKIT_B16_GGUF")
     return check_gguf(value) if value else None
 
 
-def llama_standin(ctx: Context, cfg: dict[str, Any]) -> tuple[Any, Any]:
-    """A 2-layer llama-flavour char model trained briefly on Tiny Shakespeare (no B12 checkpoint here).
+def own_model(ctx: Context, cfg: Config) -> tuple[Any, Any, str]:
+    """(model, tokenizer, where from): B12's checkpoint (or config init), else a llama-flavour stand-in.
 
-    common.base_model's stand-in is gpt2-flavour, which llama.cpp's llama architecture cannot
-    run; this one is the same size and loop with arch="llama" (RMSNorm, RoPE, SwiGLU)."""
-    import torch
+    B12's stand-in for the other milestones is gpt2-flavour, which llama.cpp's llama architecture
+    cannot run; this one is the same size and loop with arch="llama" (RMSNorm, RoPE, SwiGLU)."""
+    from tiers.tier2 import b12_pretrain as b12
 
-    from models.gpt import GPT, GPTConfig
-    from tiers.tier2 import common
-
-    q = common.QUICK_BASE
-    text = common.shakespeare()
-    tok = common.CharTokenizer(text)
-    train_ids, _ = common.split_ids(tok.encode(text))
-    mcfg = GPTConfig(vocab_size=tok.vocab_size, block_size=q["block_size"], n_layer=q["n_layer"], n_head=q["n_head"],
-                     n_embd=q["n_embd"], arch="llama", dropout=0.0)
-    model = GPT(mcfg, seed=cfg["seed"])
-    tc = common.TrainConfig(steps=int(cfg["standin_steps"]), lr=3e-3, min_lr=3e-4, warmup=20, eval_interval=0,
-                            seed=cfg["seed"])
-    with ctx.progress("training a llama-flavour stand-in", tc.steps) as bar:
-        common.train_lm(model, tc, lambda s, g: common.random_batch(train_ids, mcfg.block_size, q["batch_size"], g),
-                        device=torch.device("cpu"), on_step=lambda s, r: bar.advance(), log=ctx.log)
-    return model.eval(), tok
-
-
-def own_model(ctx: Context, cfg: dict[str, Any]) -> tuple[Any, Any, str]:
-    """(model, tokenizer, where from): B12's checkpoint (or config init) through base_model, else the stand-in."""
-    from tiers.tier2 import common
-
-    if cfg.get("init") or common.b12_checkpoint(ctx).is_file():
-        model, tok, path = common.base_model(ctx)
+    if cfg.init or b12.checkpoint_path(ctx).is_file():
+        model, tok, path = b12.base_model(ctx, cfg.init)
         return model.cpu().eval(), tok, f"B12 checkpoint {path}"
-    ctx.log(f"no B12 checkpoint at {common.b12_checkpoint(ctx)}: training a small llama-flavour char model as a "
+    ctx.log(f"no B12 checkpoint at {b12.checkpoint_path(ctx)}: training a small llama-flavour char model as a "
             "stand-in; run `tierkit run B12` (arch llama) for your own")
-    model, tok = llama_standin(ctx, cfg)
+    with ctx.progress("training a llama-flavour stand-in", cfg.standin_steps) as bar:
+        model, tok = b12.standin("cpu", arch="llama", steps=cfg.standin_steps, seed=cfg.seed,
+                                 on_step=lambda s, r: bar.advance())
     return model, tok, "stand-in: 2-layer llama-flavour char model trained here on Tiny Shakespeare"
 
 
 def held_out_text(max_chars: int) -> tuple[str, str]:
     """The last 10% of Tiny Shakespeare (B12's validation split), the first max_chars of it."""
-    from tiers.tier2 import common
+    from tiers import data
 
-    text = common.shakespeare()
+    text = data.require("tinyshakespeare").read_text(encoding="utf-8")
     cut = int(len(text) * 0.9)
     return text[cut:cut + max_chars], "Tiny Shakespeare, held-out last 10%"
+
+
+def gguf_to_time(ctx: Context, cfg: Config) -> tuple[Path, str, Any, Any]:
+    """(the GGUF to time, what it is, the torch model, its tokenizer): a user GGUF as it is (no model,
+    no tokenizer: llama.cpp's own), or our model exported by models.gguf_export."""
+    from models.gguf_export import export_gguf
+
+    gguf_path = user_gguf(cfg)
+    if gguf_path is not None:
+        return gguf_path, f"your GGUF {gguf_path} (TIERKIT_B16_GGUF)", None, None
+    model, tok, source = own_model(ctx, cfg)
+    path = export_gguf(model, tok, Path(ctx.out_dir) / "model-f32.gguf", name="tierkit-b12")
+    ctx.log(f"exported {source} to {path.name} ({path.stat().st_size:,} bytes)")
+    return path, source, model, tok
 
 
 # ---------------------------------------------------------------- the milestone
 
 def run(ctx: Context) -> Output:
-    from models.gguf_export import export_gguf, gguf_summary
+    from models.gguf_export import gguf_summary
     from tiers.runner import Output
-    from tiers.report import md_table, pyplot, save
 
-    cfg = {**DEFAULTS, **ctx.config}
+    cfg: Config = ctx.config
     out = Path(ctx.out_dir)
-    gguf_path = user_gguf(cfg)
-    torch_ppl = None
-    if gguf_path is not None:
-        source = f"your GGUF {gguf_path} (TIERKIT_B16_GGUF)"
-        tok = None
-        base = gguf_path
-    else:
-        import torch
-
-        from tiers.tier2 import common
-
-        model, tok, source = own_model(ctx, cfg)
-        base = export_gguf(model, tok, out / "model-f32.gguf", name="tierkit-b12")
-        ctx.log(f"exported {source} to {base.name} ({base.stat().st_size:,} bytes)")
+    base, source, model, tok = gguf_to_time(ctx, cfg)
     info = gguf_summary(base)
     if info["architecture"] is None:
         raise ValueError(f"{base}: a GGUF without general.architecture; it is not a model file")
 
     # the held-out tokens: our tokenizer for our model; llama.cpp's own for a user's GGUF
-    window = int(cfg["ppl_window"] or min(int(info["context_length"] or 256), 256))
-    text, text_source = held_out_text(int(cfg["ppl_tokens"]) * 8)
-    n_ctx = max(window, int(cfg["prompt_tokens"]) + int(cfg["new_tokens"]))
-    settings = default_settings(cfg, ctx.device, n_ctx)
+    window = cfg.ppl_window or min(int(info["context_length"] or 256), 256)
+    text, text_source = held_out_text(cfg.ppl_tokens * 8)
+    settings = default_settings(cfg, ctx.device, max(window, cfg.prompt_tokens + cfg.new_tokens))
+    torch_ppl = None
     if tok is not None:
-        ids = tok.encode(text, errors="drop")[:int(cfg["ppl_tokens"]) + 1]
+        import torch
+
+        from tiers.tier2 import common
+
+        ids = tok.encode(text, errors="drop")[:cfg.ppl_tokens + 1]
         torch_ppl = common.perplexity(model, torch.tensor(ids), window)
     else:
         with Engine(base, settings) as eng:
-            ids = eng.tokenize(text)[:int(cfg["ppl_tokens"]) + 1]
+            ids = eng.tokenize(text)[:cfg.ppl_tokens + 1]
 
     # the variants: the file as it is, then each quantisation when its weights are unquantised
     kinds = set(info["tensor_types"])
     plain = kinds <= UNQUANTISED
     variants = [("/".join(sorted(kinds)) if plain else f"as given ({', '.join(sorted(kinds))})", base)]
     if plain:
-        for q in cfg["quants"]:
+        for q in cfg.quants:
             with ctx.progress(f"quantising to {q}", None):
                 variants.append((q, quantize(base, out / f"model-{q.lower()}.gguf", q, settings.n_threads)))
     else:
         ctx.log(f"{base.name} is already quantised ({', '.join(sorted(kinds))}): timed as it is, not requantised")
 
-    rng = np.random.default_rng(cfg["seed"])
-    prompt = [int(t) for t in rng.choice(np.asarray(ids), size=int(cfg["prompt_tokens"]))] if len(ids) else [0]
-    rows, sample_prompt = [], ids[:32]
+    rng = np.random.default_rng(cfg.seed)
+    prompt = [int(t) for t in rng.choice(np.asarray(ids), size=cfg.prompt_tokens)] if len(ids) else [0]
+    rows = []
     for name, path in variants:
-        s = gguf_summary(path)
-        with Engine(path, settings) as eng, ctx.progress(f"{name}: timing", int(cfg["requests"])) as bar:
-            desc = eng.describe()
-            sp = time_speed(eng, prompt, int(cfg["new_tokens"]), int(cfg["requests"]), bar.advance)
-            ppl = perplexity(eng, ids, window)
-            greedy = eng.greedy(sample_prompt, 48)
-            sample = eng.detokenize(sample_prompt) + "|" + eng.detokenize(greedy)
-        rows.append({"quant": name, "file": path.name, "bytes": s["bytes"], "tensor_types": s["tensor_types"],
-                     "params": desc["params"], "perplexity": ppl, "sample": sample, **sp})
-        ctx.log(f"{name}: {sp['prompt_tokens_per_s']:,.0f} prompt tok/s, {sp['gen_tokens_per_s']:,.0f} gen tok/s, "
-                f"perplexity {ppl:.4f}")
-    f32 = rows[0]["perplexity"]
+        with ctx.progress(f"{name}: timing", cfg.requests) as bar:
+            rows.append(measure(path, name, settings, prompt, ids, window, cfg, bar.advance))
+        ctx.log(f"{name}: {rows[-1]['prompt_tokens_per_s']:,.0f} prompt tok/s, "
+                f"{rows[-1]['gen_tokens_per_s']:,.0f} gen tok/s, perplexity {rows[-1]['perplexity']:.4f}")
     for r in rows:
-        r["perplexity_vs_first"] = r["perplexity"] / f32 - 1
+        r["perplexity_vs_first"] = r["perplexity"] / rows[0]["perplexity"] - 1
 
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    speed_plot(out / "tokens_per_s.png", rows, cfg.requests)
+    metrics = {"source": source, "gguf": info, "settings": asdict(settings), "window": window,
+               "heldout": {"text": text_source, "tokens": len(ids)}, "torch_perplexity": torch_ppl,
+               "rows": rows, "planned_model": cfg.model, "planned_quant": cfg.quant}
+    best = max(rows, key=lambda r: r["gen_tokens_per_s"])
+    summary = (f"{source}: {len(rows)} variant(s) in llama.cpp. Fastest generation: {best['quant']} at "
+               f"{best['gen_tokens_per_s']:,.0f} tokens/s; perplexity " +
+               ", ".join(f"{r['quant']} {r['perplexity']:.3f}" for r in rows) + ".")
+    # the plan prices the size's downloaded model: only a user GGUF (taken to be that file) calibrates it
+    return Output(metrics=metrics, summary=summary, report=report(metrics, cfg, settings, char_model=tok is not None),
+                  plots=["tokens_per_s.png: prompt and generation tokens/s per quantisation"],
+                  calibrate=model is None)
+
+
+def measure(path: Path, name: str, settings: Settings, prompt: list[int], ids: list[int], window: int,
+            cfg: Config, on_rep: Any) -> dict[str, Any]:
+    """One variant in llama.cpp: its speed (time_speed), its perplexity, a greedy sample."""
+    from models.gguf_export import gguf_summary
+
+    with Engine(path, settings) as eng:
+        desc = eng.describe()
+        sp = time_speed(eng, prompt, cfg.new_tokens, cfg.requests, on_rep)
+        ppl = perplexity(eng, ids, window)
+        sample_prompt = ids[:32]
+        sample = eng.detokenize(sample_prompt) + "|" + eng.detokenize(eng.greedy(sample_prompt, 48))
+    s = gguf_summary(path)
+    return {"quant": name, "file": path.name, "bytes": s["bytes"], "tensor_types": s["tensor_types"],
+            "params": desc["params"], "perplexity": ppl, "sample": sample, **sp}
+
+
+# ---------------------------------------------------------------- the plot and the report
+
+def speed_plot(path: Path, rows: list[dict[str, Any]], requests: int) -> None:
+    fig, axes = pyplot().subplots(1, 2, figsize=(9, 3.6))
     names = [r["quant"] for r in rows]
     for ax, key, title in ((axes[0], "prompt_tokens_per_s", "prompt processing"),
                            (axes[1], "gen_tokens_per_s", "generation")):
@@ -487,40 +510,31 @@ def run(ctx: Context) -> Output:
         ax.bar(names, vals, color=["#4c72b0", "#55a868", "#c44e52", "#8172b2"][:len(vals)])
         for i, v in enumerate(vals):
             ax.text(i, v, f"{v:,.0f}", ha="center", va="bottom", fontsize=8)
-        ax.set_title(f"{title} (tokens/s, median of {cfg['requests']})")
-    save(fig, out / "tokens_per_s.png")
+        ax.set_title(f"{title} (tokens/s, median of {requests})")
+    save(fig, path)
 
-    metrics = {"source": source, "gguf": info, "settings": asdict(settings), "window": window,
-               "heldout": {"text": text_source, "tokens": len(ids)}, "torch_perplexity": torch_ppl,
-               "rows": rows, "planned_model": cfg.get("model"), "planned_quant": cfg.get("quant")}
+
+def report(m: dict[str, Any], cfg: Config, st: Settings, char_model: bool) -> str:
+    rows, torch_ppl, held = m["rows"], m["torch_perplexity"], m["heldout"]
     table = md_table(["quantisation", "file MiB", "tensor types", "prompt tok/s", "gen tok/s", "perplexity",
                       "vs " + rows[0]["quant"]],
                      [[r["quant"], f"{r['bytes'] / 2**20:.2f}", ", ".join(f"{k} {v}" for k, v in r["tensor_types"].items()),
                        f"{r['prompt_tokens_per_s']:,.0f}", f"{r['gen_tokens_per_s']:,.0f}", f"{r['perplexity']:.4f}",
                        f"{r['perplexity_vs_first']:+.2%}"] for r in rows])
-    st = settings
-    report = "\n".join([
+    return "\n".join([
         "## Speed and perplexity per quantisation", "", table, "",
         (f"Settings: {st.n_threads} threads (batch {st.n_threads_batch}), n_ctx {st.n_ctx}, n_batch {st.n_batch}, "
          f"n_ubatch {st.n_ubatch}, n_gpu_layers {st.n_gpu_layers}, KV cache {st.kv_type}, flash attention "
-         f"{'on' if st.flash_attn else 'off'}. Prompt: {cfg['prompt_tokens']} tokens; then {cfg['new_tokens']} "
-         f"generated greedily; {cfg['requests']} repetitions, median shown."),
+         f"{'on' if st.flash_attn else 'off'}. Prompt: {cfg.prompt_tokens} tokens; then {cfg.new_tokens} "
+         f"generated greedily; {cfg.requests} repetitions, median shown."),
         "",
-        (f"Perplexity: {len(ids) - 1:,} held-out tokens ({text_source}) in windows of {window}, from llama.cpp's "
-         "logits." + (f" The same text through the torch model: **{torch_ppl:.4f}** (the F32 export should agree "
-                      "to rounding)." if torch_ppl is not None else "")),
+        (f"Perplexity: {held['tokens'] - 1:,} held-out tokens ({held['text']}) in windows of {m['window']}, from "
+         "llama.cpp's logits." + (f" The same text through the torch model: **{torch_ppl:.4f}** (the F32 export "
+                                  "should agree to rounding)." if torch_ppl is not None else "")),
         "", "## Greedy samples (prompt|continuation)", "",
         *[f"- {r['quant']}: `{r['sample'][-120:]!r}`" for r in rows], "",
         "## Run it yourself", "",
         (f"`llama-cli -m {rows[-1]['file']} -p \"ROMEO:\" -n 200`"
          + (" (a char model stops at a newline: its end-of-text is the newline; add `--ignore-eos` to run on)."
-            if tok is not None else ".")),
+            if char_model else ".")),
     ])
-    best = max(rows, key=lambda r: r["gen_tokens_per_s"])
-    summary = (f"{source}: {len(rows)} variant(s) in llama.cpp. Fastest generation: {best['quant']} at "
-               f"{best['gen_tokens_per_s']:,.0f} tokens/s; perplexity " +
-               ", ".join(f"{r['quant']} {r['perplexity']:.3f}" for r in rows) + ".")
-    # the plan prices the size's downloaded model: only a user GGUF (taken to be that file) calibrates it
-    return Output(metrics=metrics, summary=summary, report=report,
-                  plots=["tokens_per_s.png: prompt and generation tokens/s per quantisation"],
-                  calibrate=gguf_path is not None)

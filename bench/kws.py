@@ -42,9 +42,11 @@ import datetime as dt
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -62,7 +64,7 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a couple of minutes: few epochs, few device clips")
     ap.add_argument("--size", default="s", help="DS-CNN ladder size (xs, s, m, l) [s: the MLPerf Tiny reference]")
@@ -79,22 +81,20 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None,
                     help="[bench/results/kws.json; --quick bench/results/kws_quick.json]")
     args = ap.parse_args()
-    epochs = args.epochs or (4 if args.quick else 30)
-    samples = args.train_samples or (6000 if args.quick else 40_000)
-    n_dev = args.device_clips if args.device_clips is not None else (24 if args.quick else 200)
-    out_path = args.out or REPO / "bench" / "results" / ("kws_quick.json" if args.quick else "kws.json")
+    args.epochs = args.epochs or (4 if args.quick else 30)
+    args.train_samples = args.train_samples or (6000 if args.quick else 40_000)
+    if args.device_clips is None:
+        args.device_clips = 24 if args.quick else 200
+    args.out = args.out or REPO / "bench" / "results" / ("kws_quick.json" if args.quick else "kws.json")
+    return args
 
-    from models import kws
+
+def clips(args: argparse.Namespace) -> tuple[Any, Any, list[np.ndarray], str, str]:
+    """(train clips, held-out real test clips, noises, where each came from): real clips split by
+    speaker with a salt, so test speakers are never trained on; or synthetic keywords to train on."""
     from tiers.tier0 import b06_kws as B
     from tiers.tier0 import data as D
-    from tiers.tier0 import features as F
-    from tiers.tier0 import firmware
 
-    t0 = time.perf_counter()
-    shape = kws.shape(args.size)
-    macs = kws.macs(shape)
-
-    # 1. data: real clips split by speaker with a salt; test speakers are never trained on
     if not args.data.is_dir():
         sys.exit(f"bench/kws.py: no clips at {args.data}; pass --data (a Speech Commands-style folder)")
     real = D.load_splits(args.data, val_percent=10.0, test_percent=30.0, salt=args.salt)
@@ -112,9 +112,27 @@ def main() -> None:
         train, noises = splits["train"], synth_noises or noises
         train_source = f"synthetic espeak-ng keywords: {source}"
     test_source = f"{len(test)} real clips of {len(set(test.speakers))} held-out speakers ({args.data.name})"
+    return train, test, noises, train_source, test_source
+
+
+def main() -> None:
+    args = parse_args()
+
+    from models import kws
+    from tiers.tier0 import b06_kws as B
+    from tiers.tier0 import data as D
+    from tiers.tier0 import features as F
+    from tiers.tier0 import firmware
+
+    t0 = time.perf_counter()
+    shape = kws.shape(args.size)
+    macs = kws.macs(shape)
+
+    # 1. data
+    train, test, noises, train_source, test_source = clips(args)
     log(f"train: {len(train)} clips, {train_source}")
     log(f"test:  {test_source}")
-    x_train, y_train = B.training_features(train, noises, samples, args.seed)
+    x_train, y_train = B.training_features(train, noises, args.train_samples, args.seed)
     x_test, y_test = F.mfcc(test.audio)[..., None], test.labels
     t_data = time.perf_counter() - t0
 
@@ -123,43 +141,33 @@ def main() -> None:
         if stage == "training":
             log(f"  training: epoch {done}/{total}, {time.perf_counter() - t0:.0f} s")
 
-    model = B.train(x_train, y_train, channels=shape.channels, blocks=shape.blocks, epochs=epochs,
+    model = B.train(x_train, y_train, channels=shape.channels, blocks=shape.blocks, epochs=args.epochs,
                     seed=args.seed, progress=progress)
     t_train = time.perf_counter() - t0 - t_data
-    work = out_path.parent / f".kws-build-{os.getpid()}"
+    work = args.out.parent / f".kws-build-{os.getpid()}"
     work.mkdir(parents=True, exist_ok=True)
     try:
         c = B.compile_model(model, x_train, x_test, y_test, work)
 
         # 3. the device: the firmware on the emulated Cortex-M4, over its serial pty
-        n = min(n_dev, len(y_test))
-        pick = np.linspace(0, len(y_test) - 1, n).round().astype(int) if n else np.zeros(0, int)
+        pick = B.spread(len(y_test), args.device_clips)
+        n = len(pick)
         build = firmware.build_qemu(work / "model")
         dev = B.run_on_qemu(work / "model", test.audio[pick])
     finally:
-        import shutil
-
         shutil.rmtree(work, ignore_errors=True)
 
-    from tiers.tier0 import verify
-
-    ref = verify.run(c.tflite, dev.inputs).reshape(n, -1) if n else np.zeros((0, 0), np.int8)
-    exact = int(np.sum(np.all(dev.scores == ref, axis=1))) if n else 0
     same_input = int(np.sum(np.all(dev.inputs == c.test_input[pick].reshape(n, -1), axis=1))) if n else 0
-    instr = float(np.median(dev.invoke_count)) if dev.invoke_count else float("nan")
-    feat_instr = float(np.median(dev.feature_count)) if dev.feature_count else float("nan")
+    instr = dev.invoke_median or float("nan")
     per_mac = instr / macs
     io = int(np.prod(x_test.shape[1:])) + len(D.CLASSES)
     ours, theirs = c.export.arena_bytes, c.tflm_arena
-    acc = {"float": c.float_acc, "int8": c.int8_acc, "tflm": c.tflm_acc,
-           "tflm_on_device_clips": float((c.tflm_scores[pick].argmax(-1) == y_test[pick]).mean()) if n else None,
-           "device": float((dev.scores.argmax(-1) == y_test[pick]).mean()) if n else None}
-
     doc = {
         "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "host": platform.node(),
         "quick": args.quick, "cpu_count": os.cpu_count(), "load_average_1min": round(os.getloadavg()[0], 2),
         "model": {"size": args.size, "channels": shape.channels, "blocks": shape.blocks, "macs": macs},
-        "training": {"on": train_source, "clips": len(train), "examples_per_epoch": len(y_train), "epochs": epochs},
+        "training": {"on": train_source, "clips": len(train), "examples_per_epoch": len(y_train),
+                     "epochs": args.epochs},
         "test": {"on": test_source, "clips": len(y_test), "device_clips": n, "salt": args.salt},
         "arena": {"ours_bytes": ours, "tflm_bytes": theirs, "ratio": round(ours / theirs, 3),
                   "ours_with_io_bytes": ours + io, "ratio_with_io": round((ours + io) / theirs, 3),
@@ -167,36 +175,45 @@ def main() -> None:
                   "pass": ours / theirs <= ARENA_TARGET},
         "flash": {"model_constants_bytes": c.export.const_bytes, "tflite_bytes": len(c.tflite),
                   "firmware_image": build.size.to_dict()},
-        "instructions": {"per_inference": instr, "per_mac": round(per_mac, 3), "features_per_inference": feat_instr,
+        "instructions": {"per_inference": instr, "per_mac": round(per_mac, 3),
+                         "features_per_inference": dev.feature_median or float("nan"),
                          "unit": "guest instructions (QEMU mps2-an386 Cortex-M4, -icount shift=0)",
                          "target_per_mac": INSTR_PER_MAC_TARGET, "pass": per_mac <= INSTR_PER_MAC_TARGET},
-        "accuracy": acc,
-        "bit_exact": {"scores_equal_tflm": exact, "inputs_equal_host": same_input, "of": n},
+        "accuracy": {"float": c.float_acc, "int8": c.int8_acc, "tflm": c.tflm_acc,
+                     "tflm_on_device_clips": float((c.tflm_scores[pick].argmax(-1) == y_test[pick]).mean()) if n else None,
+                     "device": float((dev.scores.argmax(-1) == y_test[pick]).mean()) if n else None},
+        "bit_exact": {"scores_equal_tflm": dev.exact(c.tflite), "inputs_equal_host": same_input, "of": n},
         "seconds": {"data_and_features": round(t_data, 1), "training": round(t_train, 1),
                     "total": round(time.perf_counter() - t0, 1)},
     }
+    show(doc)
+    atomic_write(args.out, json.dumps(doc, indent=2) + "\n")
+    print(f"results: {args.out}")
 
+
+def show(doc: dict[str, Any]) -> None:
+    """The results, one line per question."""
     def pct(x: float | None) -> str:
         return "-" if x is None else f"{x:.1%}"
 
-    img = build.size
-    print(f"DS-CNN {shape.channels}x{shape.blocks} ({macs:,} MACs), trained on {train_source}; "
-          f"tested on {test_source}" + ("  [--quick: under-trained]" if args.quick else ""))
+    mod, ar, fl, ins, acc, ex = (doc[k] for k in ("model", "arena", "flash", "instructions", "accuracy", "bit_exact"))
+    ours, theirs, img, n = ar["ours_bytes"], ar["tflm_bytes"], fl["firmware_image"], ex["of"]
+    instr, per_mac = ins["per_inference"], ins["per_inference"] / mod["macs"]
+    print(f"DS-CNN {mod['channels']}x{mod['blocks']} ({mod['macs']:,} MACs), trained on {doc['training']['on']}; "
+          f"tested on {doc['test']['on']}" + ("  [--quick: under-trained]" if doc["quick"] else ""))
     print(f"arena:  ours {ours:,} B vs TFLite Micro {theirs:,} B -> {ours / theirs:.2f}x "
-          f"(with the caller's input/output {(ours + io) / theirs:.2f}x; target <= {ARENA_TARGET}x: "
+          f"(with the caller's input/output {ar['ours_with_io_bytes'] / theirs:.2f}x; target <= {ARENA_TARGET}x: "
           f"{'PASS' if ours / theirs <= ARENA_TARGET else 'MISS'})")
-    print(f"flash:  model constants in C {c.export.const_bytes:,} B (.tflite for TFLite Micro {len(c.tflite):,} B); "
-          f"firmware image flash {img.flash:,} B, RAM {img.ram:,} B")
-    print(f"speed:  {instr:,.0f} instructions per inference / {macs:,} MACs = {per_mac:.2f} per MAC on the emulated "
-          f"Cortex-M4 (target <= {INSTR_PER_MAC_TARGET}: {'PASS' if per_mac <= INSTR_PER_MAC_TARGET else 'MISS'}); "
-          f"features {feat_instr:,.0f}")
+    print(f"flash:  model constants in C {fl['model_constants_bytes']:,} B (.tflite for TFLite Micro "
+          f"{fl['tflite_bytes']:,} B); firmware image flash {img['flash']:,} B, RAM {img['ram']:,} B")
+    print(f"speed:  {instr:,.0f} instructions per inference / {mod['macs']:,} MACs = {per_mac:.2f} per MAC on the "
+          f"emulated Cortex-M4 (target <= {INSTR_PER_MAC_TARGET}: "
+          f"{'PASS' if per_mac <= INSTR_PER_MAC_TARGET else 'MISS'}); features {ins['features_per_inference']:,.0f}")
     print(f"top-1:  float {pct(acc['float'])}, int8 {pct(acc['int8'])}, TFLite Micro {pct(acc['tflm'])} "
-          f"({len(y_test)} clips); on the device {pct(acc['device'])} vs TFLite Micro {pct(acc['tflm_on_device_clips'])} "
-          f"on the same {n} clips")
-    print(f"exact:  device scores equal TFLite Micro's on {exact}/{n} clips (same int8 input); device front end's "
-          f"input equals the host's on {same_input}/{n}")
-    atomic_write(out_path, json.dumps(doc, indent=2) + "\n")
-    print(f"results: {out_path}")
+          f"({doc['test']['clips']} clips); on the device {pct(acc['device'])} vs TFLite Micro "
+          f"{pct(acc['tflm_on_device_clips'])} on the same {n} clips")
+    print(f"exact:  device scores equal TFLite Micro's on {ex['scores_equal_tflm']}/{n} clips (same int8 input); "
+          f"device front end's input equals the host's on {ex['inputs_equal_host']}/{n}")
 
 
 if __name__ == "__main__":

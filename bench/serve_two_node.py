@@ -115,25 +115,11 @@ def peak_rss(pid: int) -> int:
     return 0
 
 
-# ---------------------------------------------------------------- engines (the hook for more of them)
+# ---------------------------------------------------------------- measuring an engine (any in tiers/tier3/engines.py)
 
-def make_pipeline(model: str, stages: list[dict[str, Any]], opts: dict[str, Any]) -> Any:
-    from tiers.tier3.pipeline import PipelineEngine
-
-    return PipelineEngine(model, stages, seed=opts.get("seed", 0), timeout=120.0, connect_timeout=300.0)
-
-
-def make_llama_rpc(model: str, stages: list[dict[str, Any]], opts: dict[str, Any]) -> Any:
-    from tiers.tier3.llama_rpc import LlamaRpcEngine
-
-    return LlamaRpcEngine(model, stages, threads=1, n_ctx=opts.get("n_ctx", 512))
-
-
-# An engine here is any tiers.tier3.engine.Engine: {name: (model, stages, opts) -> Engine}.
-ENGINES: dict[str, Callable[[str, list[dict[str, Any]], dict[str, Any]], Any]] = {
-    "pipeline": make_pipeline,
-    "llama-rpc": make_llama_rpc,
-}
+# Waits on a peer may be long here: a 300M-parameter stage loads slowly on one core of a busy machine.
+PIPELINE_OPTS = {"timeout": 120.0, "connect_timeout": 300.0}
+LLAMA_RPC_OPTS = {"threads": 1, "n_ctx": 512}
 
 
 def decode_rate(engine: Any, tokens: int, concurrent: int, tag: int = 0) -> dict[str, Any]:
@@ -190,10 +176,12 @@ def head_role() -> None:
     one JSON command per line ({"cmd": "rate"|"short"|"quit", ...}) with one RESULT line."""
     import torch
 
+    from tiers.tier3.engines import make
+
     torch.set_num_threads(1)
     spec = json.loads(sys.stdin.readline())
     t0 = time.perf_counter()
-    engine = ENGINES[spec["engine"]](spec["model"], spec["stages"], spec.get("opts", {}))
+    engine = make(spec["engine"], spec["model"], spec["stages"], **spec.get("opts", {}))
     engine.start()
     print("RESULT " + json.dumps({"load_s": time.perf_counter() - t0}), flush=True)
     try:
@@ -357,7 +345,7 @@ def pipeline_pair(pair: Pair, cores: tuple[int, int], model: str, args: argparse
           f"(+embedding) on A, {c}-{d - 1} (+output) on B", flush=True)
     stages = [{"host": pair.addr_a, "port": args.port, "layers": [a, b]},
               {"host": pair.addr_b, "port": args.port + 1, "layers": [c, d]}]
-    spec = {"engine": "pipeline", "model": model, "opts": {"seed": args.seed}}
+    spec = {"engine": "pipeline", "model": model, "opts": {"seed": args.seed, **PIPELINE_OPTS}}
     out = compare(pair, cores, "pipeline", spec, [{"host": pair.addr_a, "port": 0, "layers": [0, cfg.n_layer]}],
                   stages, worker_command(worker_args(model, stages, 1, seed=args.seed, threads=1, timeout=300.0)),
                   args, log_dir)
@@ -368,13 +356,14 @@ def pipeline_pair(pair: Pair, cores: tuple[int, int], model: str, args: argparse
 def memory_demo(pair: Pair, cores: tuple[int, int], model: str, args: argparse.Namespace,
                 log_dir: Path) -> dict[str, Any]:
     """A declared per-node budget the model exceeds: refused on one node, placed on and served by two."""
+    from models.costs import HEADROOM
     from tiers.tier3 import placement as pl
     from tiers.tier3.pipeline import resolve, worker_args, worker_command
 
     cfg = resolve(model).cfg
     layout = pl.layout_from_config(cfg, name=model, dtype_bytes=4, n_ctx=args.ctx)
     overhead = 450 * 2**20   # Python + torch in each process, measured RSS of an empty stage here
-    budget = int((0.6 * layout.total_bytes + overhead) / (1 - pl.HEADROOM))
+    budget = int((0.6 * layout.total_bytes + overhead) / (1 - HEADROOM))
     node_a = pl.Node(name="nodeA", host=pair.addr_a, port=args.port + 10, free_bytes=budget, basis="declared budget")
     node_b = pl.Node(name="nodeB", host=pair.addr_b, port=args.port + 11, free_bytes=budget, basis="declared budget")
     out: dict[str, Any] = {"budget_bytes": budget, "model_bytes": layout.total_bytes, "overhead_bytes": overhead}
@@ -389,8 +378,8 @@ def memory_demo(pair: Pair, cores: tuple[int, int], model: str, args: argparse.N
     w = Worker(pair, cores[1], worker_command(worker_args(model, stages, 1, seed=args.seed, threads=1, timeout=120.0)),
                log_dir / "memory-worker.log")
     try:
-        h = Head(pair, cores[0], {"engine": "pipeline", "model": model, "stages": stages, "opts": {"seed": args.seed}},
-                 log_dir / "memory-head.log")
+        h = Head(pair, cores[0], {"engine": "pipeline", "model": model, "stages": stages,
+                                  "opts": {"seed": args.seed, **PIPELINE_OPTS}}, log_dir / "memory-head.log")
         try:
             r = h.call({"cmd": "short", "tokens": 8})
         finally:
@@ -418,7 +407,7 @@ def llama_rpc_pair(pair: Pair, cores: tuple[int, int], gguf: Path, args: argpars
         while llama_rpc_probe(pair, port) and time.monotonic() < deadline:
             time.sleep(0.2)
 
-    out = compare(pair, cores, "llama-rpc", {"engine": "llama-rpc", "model": str(gguf), "opts": {}},
+    out = compare(pair, cores, "llama-rpc", {"engine": "llama-rpc", "model": str(gguf), "opts": LLAMA_RPC_OPTS},
                   [{"host": pair.addr_a, "port": 0, "layers": [0, n_layer]}], stages,
                   llama_rpc.worker_command({"host": pair.addr_b, "port": port, "threads": 1}), args, log_dir,
                   before_two=wait_for_rpc)
@@ -460,7 +449,11 @@ def ratio_lines(res: dict[str, Any], concurrent: int, rt: float | None, targets:
 
 
 def report(pp: dict[str, Any], mem: dict[str, Any] | None, rpc: dict[str, Any] | None, args: Any) -> list[str]:
-    from tiers.tier3.placement import gib
+    from functools import partial
+
+    from inventory.units import fmt_bytes
+
+    gib = partial(fmt_bytes, binary=True)
 
     lines = [(f"pipeline: {pp['model']} ({pp['params'] / 1e6:.0f}M parameters, float32, seeded random weights), "
               f"veth capped at {RATE}, best of {args.rounds} alternating rounds, {args.tokens} tokens per request:")]

@@ -8,6 +8,7 @@
     TiktokenTokenizer("gpt2")       r50k from a local .tiktoken file (sha256-checked; nothing downloads)
     tokenizer_from_meta(meta)       rebuild the one a checkpoint was trained with
     make_tokenizer(kind, text, n)   "char" | "bpe" | "gpt2"
+    ByteTokenizer(), HFTokenizer(folder), plain_chat(messages)   what the tier-3 pipeline serves with
 
 B2 trains and compares them; B12 trains a model on them; B13, B14, B16 and the
 tier-3 pipeline read them back from a checkpoint's meta.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
 import tempfile
 from collections import Counter
@@ -216,6 +218,13 @@ class CharTokenizer:
         self.chars = "".join(sorted(set(text_or_chars)))
         self.stoi = {c: i for i, c in enumerate(self.chars)}
 
+    @classmethod
+    def from_chars(cls, chars: str) -> CharTokenizer:
+        """The vocabulary exactly as saved (a checkpoint's meta): id i is chars[i], in that order."""
+        tok = cls("")
+        tok.chars, tok.stoi = chars, {c: i for i, c in enumerate(chars)}
+        return tok
+
     @property
     def vocab_size(self) -> int:
         return len(self.chars)
@@ -227,10 +236,12 @@ class CharTokenizer:
         try:
             return [self.stoi[c] for c in s]
         except KeyError as e:
-            raise ValueError(f"character {e.args[0]!r} is not in this {self.vocab_size}-character vocabulary") from None
+            raise ValueError(f"character {e.args[0]!r} is not in this model's {self.vocab_size}-character "
+                             "vocabulary") from None
 
     def decode(self, ids: list[int]) -> str:
-        return "".join(self.chars[int(i)] for i in ids)
+        """Ids past the vocabulary (a model's padded rows, which only an untrained model picks) show as <id>."""
+        return "".join(self.chars[int(i)] if 0 <= int(i) < len(self.chars) else f"<{int(i)}>" for i in ids)
 
     def meta(self) -> dict[str, Any]:
         return {"kind": "char", "chars": self.chars}
@@ -313,3 +324,109 @@ def make_tokenizer(kind: str, text: str, vocab_size: int = 512) -> Tokenizer:
     if kind in ("gpt2", "tiktoken"):
         return TiktokenTokenizer("gpt2")
     raise ValueError(f"tokenizer {kind!r}: use char, bpe or gpt2")
+
+
+# ---------------------------------------------------------------- for serving: bytes, a Hugging Face folder, chat
+
+def plain_chat(messages: list[dict[str, str]]) -> str:
+    """A chat prompt for a model without a template: one "role: content" line each, then "assistant:"."""
+    return "".join(f"{m.get('role', 'user')}: {m.get('content', '')}\n" for m in messages) + "assistant:"
+
+
+class ByteTokenizer:
+    """UTF-8 bytes are ids 0-255 (what a random-weight model is given). Larger ids, which only random
+    weights produce, show as <id>, so nothing is silently dropped."""
+
+    kind = "byte"
+    vocab_size = 256
+    eos_ids: frozenset[int] = frozenset()
+
+    def encode(self, s: str, errors: str = "strict") -> list[int]:
+        return list(s.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        out, run = [], bytearray()
+        for i in ids:
+            if 0 <= i < 256:
+                run.append(i)
+            else:
+                out.append(run.decode("utf-8", errors="replace"))
+                run = bytearray()
+                out.append(f"<{i}>")
+        out.append(run.decode("utf-8", errors="replace"))
+        return "".join(out)
+
+    def meta(self) -> dict[str, Any]:
+        return {"kind": "byte"}
+
+
+class HFTokenizer:
+    """A Hugging Face model folder's own tokenizer: tokenizer.json through `tokenizers`, the chat template
+    of tokenizer_config.json (rendered in a sandboxed Jinja), its end-of-sequence ids from the configs.
+
+    ValueError (one line) when the folder has no tokenizer.json or its template fails on the messages.
+    """
+
+    kind = "hf"
+
+    def __init__(self, folder: Path):
+        from tokenizers import Tokenizer
+
+        path = Path(folder) / "tokenizer.json"
+        if not path.is_file():
+            raise ValueError(f"{folder}: no tokenizer.json (save the tokenizer with the model: "
+                             f"tokenizer.save_pretrained(folder))")
+        self.tok = Tokenizer.from_file(str(path))
+        tc = _json_or_empty(Path(folder) / "tokenizer_config.json")
+        self.template = tc.get("chat_template")
+        self.bos = _token_text(tc.get("bos_token"))
+        self.eos = _token_text(tc.get("eos_token"))
+        eos: set[int] = set()
+        for name in ("config.json", "generation_config.json"):
+            e = _json_or_empty(Path(folder) / name).get("eos_token_id")
+            eos.update([e] if isinstance(e, int) else [x for x in e or [] if isinstance(x, int)])
+        if self.eos and self.tok.token_to_id(self.eos) is not None:
+            eos.add(self.tok.token_to_id(self.eos))
+        self.eos_ids = frozenset(eos)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.tok.get_vocab_size())
+
+    def encode(self, s: str, errors: str = "strict") -> list[int]:
+        # a rendered chat template already starts with BOS: do not add a second one
+        special = not (self.bos and s.startswith(self.bos))
+        return self.tok.encode(s, add_special_tokens=special).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def chat(self, messages: list[dict[str, str]]) -> str:
+        """The folder's chat template applied to OpenAI-style messages, ending where the assistant speaks."""
+        if not self.template:
+            return plain_chat(messages)
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def fail(msg: str) -> None:
+            raise ValueError(f"chat template: {msg}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = fail
+        try:
+            return env.from_string(self.template).render(messages=messages, add_generation_prompt=True,
+                                                         bos_token=self.bos or "", eos_token=self.eos or "")
+        except TemplateError as e:
+            raise ValueError(f"chat template failed: {e}") from None
+
+
+def _json_or_empty(path: Path) -> dict[str, Any]:
+    try:
+        d = json.loads(path.read_text())
+        return d if isinstance(d, dict) else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _token_text(t: Any) -> str | None:
+    return t.get("content") if isinstance(t, dict) else t if isinstance(t, str) else None

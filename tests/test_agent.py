@@ -18,11 +18,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from inventory import agent as agent_mod
-from inventory.agent import MAX_TRANSFER, Agent, AgentError, PortInUse, start_in_thread
+from inventory import __version__
 from inventory.detect import Found, peers
 from inventory.profile import CPU, GPU, Memory, Profile, parse
+from inventory.protocol import MAX_TRANSFER
 from tests.conftest import REPO
+from tiers.tier3.agent import Agent, AgentError, PortInUse, start_in_thread
+from tiers.tier3.net import free_port
 
 
 def _profile() -> Profile:
@@ -54,19 +56,12 @@ def _get(c: http.client.HTTPConnection, path: str) -> tuple[int, str, bytes]:
     return r.status, r.getheader("Content-Type", ""), r.read()
 
 
-def _free_port() -> int:
-    """A port with nothing listening (bound then released; fine for a test on loopback)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # ---------------------------------------------------------------- endpoints
 
 def test_ping(conn):
     status, ctype, body = _get(conn, "/v1/ping")
     assert status == 200 and ctype == "application/json"
-    assert json.loads(body) == {"ok": True, "name": "testnode", "version": agent_mod.__version__}
+    assert json.loads(body) == {"ok": True, "name": "testnode", "version": __version__}
 
 
 def test_profile_and_summary(conn):
@@ -194,8 +189,8 @@ def test_bad_settings_are_one_line_errors(kwargs, needle):
     assert needle in str(err.value) and "\n" not in str(err.value)
 
 
-def test_module_entry_port_in_use_prints_one_line(agent, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "inventory.agent", "--host", "127.0.0.1",
+def test_agent_command_port_in_use_prints_one_line(agent, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "tiers.cli", "agent", "--host", "127.0.0.1",
                            "--port", str(agent.port), "--no-mdns"],
                           check=False, capture_output=True, text=True, timeout=60, cwd=REPO,
                           env={"TIERKIT_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})
@@ -203,10 +198,10 @@ def test_module_entry_port_in_use_prints_one_line(agent, tmp_path):
     assert proc.stderr.strip() == f"tierkit agent: port {agent.port} on 127.0.0.1 is in use: pass --port"
 
 
-def test_module_entry_serves_and_stops_on_sigterm(tmp_path):
+def test_agent_command_serves_and_stops_on_sigterm(tmp_path):
     """The real process: quick-probes a profile, serves it, exits 0 on SIGTERM."""
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "inventory.agent", "--host", "127.0.0.1", "--port", str(port),
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "tiers.cli", "agent", "--host", "127.0.0.1", "--port", str(port),
                              "--name", "proc", "--no-mdns", "--verbose"],
                             stderr=subprocess.PIPE, text=True, cwd=REPO,
                             env={"TIERKIT_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})
@@ -259,7 +254,7 @@ def test_detect_manual_peer_measures_rtt_and_bandwidth(agent):
 
 
 def test_detect_unreachable_manual_peer_is_a_peer_with_a_problem():
-    port = _free_port()
+    port = free_port()
     found = peers.detect(manual=[f"127.0.0.1:{port}"], mdns_wait=0, timeout=2.0)
     [p] = found.value
     assert p.rtt_ms is None and p.bandwidth_mbps is None
@@ -269,7 +264,7 @@ def test_detect_unreachable_manual_peer_is_a_peer_with_a_problem():
 
 def test_detect_something_that_is_not_an_agent(tmp_path):
     """A plain HTTP server on the port: reported as 'not a tierkit agent', not a crash."""
-    port = _free_port()
+    port = free_port()
     web = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -302,7 +297,7 @@ def test_parse_spec(spec, expect):
 
 
 def test_detect_mixes_good_bad_and_unreachable(agent):
-    dead = _free_port()
+    dead = free_port()
     found = peers.detect(manual=[f"127.0.0.1:{agent.port}", f"127.0.0.1:{dead}", "x:y", f"127.0.0.1:{agent.port}"],
                          mdns_wait=0, measure_bytes=1 << 20, timeout=3.0)
     by_port = {p.port: p for p in found.value}

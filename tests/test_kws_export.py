@@ -30,6 +30,7 @@ flatbuffers = pytest.importorskip("flatbuffers")
 from tests.conftest import REPO
 from tiers.tier0 import export as ex
 from tiers.tier0 import verify
+from tiers.tier0.compiler import abi, lowering, memory, prepare
 
 KERNELS = REPO / "firmware" / "lib" / "kernels"
 CFLAGS = ["-O2", "-std=c99", "-Wall", "-Wextra", "-Werror"]
@@ -172,21 +173,27 @@ def _spatial(rng, k: int, s: int, d: int, pad: int) -> int:
     return int(rng.integers(lo, lo + 9))
 
 
-def add_conv(g: Graph, rng, x: int, shape, in_q, *, groups: int = 1, k=None, stride=None, act=None, pad=None,
-             out_c=None):
-    n, h, w, c = shape
+def _window(rng, h: int, w: int, k, stride, pad, max_stride: int):
+    """Window, stride, dilation (sometimes) and padding for a random convolution on an h x w input."""
     kh, kw = k or (int(rng.integers(1, 5)), int(rng.integers(1, 5)))
-    sh, sw = stride or (int(rng.integers(1, 4)), int(rng.integers(1, 4)))
+    sh, sw = stride or (int(rng.integers(1, max_stride)), int(rng.integers(1, max_stride)))
     dh, dw = (int(rng.integers(1, 3)), int(rng.integers(1, 3))) if rng.random() < 0.3 and pad is None else (1, 1)
     pad = int(rng.integers(0, 2)) if pad is None else pad
     if pad == VALID and (h < (kh - 1) * dh + 1 or w < (kw - 1) * dw + 1):
         pad = SAME
+    return kh, kw, sh, sw, dh, dw, pad
+
+
+def add_conv(g: Graph, rng, x: int, shape, in_q, *, groups: int = 1, k=None, stride=None, act=None, pad=None,
+             out_c=None):
+    n, h, w, c = shape
+    kh, kw, sh, sw, dh, dw, pad = _window(rng, h, w, k, stride, pad, max_stride=4)
     oc = int(rng.integers(1, 9)) * groups if out_c is None else out_c
     fic = c // groups
     wt, ws = _weights(rng, (oc, kh, kw, fic), oc, per_channel=rng.random() < 0.85)
     wi = g.tensor(wt.shape, INT8, ws, np.zeros(len(ws), np.int64), wt, qdim=0)
     bi = _bias(rng, g, oc, in_q[0], ws)
-    oh, ow = ex.out_size(pad, h, kh, sh, dh), ex.out_size(pad, w, kw, sw, dw)
+    oh, ow = prepare.out_size(pad, h, kh, sh, dh), prepare.out_size(pad, w, kw, sw, dw)
     out_q = (_out_scale(rng, in_q, ws, kh * kw * fic), _out_zp(rng))
     y = g.act((n, oh, ow, oc), *out_q)
     opt = fb.Conv2DOptionsT()
@@ -200,17 +207,12 @@ def add_conv(g: Graph, rng, x: int, shape, in_q, *, groups: int = 1, k=None, str
 def add_depthwise(g: Graph, rng, x: int, shape, in_q, *, mult=None, k=None, act=None, stride=None, pad=None):
     n, h, w, c = shape
     m = mult or int(rng.integers(1, 4))
-    kh, kw = k or (int(rng.integers(1, 5)), int(rng.integers(1, 5)))
-    sh, sw = stride or (int(rng.integers(1, 3)), int(rng.integers(1, 3)))
-    dh, dw = (int(rng.integers(1, 3)), int(rng.integers(1, 3))) if rng.random() < 0.3 and pad is None else (1, 1)
-    pad = int(rng.integers(0, 2)) if pad is None else pad
-    if pad == VALID and (h < (kh - 1) * dh + 1 or w < (kw - 1) * dw + 1):
-        pad = SAME
+    kh, kw, sh, sw, dh, dw, pad = _window(rng, h, w, k, stride, pad, max_stride=3)
     oc = c * m
     wt, ws = _weights(rng, (1, kh, kw, oc), oc, per_channel=rng.random() < 0.85)
     wi = g.tensor(wt.shape, INT8, ws, np.zeros(len(ws), np.int64), wt, qdim=3)
     bi = _bias(rng, g, oc, in_q[0], ws, optional=False)
-    oh, ow = ex.out_size(pad, h, kh, sh, dh), ex.out_size(pad, w, kw, sw, dw)
+    oh, ow = prepare.out_size(pad, h, kh, sh, dh), prepare.out_size(pad, w, kw, sw, dw)
     out_q = (_out_scale(rng, in_q, ws, kh * kw), _out_zp(rng))
     y = g.act((n, oh, ow, oc), *out_q)
     opt = fb.DepthwiseConv2DOptionsT()
@@ -244,7 +246,7 @@ def add_pool(g: Graph, rng, x: int, shape, in_q, kind: str, *, k=None, act=None)
     pad = int(rng.integers(0, 2))
     if pad == VALID and (h < kh or w < kw):
         pad = SAME
-    oh, ow = ex.out_size(pad, h, kh, sh, 1), ex.out_size(pad, w, kw, sw, 1)
+    oh, ow = prepare.out_size(pad, h, kh, sh, 1), prepare.out_size(pad, w, kw, sw, 1)
     y = g.act((n, oh, ow, c), *in_q)
     opt = fb.Pool2DOptionsT()
     opt.padding, opt.strideW, opt.strideH, opt.filterWidth, opt.filterHeight = pad, sw, sh, kw, kh
@@ -581,12 +583,12 @@ def test_dsp_shaped_layers_and_both_requantisation_forms_match_tflite_micro(rand
     names = [n for n in models if n.startswith(("dspconv_", "dspdw_", "exactconv_", "exactdw_"))]
     for n in names:
         assert_bit_exact(c, n, models[n], rng, n_inputs=3)
-    fast = {n: [s.params["requant_fast"] for s in ex.lower(ex.read_model(models[n]))
+    fast = {n: [s.params["requant_fast"] for s in lowering.lower(ex.read_model(models[n]))
                 if s.kernel in ("conv", "depthwise")] for n in names}
     assert all(f == [1] for n, f in fast.items() if n.startswith("dsp")), fast
     assert all(f == [0] for n, f in fast.items() if n.startswith("exact")), fast
     # the DSP depthwise path (channels in fours, multiplier 1) is what these exercise, 3x3 included
-    dw = [s.params for n in names if "dw_" in n for s in ex.lower(ex.read_model(models[n]))]
+    dw = [s.params for n in names if "dw_" in n for s in lowering.lower(ex.read_model(models[n]))]
     assert all(p["in_c"] % 4 == 0 and p["depth_mult"] == 1 for p in dw)
     assert any(p["k_w"] == 3 and p["dil_w"] == 1 for p in dw) and any(p["stride_w"] > 1 or p["dil_w"] > 1 for p in dw)
 
@@ -607,10 +609,10 @@ def test_fast_requantisation_equals_the_reference_on_its_whole_range():
     checked = refused = 0
     for _ in range(400):
         scale = float(np.exp(rng.uniform(np.log(1e-6), np.log(2.0))))
-        m, s = ex.quantize_multiplier(scale)
+        m, s = prepare.quantize_multiplier(scale)
         bound = int(np.exp(rng.uniform(0, np.log(2 ** 31))))
         off = int(rng.integers(-128, 128))
-        rq, fast = ex.requant_table([m], [s], off, [bound])
+        rq, fast = prepare.requant_table([m], [s], off, [bound])
         if not fast:
             refused += 1
             continue
@@ -643,9 +645,9 @@ def test_dscnn_arena_well_under_tflite_micro():
     """MLPerf-size DS-CNN: our static plan against TFLite Micro's arena (target <= 0.6x)."""
     model = dscnn_model()
     m = ex.read_model(model)
-    steps = ex.lower(m)
-    plan = ex.plan_memory(m, steps)
-    ex.check_plan(plan)
+    steps = lowering.lower(m)
+    plan = memory.plan_memory(m, steps)
+    memory.check_plan(plan)
     tflm = verify.arena(model)
     print(f"\nDS-CNN 64x4: ours {plan.arena_bytes:,} B (no overlap {plan.naive_bytes():,} B) vs {tflm.line()} "
           f"-> {plan.arena_bytes / tflm.total:.2f}x")
@@ -657,39 +659,69 @@ def test_dscnn_arena_well_under_tflite_micro():
 
 def test_overlap_limits_by_hand():
     # 3x3 depthwise, stride 1, SAME, W=5, C=64: the output may start one image row plus one pixel below
-    lo = ex._window_lo(1, 25, 5, 64, 25, 5, 64, 3, 3, 1, 1, 1, 1, 1, 1, np.arange(64))
-    assert ex.overlap_limit(lo) == -(5 + 1) * 64
+    lo = lowering.window_lo(1, 25, 5, 64, 25, 5, 64, 3, 3, 1, 1, 1, 1, 1, 1, np.arange(64))
+    assert memory.overlap_limit(lo) == -(5 + 1) * 64
     # 1x1 convolution, 64 -> 64: one pixel, less the last channel
-    lo = ex._window_lo(1, 25, 5, 64, 25, 5, 64, 1, 1, 1, 1, 1, 1, 0, 0, np.zeros(64, np.int64))
-    assert ex.overlap_limit(lo) == -63
+    lo = lowering.window_lo(1, 25, 5, 64, 25, 5, 64, 1, 1, 1, 1, 1, 1, 0, 0, np.zeros(64, np.int64))
+    assert memory.overlap_limit(lo) == -63
     # elementwise: in place
-    assert ex.overlap_limit(np.arange(10)) == 0
+    assert memory.overlap_limit(np.arange(10)) == 0
     # fully connected, one row: every output needs the whole input
-    assert ex.overlap_limit(np.zeros(12, np.int64)) == -11
+    assert memory.overlap_limit(np.zeros(12, np.int64)) == -11
 
 
 def test_quantize_multiplier_matches_tflite():
-    assert ex.quantize_multiplier(0.0) == (0, 0)
-    assert ex.quantize_multiplier(0.5) == (1 << 30, 0)
-    assert ex.quantize_multiplier(1.0) == (1 << 30, 1)
-    assert ex.quantize_multiplier(0.75) == (1610612736, 0)
+    assert prepare.quantize_multiplier(0.0) == (0, 0)
+    assert prepare.quantize_multiplier(0.5) == (1 << 30, 0)
+    assert prepare.quantize_multiplier(1.0) == (1 << 30, 1)
+    assert prepare.quantize_multiplier(0.75) == (1610612736, 0)
     # q rounds up to 2^31: halve and bump the shift
-    assert ex.quantize_multiplier(1 - 2 ** -40) == (1 << 30, 1)
+    assert prepare.quantize_multiplier(1 - 2 ** -40) == (1 << 30, 1)
     # below 2^-31 flushes to zero
-    assert ex.quantize_multiplier(2 ** -40) == (0, 0)
-    m, s = ex.quantize_multiplier(0.0123)
+    assert prepare.quantize_multiplier(2 ** -40) == (0, 0)
+    m, s = prepare.quantize_multiplier(0.0123)
     assert abs(m * 2.0 ** (s - 31) - 0.0123) < 1e-9
     # std::round is half away from zero, Python's round is not
-    assert ex.tf_round(2.5) == 3 and ex.tf_round(-2.5) == -3 and ex.tf_round(0.49999999999999994) == 0
+    assert prepare.tf_round(2.5) == 3 and prepare.tf_round(-2.5) == -3 and prepare.tf_round(0.49999999999999994) == 0
 
 
 def test_activation_ranges():
-    assert ex.activation_range(0, 0.1, 5) == (-128, 127)
-    assert ex.activation_range(1, 0.1, -128) == (-128, 127)
-    assert ex.activation_range(3, 0.05, -128) == (-128, -8)          # 6 / 0.05 = 120 -> -8
-    assert ex.activation_range(2, 0.1, 0) == (-10, 10)
+    assert prepare.activation_range(0, 0.1, 5) == (-128, 127)
+    assert prepare.activation_range(1, 0.1, -128) == (-128, 127)
+    assert prepare.activation_range(3, 0.05, -128) == (-128, -8)          # 6 / 0.05 = 120 -> -8
+    assert prepare.activation_range(2, 0.1, 0) == (-10, 10)
     with pytest.raises(ex.ExportError, match="TANH"):
-        ex.activation_range(4, 0.1, 0)
+        prepare.activation_range(4, 0.1, 0)
+
+
+def test_kernel_params_header_is_current():
+    """The kernels' parameter structs and size formulas are generated from the exporter's description."""
+    assert (KERNELS / "kws_params.h").read_text() == abi.header(), \
+        "regenerate: python -m tiers.tier0.compiler.abi"
+    assert [s.size for s in abi.STRUCTS] == [4 * 22, 4 * 9, 4 * 32, 4 * 5]
+
+
+@needs_gcc
+def test_size_formulas_agree_in_c_and_python(tmp_path):
+    """Each formula as C computes it (the generated macro) equals the Python evaluation the memory plan
+    uses, on random parameter blocks: C's operator precedence is not Python's."""
+    rng = np.random.default_rng(5)
+    cases = [{f: int(rng.integers(1, 9)) for f in abi.CONV.fields} for _ in range(300)]
+    for c in cases[::3]:
+        c["in_c"], c["depth_mult"] = 4 * c["in_c"], 1          # the DSP depthwise case, often
+    lines = ['#include <stdio.h>', '#include "kws_kernels.h"', "int main(void) {"]
+    for c in cases:
+        init = ", ".join(f".{k} = {v}" for k, v in c.items())
+        lines.append(f"  {{ kws_conv_params_t p = {{{init}}}; printf(\"%ld %ld %ld\\n\", "
+                     f"(long)KWS_CONV2D_SCRATCH_BYTES(&p), (long)KWS_DEPTHWISE_SCRATCH_BYTES(&p), "
+                     f"(long)KWS_CONV_PAIR_STRIDE(p.in_h * p.k_w)); }}")
+    (tmp_path / "f.c").write_text("\n".join([*lines, "  return 0;", "}", ""]))
+    subprocess.run(["gcc", *CFLAGS, f"-I{KERNELS}", str(tmp_path / "f.c"), "-o", str(tmp_path / "f")], check=True)
+    got = subprocess.run([str(tmp_path / "f")], capture_output=True, text=True, check=True).stdout.split("\n")
+    for c, line in zip(cases, got):
+        want = (abi.CONV2D_SCRATCH(c), abi.DEPTHWISE_SCRATCH(c), abi.CONV_PAIR_STRIDE({"K": c["in_h"] * c["k_w"]}))
+        assert tuple(int(v) for v in line.split()) == want, c
+    assert any(abi.DEPTHWISE_SCRATCH(c) for c in cases) and not all(abi.DEPTHWISE_SCRATCH(c) for c in cases)
 
 
 @needs_gcc
@@ -727,7 +759,7 @@ def test_fixed_point_primitives_match_gemmlowp(tmp_path):
         assert lib.kws_rounding_divide_by_pot(x, e) == rdbpot(x, e), (x, e)
     for _ in range(3000):
         x = int(rng.integers(-2 ** 24, 2 ** 24))
-        m, s = ex.quantize_multiplier(float(rng.uniform(1e-6, 4)))
+        m, s = prepare.quantize_multiplier(float(rng.uniform(1e-6, 4)))
         left, right = max(s, 0), max(-s, 0)
         want = rdbpot(srdhm(_wrap32(x << left), m), right)
         assert lib.kws_multiply_by_quantized_multiplier(x, m, s) == want, (x, m, s)

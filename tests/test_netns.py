@@ -95,12 +95,12 @@ def pair():
 
 @pytest.fixture
 def agent_a(pair, tmp_path):
-    """`python -m inventory.agent` in namespace A, pinned to one core; waits until it is advertised."""
+    """`tierkit agent` in namespace A, pinned to one core; waits until it is advertised."""
     core_a, _ = _cores()
     log = (tmp_path / "agent.log").open("w+")
     env = {**os.environ, "TIERKIT_HOME": str(tmp_path / "home-a"), "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(["ip", "netns", "exec", pair.a, "taskset", "-c", str(core_a), PY, "-m",
-                             "inventory.agent", "--host", pair.addr_a, "--port", str(PORT), "--name", "nodeA"],
+                             "tiers.cli", "agent", "--host", pair.addr_a, "--port", str(PORT), "--name", "nodeA"],
                             stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
     try:
         deadline = time.monotonic() + 60

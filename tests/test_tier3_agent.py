@@ -15,11 +15,12 @@ import time
 
 import pytest
 
-from inventory import agent as agent_mod
-from inventory.agent import AgentError, load_or_create_token, read_token_file, start_in_thread, txt_properties
 from inventory.profile import Profile
+from tiers.tier3 import agent as agent_mod
 from tiers.tier3 import vllm
+from tiers.tier3.agent import AgentError, load_or_create_token, read_token_file, start_in_thread, txt_properties
 from tiers.tier3.engine import EngineError
+from tiers.tier3.net import free_port
 
 TOKEN = "t0k3n-for-tests-0123456789abcdef"
 
@@ -97,9 +98,9 @@ def test_agent_process_prints_new_token_once(tmp_path):
     env = {"TIERKIT_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
     outs = []
     for _ in range(2):
-        proc = subprocess.Popen([sys.executable, "-m", "inventory.agent", "--host", "127.0.0.1", "--port", "0",
-                                 "--no-mdns", "--memory-budget", "64MiB"], stderr=subprocess.PIPE, text=True,
-                                cwd=REPO, env=env)
+        proc = subprocess.Popen([sys.executable, "-m", "tiers.cli", "agent", "--host", "127.0.0.1", "--port",
+                                 str(free_port()), "--no-mdns", "--memory-budget", "64MiB"],
+                                stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
         line = ""
         while "listening on" not in line:  # the new-token line, if any, comes before this one
             nxt = proc.stderr.readline()
@@ -114,7 +115,6 @@ def test_agent_process_prints_new_token_once(tmp_path):
 
 
 def test_bad_memory_budget_is_one_line(tmp_path):
-    assert agent_mod.main(["--memory-budget", "lots", "--no-mdns", "--port", "0"]) == 1
     from tests.conftest import assert_one_line_error, run_cli
 
     assert_one_line_error(run_cli("agent", "--memory-budget", "lots", home=tmp_path), "--memory-budget 'lots'")

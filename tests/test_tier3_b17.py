@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, assert_one_line_error, run_cli
+from tiers.tier3.net import free_port
 
 MODEL = Path(os.environ.get("TIERKIT_DATA", "/work/shared/data")) / "stories260K.gguf"
 pytestmark = pytest.mark.skipif(not MODEL.exists(), reason=f"{MODEL} is missing (the shared data folder)")
@@ -22,13 +22,11 @@ SMALL = ["--set", f"gguf={MODEL}", "--set", "new_tokens=24", "--set", "requests=
 @pytest.fixture
 def peer_profile(home):
     """An agent on loopback, found by `tierkit probe --peer`: the profile now has two nodes."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "TIERKIT_HOME": str(home), "PYTHONPATH": str(REPO)}
     env.pop("TIERKIT_AGENT_TOKEN", None)
     log = home / "agent.log"
-    agent = subprocess.Popen([sys.executable, "-m", "inventory.agent", "--host", "127.0.0.1", "--port", str(port),
+    agent = subprocess.Popen([sys.executable, "-m", "tiers.cli", "agent", "--host", "127.0.0.1", "--port", str(port),
                               "--no-mdns", "--name", "peer17"], stdout=log.open("w"), stderr=subprocess.STDOUT,
                              cwd=REPO, env=env)
     try:

@@ -11,7 +11,6 @@ are tested with the server, in the control-plane tests.)
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import threading
 import time
@@ -23,15 +22,10 @@ import torch
 from models.gpt import GPT, GPTConfig, save_checkpoint
 from tests.conftest import REPO
 from tiers.tier3.engine import EngineError, EngineUnavailable, Sampling
+from tiers.tier3.net import free_port
 from tiers.tier3.pipeline import PipelineEngine, resolve, worker_args, worker_command, worker_status
 
 TIMEOUT = 10.0   # seconds any wait on a peer may take; a loaded CI machine needs headroom
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Cluster:

@@ -5,8 +5,17 @@ from pathlib import Path
 
 import pytest
 
-from tiers.tier3.placement import (ModelLayout, Node, PlacementError, layout_from_config, layout_from_gguf,
-                                   parse_bytes, place, render, stages_for_engine)
+from inventory.units import parse_bytes
+from tiers.tier3.placement import (
+    ModelLayout,
+    Node,
+    PlacementError,
+    layout_from_config,
+    layout_from_gguf,
+    place,
+    render,
+    stages_for_engine,
+)
 
 GGUF = Path("/work/shared/data/stories260K.gguf")
 MiB = 1 << 20

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,7 +20,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from inventory.units import fmt_bytes
 from tests.conftest import REPO, assert_one_line_error, run_cli, stop_process, wait_for_line
+from tiers.tier3.net import free_port
 
 MODEL = Path(os.environ.get("TIERKIT_DATA", "/work/shared/data")) / "stories260K.gguf"
 BUDGET = "1MiB"
@@ -29,12 +30,6 @@ PROMPTS = ["Once upon a time", "The dog", "Tom and Sue", "One day", "The sun", "
            "Lily wanted"]
 
 pytestmark = pytest.mark.skipif(not MODEL.exists(), reason=f"{MODEL} is missing (the shared data folder)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 _REF: dict[tuple[str, int], list[int]] = {}
@@ -67,7 +62,7 @@ class Cluster:
         env = {**os.environ, "TIERKIT_HOME": str(self.home), "PYTHONPATH": str(REPO)}
         env.pop("TIERKIT_AGENT_TOKEN", None)
         self.agent_log = tmp / "agent.log"
-        self.agent = subprocess.Popen([sys.executable, "-m", "inventory.agent", "--host", "127.0.0.1", "--port",
+        self.agent = subprocess.Popen([sys.executable, "-m", "tiers.cli", "agent", "--host", "127.0.0.1", "--port",
                                        str(self.agent_port), "--no-mdns", "--name", "nodeB", "--memory-budget",
                                        BUDGET], stdout=self.agent_log.open("w"), stderr=subprocess.STDOUT,
                                       cwd=REPO, env=env)
@@ -129,9 +124,9 @@ def test_plan_splits_the_model_across_both_nodes(cluster):
 
 
 def test_refused_on_one_node(home):
-    from tiers.tier3.placement import gib, layout_from_gguf
+    from tiers.tier3.placement import layout_from_gguf
 
-    need = gib(layout_from_gguf(MODEL, n_ctx=512).total_bytes)
+    need = fmt_bytes(layout_from_gguf(MODEL, n_ctx=512).total_bytes, binary=True)
     proc = run_cli("serve", str(MODEL), "--peers", "none", "--memory-budget", BUDGET, home=home)
     assert_one_line_error(proc, f"needs {need}", "921.60 KiB usable after 10% headroom", "add a node", code=1)
 

@@ -147,13 +147,14 @@ def agent(
     mdns: bool = typer.Option(True, "--mdns/--no-mdns", help="Advertise over mDNS."),
 ) -> None:
     """Run on every machine: advertise over mDNS, serve this profile, start engine workers for an authenticated head."""
-    from inventory import agent as agent_mod
     from inventory.profile import default_path
+    from inventory.units import parse_bytes
+    from tiers.tier3 import agent as agent_mod
 
     try:
-        budget = agent_mod._parse_budget(memory_budget)
-    except agent_mod.AgentError as exc:
-        raise Fail(str(exc), 2) from None
+        budget = parse_bytes(memory_budget) if memory_budget is not None else None
+    except ValueError:
+        raise Fail(f"--memory-budget {memory_budget!r}: write a size such as 8GiB, 512MiB or a number of bytes") from None
     if profile is not None or default_path().exists():
         prof = load_profile(profile)
     else:
@@ -164,7 +165,8 @@ def agent(
         agent_mod.serve(host, port, prof, name, verbose=verbose, advertise=mdns, token_file=token_file,
                         memory_budget=budget)
     except agent_mod.AgentError as exc:
-        raise Fail(str(exc), 1) from None
+        agent_mod.log(str(exc))   # in the agent's own voice, like every line it prints
+        raise typer.Exit(1) from None
 
 
 @app.command()
@@ -182,13 +184,13 @@ def serve(
     threads: Optional[int] = typer.Option(None, "--threads", min=1, max=1024, help="Compute threads on the head and on each llama-rpc worker [default: llama.cpp's]."),
 ) -> None:
     """Serve one model across this machine and its peers: plan, launch workers, OpenAI-compatible API."""
-    from inventory import agent as agent_mod
+    from inventory.units import parse_bytes
     from tiers.tier3 import serve as serve_mod
 
     try:
-        budget = agent_mod._parse_budget(memory_budget)
-    except agent_mod.AgentError as exc:
-        raise Fail(str(exc), 2) from None
+        budget = parse_bytes(memory_budget) if memory_budget is not None else None
+    except ValueError:
+        raise Fail(f"--memory-budget {memory_budget!r}: write a size such as 8GiB, 512MiB or a number of bytes") from None
     try:
         serve_mod.serve(model, engine=engine, peers=peers, host=host, port=port, token_file=token_file,
                         memory_budget=budget, n_ctx=ctx, mdns_wait=mdns_wait, head_address=head_address,
@@ -211,8 +213,8 @@ def _fit_profile(arg: Optional[str]):
     """
     import socket
 
+    from inventory.kits import reference_names, resolve_profile
     from inventory.profile import ProfileError, default_path
-    from tiers.fit import reference_names, resolve_profile
 
     if arg is None:
         path = default_path()
@@ -239,7 +241,7 @@ def _fit_console():
 
 
 def _fit_memory(plan) -> str:
-    from models.costs import fmt_bytes
+    from inventory.units import fmt_bytes
 
     c, pred = plan.config, plan.prediction
     if "sram_bytes" in c:
@@ -292,8 +294,9 @@ def fit_cmd(
     explain: bool = typer.Option(False, "--explain", help="Show each plan's basis: the arithmetic behind every number."),
 ) -> None:
     """Which milestones fit this hardware, at what size, and how long they take."""
+    from inventory.kits import reference_names, reference_profile
     from tiers import catalog
-    from tiers.fit import FitError, fit, reference_names, reference_profile
+    from tiers.fit import FitError, fit
 
     try:
         milestones = catalog.track(track)
@@ -365,8 +368,8 @@ def _run_profile(arg: Optional[str], milestone: str):
 
             return quick_probe(bench=False, discover=False), path
         return load_profile(path), path
+    from inventory.kits import resolve_profile
     from inventory.profile import ProfileError
-    from tiers.fit import resolve_profile
 
     try:
         prof, is_reference = resolve_profile(arg)
@@ -471,7 +474,7 @@ def data_list(path: Optional[Path] = typer.Option(None, "--path", help="Also loo
     """Every data set the registry knows: source, size, licence, checksum, and where it is here."""
     from rich.table import Table
 
-    from models.costs import fmt_bytes
+    from inventory.units import fmt_bytes
     from tiers import data
 
     table = Table(title=f"data sets (fetch writes to {data.data_root()})", show_lines=True)

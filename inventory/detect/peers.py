@@ -1,9 +1,10 @@
 """Peers: the other machines running `tierkit agent`, and the link to each.
 
 Agents are found over mDNS (`_tierkit._tcp.local.`) or given by hand as
-HOST:PORT. For each one we measure what tier 3 placement needs: the round-trip
-time (median of a few tiny requests over one keep-alive connection) and the
-download bandwidth (a timed transfer), and we keep the summary its agent reports.
+HOST:PORT; the service type and routes are inventory/protocol.py's. For each
+one we measure what tier 3 placement needs: the round-trip time (median of a
+few tiny requests over one keep-alive connection) and the download bandwidth
+(a timed transfer), and we keep the summary its agent reports.
 
 Discovery has to be fast (the whole `tierkit probe --no-bench` should take well
 under half a second), so instead of a zeroconf ServiceBrowser we send our own
@@ -34,19 +35,16 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from inventory.detect import MDNS_WAIT, Found, Unavailable
+from inventory.protocol import BANDWIDTH, DEFAULT_PORT, PING, PROFILE, SERVICE_TYPE
 
 if TYPE_CHECKING:  # imported where used: `start()` must be cheap to import and call
     import http.client
 
     from inventory.profile import Figure, Peer
 
-SERVICE_TYPE = "_tierkit._tcp.local."
-DEFAULT_PORT = 8477
 PINGS = 5
 
 _MDNS_GROUP = ("224.0.0.251", 5353)
@@ -161,17 +159,17 @@ def _rtt(link: _Link) -> tuple[dict[str, Any], Figure]:
     """Median of PINGS round trips; a first, untimed ping opens the connection."""
     from inventory.profile import Figure
 
-    hello = link.get_json("/v1/ping")
+    hello = link.get_json(PING)
     if hello.get("ok") is not True:
-        raise _NotAgent("GET /v1/ping did not say ok")
+        raise _NotAgent(f"GET {PING} did not say ok")
     times = []
     for _ in range(PINGS):
         t0 = time.perf_counter()
-        link.get_json("/v1/ping")
+        link.get_json(PING)
         times.append(time.perf_counter() - t0)
     ms = statistics.median(times) * 1e3
     return hello, Figure(value=round(ms, 4), unit="ms", source="measured",
-                         method=f"median of {PINGS} GET /v1/ping round trips over one keep-alive HTTP connection")
+                         method=f"median of {PINGS} GET {PING} round trips over one keep-alive HTTP connection")
 
 
 def _bandwidth(link: _Link, nbytes: int) -> Figure | None:
@@ -182,10 +180,10 @@ def _bandwidth(link: _Link, nbytes: int) -> Figure | None:
     """
     from inventory.profile import Figure
 
-    resp = link.get(f"/v1/bandwidth?bytes={nbytes}")
+    resp = link.get(f"{BANDWIDTH}?bytes={nbytes}")
     if resp.status != 200:
         resp.read()
-        raise _NotAgent(f"GET /v1/bandwidth gave HTTP {resp.status}")
+        raise _NotAgent(f"GET {BANDWIDTH} gave HTTP {resp.status}")
     buf = memoryview(bytearray(1 << 18))
     got = 0
     t0 = time.perf_counter()
@@ -202,10 +200,10 @@ def _bandwidth(link: _Link, nbytes: int) -> Figure | None:
     seconds = time.perf_counter() - t0
     if got < min(nbytes, 64 << 10) or seconds <= 0:
         return None
-    how = f"download of {nbytes} bytes (GET /v1/bandwidth, peer to this host), timed from headers to last byte"
+    how = f"download of {nbytes} bytes (GET {BANDWIDTH}, peer to this host), timed from headers to last byte"
     if got < nbytes:
         how = (f"partial download: {got} of {nbytes} bytes arrived before the timeout "
-               "(GET /v1/bandwidth, peer to this host)")
+               f"(GET {BANDWIDTH}, peer to this host)")
     return Figure(value=round(got * 8 / seconds / 1e6, 2), unit="Mbit/s", source="measured", method=how)
 
 
@@ -243,7 +241,7 @@ def measure(host: str, port: int, found_by: str, *, name: str | None = None,
 
 
 def _describe(peer: Peer, link: _Link, hello: dict[str, Any], measure_bytes: int) -> None:
-    summary = link.get_json("/v1/profile").get("summary")
+    summary = link.get_json(PROFILE).get("summary")
     if isinstance(summary, dict):
         peer.summary = summary
     peer.name = str(peer.summary.get("name") or hello.get("name") or peer.name or "") or None

@@ -2,5 +2,6 @@
 
 Audio data (`data`), the MFCC front end shared by training and firmware
 (`features`), Keras training, int8 quantisation, verification on the TFLite
-Micro interpreter, C code generation, firmware build, flash and monitor.
+Micro interpreter, the .tflite-to-C compiler (`compiler/`, entry point
+`export`), firmware build for the emulated board (`firmware`), flash and monitor.
 """

@@ -11,7 +11,8 @@
                  without: run it on the emulated Cortex-M4 (QEMU), driven over its serial pty
     8. report    accuracy at every stage, confusion matrix, model / arena / flash sizes, latency
 
-Steps 1-6 are functions the `tierkit kws` commands call one by one.
+`run` below is the whole milestone in that order; each step is a function the
+`tierkit kws` commands also call one by one (`train_to`, `evaluate`, at the end).
 """
 from __future__ import annotations
 
@@ -22,34 +23,125 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
+from annotated_types import Ge, Gt
 
+from inventory.files import atomic_write
+from tiers.report import md_table, pyplot, save
 from tiers.tier0 import data as D
 from tiers.tier0 import features as F
 
 if TYPE_CHECKING:
     from tiers.runner import Context, Output
+    from tiers.tier0.monitor import Classification
 
-# ------------------------------------------------------------------ config
-# Defaults; the planner's sized config (ctx.config: channels, blocks, epochs, ...) overrides them.
-DEFAULTS: dict[str, Any] = {
-    "data": None,              # a Speech Commands-style folder; None: synthetic keywords (espeak-ng)
-    "synth_speakers": None,    # synthetic speakers to use (None: every voice x variant x speed x pitch)
-    "limit_per_class": None,   # cap clips per class and split (quick runs)
-    "channels": 64, "blocks": 4,
-    "epochs": 30, "batch_size": 64, "learning_rate": 1e-3,
-    "train_samples": 85_000,   # training examples per epoch, reached with augmented copies
-    "device_clips": 120,       # test clips streamed to the device (QEMU: ~1.3 s each over its UART)
-    "seed": 0,
-}
+
+@dataclass
+class Config:
+    channels: Annotated[int, Gt(0)] = 64             # the DS-CNN's width and depth: the ladder's rung
+    blocks: Annotated[int, Gt(0)] = 4
+    epochs: Annotated[int, Gt(0)] = 30
+    batch_size: Annotated[int, Gt(0)] = 64
+    learning_rate: Annotated[float, Gt(0)] = 1e-3
+    train_samples: Annotated[int, Gt(0)] = 85_000    # training examples per epoch, reached with augmented copies
+    device_clips: Annotated[int, Ge(0)] = 120        # test clips streamed to the device (QEMU: ~1.3 s each over its UART)
+    data: str | None = None                          # a Speech Commands-style folder; None: synthetic keywords (espeak-ng)
+    synth_speakers: Annotated[int, Gt(0)] | None = None   # synthetic speakers to use (None: every voice x variant x ...)
+    limit_per_class: Annotated[int, Gt(0)] | None = None  # cap clips per class and split (quick runs)
+    seed: int = 0
+    # The planner's predictions for the board (its sized config), set when it planned for one; the
+    # report puts the image actually built beside them.
+    sram_bytes: int | None = None
+    flash_bytes: int | None = None
+    arena_bytes: int | None = None
+    model_bytes: int | None = None
+    latency_ms: float | None = None
+
 
 Progress = Callable[[str, int, int], None]   # (stage, done, total)
 
 
 def _quiet(stage: str, done: int, total: int) -> None:
     pass
+
+
+# ------------------------------------------------------------------ the milestone
+
+def run(ctx: Context) -> Output:
+    from tiers.runner import Output
+
+    cfg: Config = ctx.config
+    out = ctx.out_dir
+    bars: dict[str, Any] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        bars.setdefault(stage, ctx.progress(stage, total or None))
+        bars[stage].update(completed=done)
+
+    t0 = time.perf_counter()
+    # 1-2. data and features
+    splits, source, noises = load_data(cfg.data, synth_speakers=cfg.synth_speakers,
+                                       limit_per_class=cfg.limit_per_class, progress=progress)
+    ctx.log(f"data: {source}: train {len(splits['train'])}, test {len(splits['test'])} clips")
+    x_train, y_train = training_features(splits["train"], noises, cfg.train_samples, cfg.seed)
+    x_test, y_test = F.mfcc(splits["test"].audio)[..., None], splits["test"].labels
+    t_data = time.perf_counter() - t0
+
+    # 3. train
+    model = train(x_train, y_train, channels=cfg.channels, blocks=cfg.blocks, epochs=cfg.epochs,
+                  batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, seed=cfg.seed, progress=progress)
+    t_train = time.perf_counter() - t0 - t_data
+
+    # 4-6. quantise, verify on TFLite Micro, export C
+    c = compile_model(model, x_train, x_test, y_test, out)
+    ctx.log(f"int8 model {len(c.tflite):,} B; float {c.float_acc:.1%}, int8 {c.int8_acc:.1%}, "
+            f"TFLite Micro {c.tflm_acc:.1%}; {c.export.summary()}")
+
+    # 7. on the device: the planned board if it is plugged in, else the emulated Cortex-M4
+    pick = spread(len(y_test), cfg.device_clips)
+    port = _planned_port(ctx)
+    if port and os.path.exists(port):
+        dev = run_on_board(ctx.profile, port, out / "model", splits["test"].audio[pick], progress)
+    else:
+        dev = run_on_qemu(out / "model", splits["test"].audio[pick], progress)
+    ctx.log(f"device: {dev.where}: {len(pick)} clips")
+
+    # 8. numbers, plot, report
+    metrics = _metrics(cfg, source, splits, c, dev, pick, y_test, _board_spec(ctx, port))
+    metrics["seconds"] = {"data_and_features": round(t_data, 1), "training": round(t_train, 1),
+                          "total": round(time.perf_counter() - t0, 1)}
+    n = len(pick)
+    cm = confusion(y_test[pick], dev.scores.argmax(-1)) if n else confusion(y_test, c.tflm_scores.argmax(-1))
+    plot_confusion(cm, out / "confusion_matrix.png",
+                   f"on the device ({dev.where.split(' (')[0]}), {n} test clips" if n else "TFLite Micro")
+    metrics["confusion_matrix"] = {"labels": list(D.CLASSES), "rows_true_cols_predicted": cm.tolist()}
+    (out / "kws.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    # The plan's memory prediction is the board's SRAM; what compares with it is the image's RAM, not
+    # this host's RSS (training).
+    how = f"the firmware image's RAM (data + bss + stack) as built for {dev.where}, arm-none-eabi-size"
+    peak = (int(dev.image["ram"]), how) if dev.image.get("ram") else None
+    return Output(metrics=metrics, summary=_summary(metrics), report=_report(metrics),
+                  plots=["confusion_matrix.png: confusion matrix on the device"], device_peak=peak)
+
+
+def spread(n: int, k: int) -> np.ndarray:
+    """min(k, n) indices spread evenly over range(n) (the test split is sorted by class)."""
+    k = min(k, n)
+    return np.linspace(0, n - 1, k).round().astype(int) if k else np.zeros(0, int)
+
+
+def _planned_port(ctx: Context) -> str | None:
+    return ctx.device.removeprefix("board:") if ctx.device.startswith("board:") else None
+
+
+def _board_spec(ctx: Context, port: str | None) -> Any:
+    """The planned board's spec (its clock gives an estimated latency), if the plan names one."""
+    for b in ctx.profile.boards:
+        if b.port == port and b.board is not None:
+            return b.board
+    return None
 
 
 # ------------------------------------------------------------------ 1. data
@@ -155,7 +247,7 @@ def compile_model(model: Any, x_train: np.ndarray, x_test: np.ndarray, y_test: n
     test_input = qin.quantize(x_test)
     tflm = verify.run(tfl, test_input).reshape(len(x_test), -1)
     tflm_acc = float((tflm.argmax(-1) == y_test).mean())
-    (out_dir / "model.tflite").write_bytes(tfl)
+    atomic_write(out_dir / "model.tflite", tfl)
     res = export.export_c(tfl, out_dir / "model", source_name="model.tflite")
     return Compiled(tfl, rep.float_acc, rep.int8_acc, tflm_acc, tflm, test_input, verify.arena(tfl).total, res)
 
@@ -167,13 +259,45 @@ class DeviceRun:
     """What the firmware computed, driven over its serial port."""
 
     where: str                        # "QEMU mps2-an386 (Cortex-M4)" or "<board> on <port>"
-    scores: np.ndarray                # int8, (clips, classes)
-    inputs: np.ndarray                # int8 input tensors it computed
     image: dict[str, int]             # text / data / bss / flash / ram
+    scores: np.ndarray = field(default_factory=lambda: np.zeros(0))     # int8, (clips, classes)
+    inputs: np.ndarray = field(default_factory=lambda: np.zeros(0))     # int8 input tensors it computed
     feature_count: list[int] = field(default_factory=list)
     invoke_count: list[int] = field(default_factory=list)
     unit: str = "instructions"        # of the counts: instructions (QEMU -icount) or cycles
     counter_hz: int = 0
+
+    @property
+    def invoke_median(self) -> float | None:
+        """The model's count per inference (median over the clips)."""
+        return float(np.median(self.invoke_count)) if self.invoke_count else None
+
+    @property
+    def feature_median(self) -> float | None:
+        return float(np.median(self.feature_count)) if self.feature_count else None
+
+    def exact(self, tflite: bytes) -> int:
+        """Clips whose scores equal TFLite Micro's on the very int8 input the device computed:
+        the kernels' bit-exactness, with the front end taken out of the comparison."""
+        from tiers.tier0 import verify
+
+        n = len(self.scores)
+        ref = verify.run(tflite, self.inputs).reshape(n, -1) if n else np.zeros((0, 0), np.int8)
+        return int(np.sum(np.all(self.scores == ref, axis=1))) if n else 0
+
+    def classify(self, clips: np.ndarray, classify: Callable[[np.ndarray], Classification],
+                 count: Callable[[int], int], stage: str, progress: Progress) -> DeviceRun:
+        """Send every clip, keep the scores, the input tensor the device computed and its counts."""
+        scores, inputs = [], []
+        for i, clip in enumerate(clips):
+            r = classify(clip)
+            scores.append(r.scores)
+            inputs.append(r.input)
+            self.feature_count.append(count(r.feature_count))
+            self.invoke_count.append(count(r.invoke_count))
+            progress(stage, i + 1, len(clips))
+        self.scores, self.inputs = np.array(scores), np.array(inputs)
+        return self
 
 
 def run_on_qemu(model_dir: Path, clips: np.ndarray, progress: Progress = _quiet) -> DeviceRun:
@@ -181,19 +305,10 @@ def run_on_qemu(model_dir: Path, clips: np.ndarray, progress: Progress = _quiet)
     from tiers.tier0 import firmware
 
     build = firmware.build_qemu(model_dir)
-    run = DeviceRun(f"QEMU {firmware.QEMU_MACHINE} (Cortex-M4, -icount shift=0)", np.zeros(0), np.zeros(0),
-                    build.size.to_dict())
-    scores, inputs = [], []
+    run = DeviceRun(f"QEMU {firmware.QEMU_MACHINE} (Cortex-M4, -icount shift=0)", build.size.to_dict())
     with firmware.QemuDevice.start(build.elf) as dev:
-        for i, clip in enumerate(clips):
-            r = dev.classify_full(clip, want_input=True)
-            scores.append(r.scores)
-            inputs.append(r.input)
-            run.feature_count.append(dev.instructions(r.feature_count))
-            run.invoke_count.append(dev.instructions(r.invoke_count))
-            progress("classifying on QEMU", i + 1, len(clips))
-    run.scores, run.inputs = np.array(scores), np.array(inputs)
-    return run
+        return run.classify(clips, lambda clip: dev.classify_full(clip, want_input=True), dev.instructions,
+                            "classifying on QEMU", progress)
 
 
 def classify_over_serial(port: str, clips: np.ndarray, *, where: str | None = None, image: dict[str, int] | None = None,
@@ -205,20 +320,13 @@ def classify_over_serial(port: str, clips: np.ndarray, *, where: str | None = No
     try:
         link = Link(ser, timeout=60)
         info = link.info()
-        run = DeviceRun(where or f"{info.board} on {port}", np.zeros(0), np.zeros(0), image or {},
-                        unit=info.counter_unit, counter_hz=info.counter_hz)
-        scores, inputs = [], []
-        for i, clip in enumerate(clips):
-            r = link.classify(clip, want_input=True)
-            scores.append(r.scores)
-            inputs.append(r.input)
-            run.feature_count.append(r.feature_count)
-            run.invoke_count.append(r.invoke_count)
-            progress("classifying on the board", i + 1, len(clips))
+        run = DeviceRun(where or f"{info.board} on {port}", image or {}, unit=info.counter_unit,
+                        counter_hz=info.counter_hz)
+        run.classify(clips, lambda clip: link.classify(clip, want_input=True), int, "classifying on the board",
+                     progress)
         link.live()
     finally:
         ser.close()
-    run.scores, run.inputs = np.array(scores), np.array(inputs)
     return run
 
 
@@ -233,7 +341,74 @@ def run_on_board(profile: Any, port: str, model_dir: Path, clips: np.ndarray,
                                 progress=progress)
 
 
-# ------------------------------------------------------------------ 8. report
+# ------------------------------------------------------------------ 8. the numbers
+
+def _metrics(cfg: Config, source: str, splits: dict[str, D.ClipSet], c: Compiled, dev: DeviceRun,
+             pick: np.ndarray, y_test: np.ndarray, spec: Any) -> dict[str, Any]:
+    n = len(pick)
+    same_input = int(np.sum(np.all(dev.inputs == c.test_input[pick].reshape(n, -1), axis=1))) if n else 0
+    invoke, feats = dev.invoke_median, dev.feature_median
+    macs = _macs(cfg.channels, cfg.blocks)
+    m: dict[str, Any] = {
+        "data": source, "clips": {k: len(v) for k, v in splits.items()},
+        "model": {"channels": cfg.channels, "blocks": cfg.blocks, "macs": macs,
+                  "tflite_bytes": len(c.tflite), "const_bytes": c.export.const_bytes,
+                  "arena_bytes": c.export.arena_bytes, "tflm_arena_bytes": c.tflm_arena,
+                  "arena_vs_tflm": round(c.export.arena_bytes / c.tflm_arena, 3) if c.tflm_arena else None},
+        "accuracy": {"float": c.float_acc, "int8": c.int8_acc, "tflm": c.tflm_acc,
+                     "tflm_on_device_clips": float((c.tflm_scores[pick].argmax(-1) == y_test[pick]).mean()) if n else None,
+                     "device": float((dev.scores.argmax(-1) == y_test[pick]).mean()) if n else None,
+                     "device_clips": n},
+        "bit_exact": {"scores_equal_tflm": dev.exact(c.tflite), "inputs_equal_host": same_input, "of": n},
+        "device": {"where": dev.where, "image": dev.image, "unit": dev.unit},
+        "latency": {"model": invoke, "features": feats, "unit": dev.unit,
+                    "model_per_mac": round(invoke / macs, 3) if invoke and macs else None},
+    }
+    prediction = _prediction(cfg, c, dev)
+    if prediction:
+        m["prediction"] = prediction
+    if spec is not None and invoke:
+        hz = spec.clock_mhz * 1e6
+        m["latency"]["board"] = spec.name
+        m["latency"]["board_ms_at_1_per_cycle"] = round((invoke + (feats or 0)) / hz * 1e3, 1)
+        m["device"]["board_budget"] = {"flash_bytes": spec.flash_bytes, "sram_bytes": spec.sram_bytes}
+    if dev.unit == "cycles" and dev.counter_hz and invoke:
+        m["latency"]["model_ms"] = round(invoke / dev.counter_hz * 1e3, 2)
+    return m
+
+
+def _prediction(cfg: Config, c: Compiled, dev: DeviceRun) -> dict[str, Any] | None:
+    """The planner's board-side predictions (its sized config) against what was built: the image's real
+    flash and RAM (arm-none-eabi-size, or the board build's), our arena, the instructions measured."""
+    pred = {"sram_bytes": cfg.sram_bytes, "flash_bytes": cfg.flash_bytes, "arena_bytes": cfg.arena_bytes,
+            "model_bytes": cfg.model_bytes, "latency_ms": cfg.latency_ms}
+    if all(v is None for v in pred.values()):
+        return None
+    img = dev.image or {}
+
+    def ratio(a: float | None, p: float | None) -> float | None:
+        return round(a / p, 3) if a and p else None
+
+    return {
+        "predicted": pred,
+        "actual": {"image_ram_bytes": img.get("ram"), "image_flash_bytes": img.get("flash"),
+                   "arena_bytes": c.export.arena_bytes, "tflm_arena_bytes": c.tflm_arena,
+                   "model_const_bytes": c.export.const_bytes, "tflite_bytes": len(c.tflite)},
+        "ratios": {"ram": ratio(img.get("ram"), pred["sram_bytes"]),
+                   "flash": ratio(img.get("flash"), pred["flash_bytes"]),
+                   "arena": ratio(c.export.arena_bytes, pred["arena_bytes"]),
+                   "tflm_arena": ratio(c.tflm_arena, pred["arena_bytes"]),
+                   "model": ratio(c.export.const_bytes, pred["model_bytes"])},
+        "image_from": dev.where,
+    }
+
+
+def _macs(channels: int, blocks: int) -> int:
+    from models import kws
+    from models.costs import DSCNNShape
+
+    return kws.macs(DSCNNShape(channels, blocks))
+
 
 def confusion(y_true: np.ndarray, y_pred: np.ndarray, n: int = len(D.CLASSES)) -> np.ndarray:
     m = np.zeros((n, n), dtype=np.int64)
@@ -241,12 +416,10 @@ def confusion(y_true: np.ndarray, y_pred: np.ndarray, n: int = len(D.CLASSES)) -
     return m
 
 
+# ------------------------------------------------------------------ plots
+
 def plot_confusion(m: np.ndarray, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 6))
     norm = m / np.maximum(m.sum(1, keepdims=True), 1)
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
@@ -260,146 +433,17 @@ def plot_confusion(m: np.ndarray, path: Path, title: str) -> None:
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
 
-def _board_spec(ctx: Context) -> Any:
-    """The planned board's spec (its clock gives an estimated latency), if the plan names one."""
-    port = ctx.device.removeprefix("board:") if ctx.device.startswith("board:") else None
-    for b in ctx.profile.boards:
-        if b.port == port and b.board is not None:
-            return b.board
-    return None
-
-
-def run(ctx: Context) -> Output:
-    from tiers.runner import Output
-
-    cfg = {**DEFAULTS, **ctx.config}
-    out = ctx.out_dir
-
-    def progress(stage: str, done: int, total: int) -> None:
-        bars.setdefault(stage, ctx.progress(stage, total or None))
-        bars[stage].update(completed=done)
-
-    bars: dict[str, Any] = {}
-    t0 = time.perf_counter()
-
-    # 1-2. data and features
-    splits, source, noises = load_data(cfg["data"], synth_speakers=cfg["synth_speakers"],
-                                       limit_per_class=cfg["limit_per_class"], progress=progress)
-    ctx.log(f"data: {source}: train {len(splits['train'])}, test {len(splits['test'])} clips")
-    x_train, y_train = training_features(splits["train"], noises, int(cfg["train_samples"]), int(cfg["seed"]))
-    x_test, y_test = F.mfcc(splits["test"].audio)[..., None], splits["test"].labels
-    t_data = time.perf_counter() - t0
-
-    # 3. train
-    model = train(x_train, y_train, channels=int(cfg["channels"]), blocks=int(cfg["blocks"]),
-                  epochs=max(1, int(cfg["epochs"])), batch_size=int(cfg["batch_size"]),
-                  learning_rate=float(cfg["learning_rate"]), seed=int(cfg["seed"]), progress=progress)
-    t_train = time.perf_counter() - t0 - t_data
-
-    # 4-6. quantise, verify on TFLite Micro, export C
-    c = compile_model(model, x_train, x_test, y_test, out)
-    ctx.log(f"int8 model {len(c.tflite):,} B; float {c.float_acc:.1%}, int8 {c.int8_acc:.1%}, "
-            f"TFLite Micro {c.tflm_acc:.1%}; {c.export.summary()}")
-
-    # 7. on the device: the planned board if it is plugged in, else the emulated Cortex-M4
-    n = min(int(cfg["device_clips"]), len(y_test))
-    pick = np.linspace(0, len(y_test) - 1, n).round().astype(int) if n else np.zeros(0, int)
-    port = ctx.device.removeprefix("board:") if ctx.device.startswith("board:") else None
-    if port and os.path.exists(port):
-        dev = run_on_board(ctx.profile, port, out / "model", splits["test"].audio[pick], progress)
-    else:
-        dev = run_on_qemu(out / "model", splits["test"].audio[pick], progress)
-    ctx.log(f"device: {dev.where}: {n} clips")
-
-    # 8. numbers, plot, report
-    metrics = _metrics(cfg, source, splits, c, dev, pick, y_test, _board_spec(ctx))
-    metrics["seconds"] = {"data_and_features": round(t_data, 1), "training": round(t_train, 1),
-                          "total": round(time.perf_counter() - t0, 1)}
-    cm = confusion(y_test[pick], dev.scores.argmax(-1)) if n else confusion(y_test, c.tflm_scores.argmax(-1))
-    plot_confusion(cm, out / "confusion_matrix.png",
-                   f"on the device ({dev.where.split(' (')[0]}), {n} test clips" if n else "TFLite Micro")
-    metrics["confusion_matrix"] = {"labels": list(D.CLASSES), "rows_true_cols_predicted": cm.tolist()}
-    (out / "kws.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    # The plan's memory prediction is the board's SRAM; what compares with it is the image's RAM, not
-    # this host's RSS (training). Handed to the runner where it takes a device-side peak.
-    extra: dict[str, Any] = {}
-    if "device_peak" in getattr(Output, "__dataclass_fields__", {}) and dev.image.get("ram"):
-        extra["device_peak"] = (int(dev.image["ram"]), (f"the firmware image's RAM (data + bss + stack) as "
-                                                        f"built for {dev.where}, arm-none-eabi-size"))
-    return Output(metrics=metrics, summary=_summary(metrics), report=_report(metrics),
-                  plots=["confusion_matrix.png: confusion matrix on the device"], **extra)
-
-
-def _metrics(cfg: dict[str, Any], source: str, splits: dict[str, D.ClipSet], c: Compiled, dev: DeviceRun,
-             pick: np.ndarray, y_test: np.ndarray, spec: Any) -> dict[str, Any]:
-    from tiers.tier0 import verify
-
-    n = len(pick)
-    # The kernels' bit-exactness: TFLite Micro on the very input tensors the device computed.
-    ref = verify.run(c.tflite, dev.inputs).reshape(n, -1) if n else np.zeros((0, 0), np.int8)
-    exact = int(np.sum(np.all(dev.scores == ref, axis=1))) if n else 0
-    same_input = int(np.sum(np.all(dev.inputs == c.test_input[pick].reshape(n, -1), axis=1))) if n else 0
-    invoke = float(np.median(dev.invoke_count)) if dev.invoke_count else None
-    feats = float(np.median(dev.feature_count)) if dev.feature_count else None
-    macs = _macs(int(cfg["channels"]), int(cfg["blocks"]))
-    m: dict[str, Any] = {
-        "data": source, "clips": {k: len(v) for k, v in splits.items()},
-        "model": {"channels": cfg["channels"], "blocks": cfg["blocks"], "macs": macs,
-                  "tflite_bytes": len(c.tflite), "const_bytes": c.export.const_bytes,
-                  "arena_bytes": c.export.arena_bytes, "tflm_arena_bytes": c.tflm_arena,
-                  "arena_vs_tflm": round(c.export.arena_bytes / c.tflm_arena, 3) if c.tflm_arena else None},
-        "accuracy": {"float": c.float_acc, "int8": c.int8_acc, "tflm": c.tflm_acc,
-                     "tflm_on_device_clips": float((c.tflm_scores[pick].argmax(-1) == y_test[pick]).mean()) if n else None,
-                     "device": float((dev.scores.argmax(-1) == y_test[pick]).mean()) if n else None,
-                     "device_clips": n},
-        "bit_exact": {"scores_equal_tflm": exact, "inputs_equal_host": same_input, "of": n},
-        "device": {"where": dev.where, "image": dev.image, "unit": dev.unit},
-        "latency": {"model": invoke, "features": feats, "unit": dev.unit,
-                    "model_per_mac": round(invoke / macs, 3) if invoke and macs else None},
-    }
-    # The planner's board-side predictions (its sized config) against what was built: the image's real
-    # flash and RAM (arm-none-eabi-size, or the board build's), our arena, the instructions measured.
-    img = dev.image or {}
-    pred = {k: cfg.get(k) for k in ("sram_bytes", "flash_bytes", "arena_bytes", "model_bytes", "latency_ms")}
-    if any(v is not None for v in pred.values()):
-        def ratio(a: float | None, p: float | None) -> float | None:
-            return round(a / p, 3) if a and p else None
-        m["prediction"] = {
-            "predicted": pred,
-            "actual": {"image_ram_bytes": img.get("ram"), "image_flash_bytes": img.get("flash"),
-                       "arena_bytes": c.export.arena_bytes, "tflm_arena_bytes": c.tflm_arena,
-                       "model_const_bytes": c.export.const_bytes, "tflite_bytes": len(c.tflite)},
-            "ratios": {"ram": ratio(img.get("ram"), pred["sram_bytes"]),
-                       "flash": ratio(img.get("flash"), pred["flash_bytes"]),
-                       "arena": ratio(c.export.arena_bytes, pred["arena_bytes"]),
-                       "tflm_arena": ratio(c.tflm_arena, pred["arena_bytes"]),
-                       "model": ratio(c.export.const_bytes, pred["model_bytes"])},
-            "image_from": dev.where,
-        }
-    if spec is not None and invoke:
-        hz = spec.clock_mhz * 1e6
-        m["latency"]["board"] = spec.name
-        m["latency"]["board_ms_at_1_per_cycle"] = round((invoke + (feats or 0)) / hz * 1e3, 1)
-        m["device"]["board_budget"] = {"flash_bytes": spec.flash_bytes, "sram_bytes": spec.sram_bytes}
-    if dev.unit == "cycles" and dev.counter_hz and invoke:
-        m["latency"]["model_ms"] = round(invoke / dev.counter_hz * 1e3, 2)
-    return m
-
-
-def _macs(channels: int, blocks: int) -> int:
-    from models import kws
-    from models.costs import DSCNNShape
-
-    return kws.macs(DSCNNShape(channels, blocks))
-
+# ------------------------------------------------------------------ the report
 
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{x:.1%}"
+
+
+def _nb(v: float | None) -> str:
+    return "-" if v is None else f"{v:,.0f}"
 
 
 def _summary(m: dict[str, Any]) -> str:
@@ -414,55 +458,54 @@ def _summary(m: dict[str, Any]) -> str:
 def _report(m: dict[str, Any]) -> str:
     mod, img, lat, a = m["model"], m["device"]["image"], m["latency"], m["accuracy"]
     lines = ["## Keyword spotter", "",
-             f"Data: {m['data']} ({', '.join(f'{k} {v}' for k, v in m['clips'].items())} clips; "
-             "test speakers never heard in training).", "",
-             "| stage | top-1 |", "|---|---|",
-             f"| Keras float | {_pct(a['float'])} |", f"| int8 (LiteRT) | {_pct(a['int8'])} |",
-             f"| int8 on TFLite Micro | {_pct(a['tflm'])} |",
-             f"| TFLite Micro, the device's clips | {_pct(a['tflm_on_device_clips'])} |",
-             f"| on the device ({m['device']['where']}) | {_pct(a['device'])} |", "",
-             "| size | bytes |", "|---|---|",
-             f"| .tflite | {mod['tflite_bytes']:,} |", f"| model constants in C (flash) | {mod['const_bytes']:,} |",
-             f"| our arena | {mod['arena_bytes']:,} |",
-             f"| TFLite Micro's arena | {mod['tflm_arena_bytes']:,} ({mod['arena_vs_tflm']}x) |",
-             f"| firmware image: flash (text + data) | {img['flash']:,} |",
-             f"| firmware image: RAM (data + bss + stack) | {img['ram']:,} |", ""]
+             (f"Data: {m['data']} ({', '.join(f'{k} {v}' for k, v in m['clips'].items())} clips; "
+              "test speakers never heard in training)."), "",
+             md_table(["stage", "top-1"], [
+                 ["Keras float", _pct(a["float"])], ["int8 (LiteRT)", _pct(a["int8"])],
+                 ["int8 on TFLite Micro", _pct(a["tflm"])],
+                 ["TFLite Micro, the device's clips", _pct(a["tflm_on_device_clips"])],
+                 [f"on the device ({m['device']['where']})", _pct(a["device"])]]), "",
+             md_table(["size", "bytes"], [
+                 [".tflite", f"{mod['tflite_bytes']:,}"], ["model constants in C (flash)", f"{mod['const_bytes']:,}"],
+                 ["our arena", f"{mod['arena_bytes']:,}"],
+                 ["TFLite Micro's arena", f"{mod['tflm_arena_bytes']:,} ({mod['arena_vs_tflm']}x)"],
+                 ["firmware image: flash (text + data)", f"{img['flash']:,}"],
+                 ["firmware image: RAM (data + bss + stack)", f"{img['ram']:,}"]]), ""]
     if m.get("prediction"):
-        pr = m["prediction"]
-        p, act, r = pr["predicted"], pr["actual"], pr["ratios"]
-
-        def nb(v: float | None) -> str:
-            return "-" if v is None else f"{v:,.0f}"
-
-        lines += ["### Board budget: predicted vs the image", "",
-                  ("The planner sized the model for the board from its own estimates (a TFLite Micro firmware: "
-                   "arena plus a fixed firmware allowance in SRAM, .tflite plus firmware in flash). Against them, "
-                   f"the real sizes of the image built here ({pr['image_from']}; arm-none-eabi-size). The runner's "
-                   "'peak memory' row above is this host's process (training), not the board."), "",
-                  "| | predicted | actual | actual / predicted |", "|---|---|---|---|",
-                  (f"| board SRAM (image RAM: data + bss + stack) | {nb(p['sram_bytes'])} | "
-                   f"{nb(act['image_ram_bytes'])} | {r['ram'] or '-'} |"),
-                  (f"| board flash (image text + data) | {nb(p['flash_bytes'])} | {nb(act['image_flash_bytes'])} "
-                   f"| {r['flash'] or '-'} |"),
-                  f"| arena (ours) | {nb(p['arena_bytes'])} | {nb(act['arena_bytes'])} | {r['arena'] or '-'} |",
-                  (f"| arena (TFLite Micro, same model) | {nb(p['arena_bytes'])} | {nb(act['tflm_arena_bytes'])} "
-                   f"| {r['tflm_arena'] or '-'} |"),
-                  (f"| model in flash (our C constants; .tflite {act['tflite_bytes']:,}) | {nb(p['model_bytes'])} "
-                   f"| {nb(act['model_const_bytes'])} | {r['model'] or '-'} |"), ""]
+        lines += _prediction_report(m["prediction"])
     if lat["model"]:
         lines += [f"Latency on {m['device']['where']}: model {lat['model']:,.0f} {lat['unit']} "
                   f"({lat['model_per_mac']} per MAC, {mod['macs']:,} MACs), features {lat['features']:,.0f} "
                   f"{lat['unit']}" + (f"; about {lat['board_ms_at_1_per_cycle']} ms on {lat['board']} at one "
                                       "instruction per cycle" if lat.get("board_ms_at_1_per_cycle") else "") + "."]
     b = m["bit_exact"]
-    lines += ["", f"Bit-exactness: on {b['scores_equal_tflm']} of {b['of']} clips the device's scores equal TFLite "
-              "Micro's on the same int8 input; the device's input tensor (its C front end) equals the host's "
-              f"(numpy front end) on {b['inputs_equal_host']} of {b['of']} clips (the two agree within float "
-              "rounding, so a rare element may land one int8 step apart)."]
+    lines += ["", (f"Bit-exactness: on {b['scores_equal_tflm']} of {b['of']} clips the device's scores equal TFLite "
+                   "Micro's on the same int8 input; the device's input tensor (its C front end) equals the host's "
+                   f"(numpy front end) on {b['inputs_equal_host']} of {b['of']} clips (the two agree within float "
+                   "rounding, so a rare element may land one int8 step apart).")]
     return "\n".join(lines)
 
 
-# ------------------------------------------------------------------ `tierkit kws train` and `eval`
+def _prediction_report(pr: dict[str, Any]) -> list[str]:
+    p, act, r = pr["predicted"], pr["actual"], pr["ratios"]
+    return ["### Board budget: predicted vs the image", "",
+            ("The planner sized the model for the board from its own estimates (a TFLite Micro firmware: "
+             "arena plus a fixed firmware allowance in SRAM, .tflite plus firmware in flash). Against them, "
+             f"the real sizes of the image built here ({pr['image_from']}; arm-none-eabi-size). The runner's "
+             "'peak memory' row above is this host's process (training), not the board."), "",
+            md_table(["", "predicted", "actual", "actual / predicted"], [
+                ["board SRAM (image RAM: data + bss + stack)", _nb(p["sram_bytes"]), _nb(act["image_ram_bytes"]),
+                 r["ram"] or "-"],
+                ["board flash (image text + data)", _nb(p["flash_bytes"]), _nb(act["image_flash_bytes"]),
+                 r["flash"] or "-"],
+                ["arena (ours)", _nb(p["arena_bytes"]), _nb(act["arena_bytes"]), r["arena"] or "-"],
+                ["arena (TFLite Micro, same model)", _nb(p["arena_bytes"]), _nb(act["tflm_arena_bytes"]),
+                 r["tflm_arena"] or "-"],
+                [f"model in flash (our C constants; .tflite {act['tflite_bytes']:,})", _nb(p["model_bytes"]),
+                 _nb(act["model_const_bytes"]), r["model"] or "-"]]), ""]
+
+
+# ------------------------------------------------------------------ `tierkit kws train` and `eval`: the steps one by one
 
 def planned_size(profile: Any | None) -> str:
     """The ladder size the planner picks for the profile's board ("ds-cnn-s" when there is no plan)."""
@@ -471,10 +514,10 @@ def planned_size(profile: Any | None) -> str:
             from tiers.fit import fit
 
             plan = fit(profile, "B6", check_packages=False)
-            if plan.size:
-                return plan.size
         except Exception:  # noqa: BLE001 - no plan is fine: the reference size
-            pass
+            return "ds-cnn-s"
+        if plan.size:
+            return plan.size
     return "ds-cnn-s"
 
 
@@ -510,7 +553,7 @@ def train_to(out_dir: str | Path, *, size: str = "ds-cnn-s", data: str | Path | 
     model.save(out / "model.keras")
     c = compile_model(model, x_train, x_test, y_test, out)
     clips = {k: len(v) for k, v in splits.items()}
-    (out / "train.json").write_text(json.dumps({
+    atomic_write(out / "train.json", json.dumps({
         "size": size, "data": source, "clips": clips, "epochs": epochs, "train_examples": len(y_train),
         "accuracy": {"float": c.float_acc, "int8": c.int8_acc, "tflm": c.tflm_acc},
         "tflite_bytes": len(c.tflite), "tflm_arena_bytes": c.tflm_arena, "arena_bytes": c.export.arena_bytes,
@@ -546,24 +589,16 @@ def evaluate(model_dir: str | Path, clips: np.ndarray, labels: np.ndarray, *, po
         dev = run_on_qemu(Path(model_dir), clips, progress)
     else:
         dev = classify_over_serial(port, clips, progress=progress)
-    exact = None
-    if tflite is not None and len(clips):
-        from tiers.tier0 import verify
-
-        ref = verify.run(tflite, dev.inputs).reshape(len(clips), -1)
-        exact = int(np.sum(np.all(ref == dev.scores, axis=1)))
+    exact = dev.exact(tflite) if tflite is not None and len(clips) else None
     pred = dev.scores.argmax(-1) if len(clips) else np.zeros(0, int)
     return Evaluation(dev.where, float((pred == labels).mean()) if len(clips) else 0.0, len(clips),
-                      confusion(labels, pred), exact,
-                      float(np.median(dev.invoke_count)) if dev.invoke_count else None,
-                      float(np.median(dev.feature_count)) if dev.feature_count else None, dev.unit)
+                      confusion(labels, pred), exact, dev.invoke_median, dev.feature_median, dev.unit)
 
 
 def held_out_clips(data: str | Path | None, limit: int, *, synth_speakers: int | None = None
-               ) -> tuple[np.ndarray, np.ndarray, str]:
+                   ) -> tuple[np.ndarray, np.ndarray, str]:
     """(audio, labels, source) of up to `limit` held-out clips, spread over the classes."""
     splits, source, _ = load_data(data, synth_speakers=synth_speakers)
     test = splits["test"]
-    n = min(limit, len(test))
-    pick = np.linspace(0, len(test) - 1, n).round().astype(int) if n else np.zeros(0, int)
+    pick = spread(len(test), limit)
     return test.audio[pick], test.labels[pick], source

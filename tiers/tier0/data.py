@@ -27,7 +27,6 @@ import hashlib
 import os
 import shutil
 import subprocess
-import tempfile
 import wave
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -36,6 +35,8 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+
+from inventory.files import atomic_path
 
 # ------------------------------------------------------------------ the task
 
@@ -97,24 +98,16 @@ def read_wav(path: str | os.PathLike) -> np.ndarray:
 
 
 def write_wav(path: str | os.PathLike, audio: np.ndarray, rate: int = SAMPLE_RATE) -> None:
-    """Write int16 mono audio atomically: a temporary name in the same folder, then rename,
+    """Write int16 mono audio atomically (a temporary name in the same folder, then rename),
     so an interrupted run never leaves a half-written clip that a later run would skip."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
     data = np.asarray(audio)
     if data.dtype != np.int16 or data.ndim != 1:
         raise ValueError(f"write_wav wants 1-D int16 audio, got {data.dtype} {data.shape}")
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f, wave.open(f, "wb") as w:
-            w.setnchannels(1)
-            w.setsampwidth(2)
-            w.setframerate(rate)
-            w.writeframes(data.astype("<i2").tobytes())
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, wave.open(str(tmp), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(data.astype("<i2").tobytes())
 
 
 def fit_clip(audio: np.ndarray, n: int = CLIP_SAMPLES, align: Literal["end", "centre"] = "end") -> np.ndarray:

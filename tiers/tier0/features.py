@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from inventory.files import atomic_write
+
 SAMPLE_RATE = 16_000
 CLIP_SAMPLES = 16_000
 FRAME_LENGTH = 480        # 30 ms
@@ -296,12 +298,7 @@ static const float kws_dct[{NUM_MFCC}][{NUM_MEL}] = {{
 
 def write_c_tables(path: str | Path = C_TABLES) -> Path:
     """Write the tables header (atomically) and return its path."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp")
-    tmp.write_text(c_tables_header())
-    tmp.replace(p)
-    return p
+    return atomic_write(path, c_tables_header())
 
 
 def main(argv: list[str] | None = None) -> int:

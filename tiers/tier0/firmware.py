@@ -17,25 +17,24 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import re
 import shutil
 import subprocess
-import tempfile
 import threading
 import time
 import weakref
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 
-from tiers.tier0.flash import ImageSize, image_size
+from inventory.files import atomic_path, atomic_write
+from tiers.tier0.flash import FIRMWARE_DIR, MODEL_LIB, ImageSize, cache_root, image_size
 from tiers.tier0.monitor import Classification, DeviceError, DeviceInfo, Link, StreamStep
 
-FIRMWARE_DIR = Path(__file__).resolve().parents[2] / "firmware"
-DEFAULT_MODEL_DIR = FIRMWARE_DIR / "lib" / "model"
+DEFAULT_MODEL_DIR = MODEL_LIB
 QEMU_MACHINE = "mps2-an386"
 GCC = "arm-none-eabi-gcc"
 QEMU = "qemu-system-arm"
@@ -63,13 +62,6 @@ def tool(name: str) -> str:
     if path is None:
         raise ToolMissing(f"{name} is not installed: {APT_HINT}")
     return path
-
-
-def cache_root() -> Path:
-    """Where built images live: $TIERKIT_CACHE/firmware, else ~/.cache/tierkit/firmware."""
-    base = os.environ.get("TIERKIT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tierkit")
-    return Path(base) / "firmware"
 
 
 # ====================================================================== build
@@ -120,41 +112,31 @@ def build_qemu(model_dir: str | Path = DEFAULT_MODEL_DIR, *, cache_dir: str | Pa
                extra_cflags: tuple[str, ...] = (), force: bool = False) -> Build:
     """Build the firmware for QEMU mps2-an386, or find it built: the cache is keyed by the sources' hash.
 
-    The image is compiled into a temporary folder and renamed into place, so a
-    parallel build or an interrupted one never leaves a half-written fw.elf.
+    The linker writes the image under a temporary name that is renamed into
+    place once it is whole (inventory.files.atomic_path), so an interrupted
+    build never leaves a half-written fw.elf, and two parallel builds of the
+    same key each rename a complete one.
     """
     t0 = time.perf_counter()
     gcc = tool(GCC)
     model_dir = Path(model_dir)
     key = build_key(model_dir, tuple(extra_cflags))
-    root = Path(cache_dir) if cache_dir is not None else cache_root()
-    final = root / f"qemu-{key[:20]}"
-    elf = final / "fw.elf"
+    final = (Path(cache_dir) if cache_dir is not None else cache_root()) / f"qemu-{key[:20]}"
+    elf, warnings = final / "fw.elf", final / "warnings.txt"
     if elf.is_file() and not force:
-        warn = (final / "warnings.txt").read_text() if (final / "warnings.txt").is_file() else ""
+        warn = warnings.read_text() if warnings.is_file() else ""
         return Build(elf, key, True, image_size(elf), time.perf_counter() - t0, warn)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".qemu-build-", dir=root))
-    try:
-        c_files, inc = sources(model_dir)
+    c_files, inc = sources(model_dir)
+    with atomic_path(final / "fw.map") as fw_map, atomic_path(elf) as tmp_elf:
         cmd = [gcc, *CFLAGS, *extra_cflags, *(f"-I{d}" for d in inc), *map(str, c_files),
                "-T", str(FIRMWARE_DIR / "boards" / "qemu_m4" / "link.ld"), *LDFLAGS,
-               f"-Wl,-Map={tmp / 'fw.map'}", "-lm", "-o", str(tmp / "fw.elf")]
+               f"-Wl,-Map={fw_map}", "-lm", "-o", str(tmp_elf)]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise FirmwareError(f"firmware build for QEMU failed (exit {proc.returncode}): {_first_errors(proc.stderr)}")
-        (tmp / "warnings.txt").write_text(proc.stderr)
-        (tmp / "command.txt").write_text(" ".join(cmd) + "\n")
-        if force and final.exists():
-            shutil.rmtree(final, ignore_errors=True)
-        try:
-            os.replace(tmp, final)
-        except OSError:  # someone else built the same key meanwhile: theirs is as good
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return Build(elf, key, False, image_size(elf), time.perf_counter() - t0, (final / "warnings.txt").read_text())
+        atomic_write(warnings, proc.stderr)
+        atomic_write(final / "command.txt", " ".join(cmd) + "\n")
+    return Build(elf, key, False, image_size(elf), time.perf_counter() - t0, proc.stderr)
 
 
 def _first_errors(stderr: str, most: int = 3) -> str:
@@ -280,7 +262,7 @@ class QemuDevice:
         self._finalizer()
         return self.proc.returncode
 
-    def __enter__(self) -> QemuDevice:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -301,8 +283,3 @@ def _kill(proc: subprocess.Popen, port) -> None:
     if proc.stdout is not None:
         with contextlib.suppress(Exception):
             proc.stdout.close()
-
-
-def run_qemu(model_dir: str | Path = DEFAULT_MODEL_DIR, **kw) -> QemuDevice:
-    """Build (or find in the cache) and start: the one call most users need."""
-    return QemuDevice.start(build_qemu(model_dir).elf, **kw)

@@ -10,6 +10,8 @@ The size check runs on the built ELF before anything is uploaded: flash is
 everything the image stores (code, constants, the initial values of .data),
 RAM everything it occupies (.data, .bss, reserved stack and heap sections), as
 `size` counts them. Every failure is a FlashError whose message is one line.
+The emulated board's build (firmware.py) reads images with the same
+`image_size` and keeps them in the same cache (`cache_root`).
 """
 from __future__ import annotations
 
@@ -26,8 +28,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from inventory.files import atomic_path
+
 FIRMWARE_DIR = Path(__file__).resolve().parents[2] / "firmware"
-MODEL_LIB = FIRMWARE_DIR / "lib" / "model"
+MODEL_LIB = FIRMWARE_DIR / "lib" / "model"      # where PlatformIO (and the QEMU build by default) finds the model
+
+
+def cache_root() -> Path:
+    """Where built images live (PlatformIO's and the QEMU build's): $TIERKIT_CACHE/firmware,
+    else ~/.cache/tierkit/firmware; never inside the source tree."""
+    base = os.environ.get("TIERKIT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tierkit")
+    return Path(base) / "firmware"
 
 
 class FlashError(Exception):
@@ -299,8 +311,6 @@ def pio_command() -> list[str]:
 
 def pio_env() -> dict[str, str]:
     """PlatformIO's build folder outside the source tree (the cache), so builds never dirty the repo."""
-    from tiers.tier0.firmware import cache_root
-
     return {**os.environ, "PLATFORMIO_WORKSPACE_DIR": str(cache_root() / "pio"), "PLATFORMIO_NO_ANSI": "1"}
 
 
@@ -390,11 +400,9 @@ def install_model(model_dir: str | Path) -> None:
     for name in ("model.c", "model.h"):
         if not (src / name).is_file():
             raise FlashError(f"no {name} in {src}: export the model there first (`tierkit kws export`)")
-    MODEL_LIB.mkdir(parents=True, exist_ok=True)
     for name in ("model.h", "model.c"):
-        tmp = MODEL_LIB / f".{name}.tmp"
-        shutil.copyfile(src / name, tmp)
-        os.replace(tmp, MODEL_LIB / name)
+        with atomic_path(MODEL_LIB / name) as tmp:
+            shutil.copyfile(src / name, tmp)
 
 
 def flash(profile: Any | None, board: str | None = None, port: str | None = None, *,

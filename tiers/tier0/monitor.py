@@ -306,14 +306,12 @@ def _port_problem(port: str, exc: BaseException) -> str:
     code = getattr(exc, "errno", None)
     text = str(exc)
     if code == errno.EACCES or "Permission denied" in text:
-        try:
+        with contextlib.suppress(Exception):   # the generic advice below is enough
             from inventory.detect.boards import check_access
 
             access, fix = check_access(port)
             if access == "denied" and fix:
                 return fix
-        except Exception:  # noqa: BLE001 - the generic advice below is enough
-            pass
         return f"{port}: permission denied; add yourself to the port's group (`sudo usermod -aG dialout $USER`) and log in again"
     if code in (errno.EBUSY, errno.EAGAIN) or "Resource temporarily unavailable" in text or "busy" in text.lower():
         return (f"{port} is busy: another program has it open (a serial monitor, the Arduino IDE, "
@@ -333,7 +331,7 @@ def _usb_identity(port: str) -> tuple[str | None, str | None]:
             if p.device in (port, real) and p.vid is not None:
                 return f"{p.vid:04X}:{p.pid:04X}", p.serial_number
     except Exception:  # noqa: BLE001 - identity is a nicety
-        pass
+        return None, None
     return None, None
 
 
@@ -350,8 +348,8 @@ def _find_again(port: str, identity: tuple[str | None, str | None]) -> str | Non
         for p in list_ports.comports():
             if p.vid is not None and p.serial_number == serial_number:
                 return p.device
-    except Exception:  # noqa: BLE001
-        pass
+    except Exception:  # noqa: BLE001 - no way to look: the caller waits for the same path
+        return None
     return None
 
 

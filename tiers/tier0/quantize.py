@@ -85,7 +85,7 @@ def quantize(model: Any, representative: np.ndarray, *, samples: int = 500, seed
 
 def io_params(tflite: bytes) -> tuple[QuantParams, QuantParams]:
     """(input, output) quantisation of a one-input one-output int8 model, read from the flatbuffer."""
-    from tiers.tier0.export import read_model  # no TensorFlow needed
+    from tiers.tier0.compiler.tflite import read_model  # no TensorFlow needed
 
     m = read_model(tflite)
     i, o = m.tensors[m.inputs[0]], m.tensors[m.outputs[0]]

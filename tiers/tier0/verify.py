@@ -75,7 +75,7 @@ def run_multi(model: bytes, inputs: list[np.ndarray], *, interp: Any = None) -> 
     for k, x in enumerate(inputs):
         ip.set_input(np.asarray(x, np.int8).reshape(tuple(ip.get_input_details(k)["shape"])), k)
     ip.invoke()
-    from tiers.tier0.export import read_model  # how many outputs: the wrapper only errors past the last
+    from tiers.tier0.compiler.tflite import read_model  # how many outputs: the wrapper only errors past the last
 
     return [np.array(ip.get_output(k), copy=True) for k in range(len(read_model(model).outputs))]
 

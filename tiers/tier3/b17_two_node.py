@@ -20,11 +20,155 @@ from __future__ import annotations
 import statistics
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-DEFAULTS = {"peers": "profile", "requests": 8, "new_tokens": 256, "prompt_tokens": 512, "ctx": 4096,
-            "threads": 1, "concurrent": 4}
+from annotated_types import Ge, Gt
+
+from tiers.report import md_table, pyplot, save
+
+if TYPE_CHECKING:
+    from tiers.runner import Context, Output
+
+
+@dataclass
+class Config:
+    gguf: str | None = None                       # the model file (required): any GGUF llama.cpp loads
+    model: str = "any"                            # the rung's model and quantisation: what the planner sized,
+    quant: str = ""                               # named when no file is given
+    peers: Literal["profile", "local"] = "profile"  # local: an agent of B17's own on loopback as the second node
+    requests: Annotated[int, Gt(0)] = 8           # prompts, each served on one node and on two
+    new_tokens: Annotated[int, Gt(0)] = 256
+    prompt_tokens: Annotated[int, Gt(0)] = 512    # at most half the context
+    ctx: Annotated[int, Gt(0)] = 4096
+    threads: Annotated[int, Ge(0)] = 1            # llama.cpp threads on each node; 0: llama.cpp's default
+    concurrent: Annotated[int, Gt(0)] = 4         # requests in flight for the throughput measurement
+    memory_budget: Annotated[int, Gt(0)] | None = None  # bytes the head may hold: caps its share of the split
+
+
+# ---------------------------------------------------------------- the experiment
+
+def run(ctx: Context) -> Output:
+    from tiers.runner import Output
+    from tiers.tier3.placement import layout_from_gguf
+
+    cfg: Config = ctx.config
+    gguf = _model_file(cfg)
+    layout = layout_from_gguf(gguf, n_ctx=cfg.ctx)
+    one, prompts, new_tokens = _one_node(ctx, cfg, gguf, layout.n_layer)
+    two = _two_nodes(ctx, cfg, gguf, prompts, new_tokens)
+
+    same = one["tokens"] == two["tokens"]
+    # -- where a token's time goes: compute shared by each stage's bytes of layers, the rest is the link
+    layer_bytes = [s["bytes"] for s in two["plan"]]
+    compute = [one["ms_per_token"] * b / sum(layer_bytes) for b in layer_bytes]
+    network = max(0.0, two["ms_per_token"] - one["ms_per_token"])
+    bytes_tok = two["stats"]["bytes_per_token_head_workers"]
+    metrics = {
+        "model": Path(gguf).name, "layers": layout.n_layer, "model_bytes": layout.total_bytes,
+        "second_node": two["where"], "plan": two["plan"], "plan_table": two["plan_table"],
+        "prompt_tokens": len(prompts[0]), "new_tokens": new_tokens, "requests": len(prompts),
+        "greedy_tokens_identical": same,
+        "one_node": _measured(one), "two_nodes": _measured(two),
+        "ratio_single_request": one["ms_per_token"] / two["ms_per_token"],
+        "ratio_concurrent": two["tokens_per_s_concurrent"] / one["tokens_per_s_concurrent"],
+        "time_per_token_ms": {"compute_per_stage": compute, "network_and_rpc": network},
+        "bytes_per_token": bytes_tok, "agent_rtt_ms": two["rtt_ms"],
+    }
+    if not same:
+        ctx.log("WARNING: greedy tokens differ between one and two nodes")
+    plots = [_plot(ctx.out_dir / "time_per_token.png", one["ms_per_token"], compute, network,
+                   [s["name"] for s in two["plan"]])]
+    summary = (f"{Path(gguf).name} ({layout.n_layer} layers) served by this machine alone and split across two nodes "
+               f"({two['where']}). Greedy tokens {'identical' if same else 'DIFFER'} on both. One request: "
+               f"{one['tokens_per_s_single']:.3g} tokens/s on one node vs {two['tokens_per_s_single']:.3g} on two "
+               f"(x{metrics['ratio_single_request']:.2f}); per token the split adds {network:.3g} ms of network and "
+               f"RPC and {bytes_tok / 1e3:.3g} kB on the wire.")
+    return Output(metrics=metrics, summary=summary, report=_report(metrics), plots=plots)
+
+
+def _model_file(cfg: Config) -> str:
+    from tiers.runner import RunError
+
+    if not cfg.gguf or not Path(cfg.gguf).is_file():
+        raise RunError(f"B17 needs a GGUF model file ({cfg.model} {cfg.quant} sized by the planner): pass "
+                       f"--set gguf=PATH, e.g. stories260K.gguf from the shared data for a quick run"
+                       + (f" ({cfg.gguf} is not a file)" if cfg.gguf else ""))
+    return str(Path(cfg.gguf).resolve())
+
+
+def _one_node(ctx: Context, cfg: Config, gguf: str, n_layer: int) -> tuple[dict[str, Any], list[list[int]], int]:
+    """The baseline: the whole model on this machine. Also fixes the prompts and lengths both runs use."""
+    from tiers.tier3.llama_rpc import LlamaRpcEngine
+
+    ctx.log(f"one node: {Path(gguf).name}, {n_layer} layers")
+    single = LlamaRpcEngine(gguf, [{"host": "127.0.0.1", "port": 0, "layers": [0, n_layer]}], n_ctx=cfg.ctx,
+                            threads=cfg.threads or None)
+    single.start()
+    try:
+        n_ctx = single.n_ctx
+        prompt_len = min(cfg.prompt_tokens, n_ctx // 2)
+        new_tokens = min(cfg.new_tokens, n_ctx - prompt_len)
+        prompts = [_prompt(single, prompt_len, i) for i in range(cfg.requests)]
+        with ctx.progress("one node", 1) as bar:
+            one = _measure(single, prompts, new_tokens, cfg.concurrent)
+            bar.advance()
+    finally:
+        single.close()
+    return one, prompts, new_tokens
+
+
+def _two_nodes(ctx: Context, cfg: Config, gguf: str, prompts: list[list[int]], new_tokens: int) -> dict[str, Any]:
+    """The same requests with the model split across this machine and the peer, as `tierkit serve` does it."""
+    from tiers.runner import RunError
+    from tiers.tier3 import serve as serve_mod
+    from tiers.tier3.client import AgentClient
+
+    agent, token = None, None   # with the profile's peer: the agents' token ($TIERKIT_AGENT_TOKEN or the file)
+    reachable = [p for p in ctx.profile.peers if not p.problem]
+    if cfg.peers == "profile" and reachable:
+        p = reachable[0]
+        peers_spec, where = f"{p.address}:{p.port}", f"the profile's peer {p.name or p.address} ({p.address})"
+    else:
+        agent, token = _local_agent()
+        peers_spec, where = f"127.0.0.1:{agent.port}", "a local agent on loopback (no real peer: no real link)"
+    ctx.log(f"two nodes: this machine + {where}")
+    plan_lines: list[str] = []
+    try:
+        # Split in proportion to free memory, as `tierkit serve` does (memory_budget caps the head).
+        session = serve_mod.start_session(gguf, "llama-rpc", peers_spec, token=token, memory_budget=cfg.memory_budget,
+                                          n_ctx=cfg.ctx, mdns_wait=0, log=plan_lines.append,
+                                          threads=cfg.threads or None)
+        try:
+            with ctx.progress("two nodes", 1) as bar:
+                two = _measure(session.engine, prompts, new_tokens, cfg.concurrent)
+                bar.advance()
+            peer = session.plan.stages[1].node if len(session.plan.stages) > 1 else None
+            rtt = AgentClient(peer.host, peer.port, None).rtt_ms() if peer else None
+            stages = session.plan.to_dict()["stages"]
+        finally:
+            session.close()
+    except serve_mod.ServeError as exc:
+        raise RunError(f"B17 two-node session: {exc}") from None
+    finally:
+        if agent is not None:
+            agent.stop()
+    for line in plan_lines:
+        ctx.log(line)
+    return {**two, "where": where, "plan": stages, "plan_table": plan_lines, "rtt_ms": rtt}
+
+
+def _local_agent() -> tuple[Any, str]:
+    """An agent of B17's own on loopback, with a fresh token: the second node when the profile has none."""
+    import secrets
+
+    from inventory.profile import Profile
+    from tiers.tier3.agent import start_in_thread
+
+    token = secrets.token_urlsafe(32)
+    agent = start_in_thread("127.0.0.1", 0, Profile(name="b17-local"), "b17-local", advertise=False, token=token)
+    return agent, token
 
 
 def _prompt(engine: Any, n_tokens: int, i: int) -> list[int]:
@@ -84,144 +228,17 @@ def _measure(engine: Any, prompts: list[list[int]], new_tokens: int, concurrent:
             "stats": engine.stats()}
 
 
-def _local_agent(budget: int | None) -> tuple[Any, str]:
-    import secrets
-
-    from inventory.agent import start_in_thread
-    from inventory.profile import Profile
-
-    token = secrets.token_urlsafe(32)
-    agent = start_in_thread("127.0.0.1", 0, Profile(name="b17-local"), "b17-local", advertise=False, token=token,
-                            memory_budget=budget)
-    return agent, token
+def _measured(run: dict[str, Any]) -> dict[str, Any]:
+    """A measurement's numbers, for metrics.json (not its tokens, not the engine's raw stats)."""
+    keep = ("ttft_ms", "ms_per_token", "tokens_per_s_single", "tokens_per_s_sequential", "tokens_per_s_concurrent",
+            "concurrent")
+    return {k: run[k] for k in keep}
 
 
-def run(ctx: Any) -> Any:
-    from tiers.runner import Output, RunError
-    from tiers.tier3 import serve as serve_mod
-    from tiers.tier3.llama_rpc import LlamaRpcEngine
-    from tiers.tier3.placement import layout_from_gguf
-
-    cfg = {**DEFAULTS, **ctx.config}
-    gguf = cfg.get("gguf")
-    if not gguf or not Path(str(gguf)).is_file():
-        raise RunError(f"B17 needs a GGUF model file ({cfg.get('model', 'any')} {cfg.get('quant', '')} sized by the "
-                       f"planner): pass --set gguf=PATH, e.g. stories260K.gguf from the shared data for a quick run"
-                       + (f" ({gguf} is not a file)" if gguf else ""))
-    gguf = str(Path(str(gguf)).resolve())
-    layout = layout_from_gguf(gguf, n_ctx=int(cfg["ctx"]))
-    n_ctx = int(cfg["ctx"])
-    new_tokens = int(cfg["new_tokens"])
-    threads = int(cfg["threads"]) if cfg.get("threads") else None
-
-    # -- 1. one node
-    ctx.log(f"one node: {Path(gguf).name}, {layout.n_layer} layers")
-    single = LlamaRpcEngine(gguf, [{"host": "127.0.0.1", "port": 0, "layers": [0, layout.n_layer]}], n_ctx=n_ctx,
-                            threads=threads)
-    single.start()
-    try:
-        n_ctx = single.n_ctx
-        prompt_len = min(int(cfg["prompt_tokens"]), n_ctx // 2)
-        new_tokens = min(new_tokens, n_ctx - prompt_len)
-        prompts = [_prompt(single, prompt_len, i) for i in range(int(cfg["requests"]))]
-        with ctx.progress("one node", 1) as bar:
-            one = _measure(single, prompts, new_tokens, int(cfg["concurrent"]))
-            bar.advance()
-    finally:
-        single.close()
-
-    # -- 2. two nodes
-    agent = None
-    peers_spec, where = None, ""
-    reachable = [p for p in ctx.profile.peers if not p.problem]
-    if cfg["peers"] == "profile" and reachable:
-        p = reachable[0]
-        peers_spec, where = f"{p.address}:{p.port}", f"the profile's peer {p.name or p.address} ({p.address})"
-        token = None  # the agents' token: $TIERKIT_AGENT_TOKEN or the token file
-    else:
-        agent, token = _local_agent(None)
-        peers_spec, where = f"127.0.0.1:{agent.port}", "a local agent on loopback (no real peer: no real link)"
-    ctx.log(f"two nodes: this machine + {where}")
-    plan_lines: list[str] = []
-    try:
-        # Split in proportion to free memory, as `tierkit serve` does (`--set memory_budget=BYTES` caps the head).
-        session = serve_mod.start_session(gguf, "llama-rpc", peers_spec, token=token,
-                                          memory_budget=cfg.get("memory_budget"), n_ctx=n_ctx, mdns_wait=0,
-                                          log=plan_lines.append, threads=threads)
-        try:
-            with ctx.progress("two nodes", 1) as bar:
-                two = _measure(session.engine, prompts, new_tokens, int(cfg["concurrent"]))
-                bar.advance()
-            rtt = _rtt(session)
-            stages = session.plan.to_dict()["stages"]
-        finally:
-            session.close()
-    except serve_mod.ServeError as exc:
-        raise RunError(f"B17 two-node session: {exc}") from None
-    finally:
-        if agent is not None:
-            agent.stop()
-    for line in plan_lines:
-        ctx.log(line)
-
-    same = one["tokens"] == two["tokens"]
-    # -- 3. where a token's time goes
-    layer_bytes = [s["bytes"] for s in stages]
-    share = [b / sum(layer_bytes) for b in layer_bytes]
-    compute = [one["ms_per_token"] * s for s in share]
-    network = max(0.0, two["ms_per_token"] - one["ms_per_token"])
-    bytes_tok = two["stats"]["bytes_per_token_head_workers"]
-    metrics = {
-        "model": Path(gguf).name, "layers": layout.n_layer, "model_bytes": layout.total_bytes,
-        "second_node": where, "plan": stages, "plan_table": plan_lines,
-        "prompt_tokens": prompt_len, "new_tokens": new_tokens, "requests": len(prompts),
-        "greedy_tokens_identical": same,
-        "one_node": {k: v for k, v in one.items() if k not in ("tokens", "stats")},
-        "two_nodes": {k: v for k, v in two.items() if k not in ("tokens", "stats")},
-        "ratio_single_request": one["ms_per_token"] / two["ms_per_token"],
-        "ratio_concurrent": two["tokens_per_s_concurrent"] / one["tokens_per_s_concurrent"],
-        "time_per_token_ms": {"compute_per_stage": compute, "network_and_rpc": network},
-        "bytes_per_token": bytes_tok, "agent_rtt_ms": rtt,
-    }
-    if not same:
-        ctx.log("WARNING: greedy tokens differ between one and two nodes")
-    plots = [_plot(ctx.out_dir / "time_per_token.png", one["ms_per_token"], compute, network, [s["name"] for s in stages])]
-    summary = (f"{Path(gguf).name} ({layout.n_layer} layers) served by this machine alone and split across two nodes "
-               f"({where}). Greedy tokens {'identical' if same else 'DIFFER'} on both. One request: "
-               f"{one['tokens_per_s_single']:.3g} tokens/s on one node vs {two['tokens_per_s_single']:.3g} on two "
-               f"(x{metrics['ratio_single_request']:.2f}); per token the split adds {network:.3g} ms of network and "
-               f"RPC and {bytes_tok / 1e3:.3g} kB on the wire.")
-    return Output(metrics=metrics, summary=summary, report=_report(metrics), plots=plots)
-
-
-def _rtt(session: Any) -> float | None:
-    """Median round trip to the peer's agent (GET /v1/ping over one connection)."""
-    import http.client
-
-    if len(session.plan.stages) < 2:
-        return None
-    node = session.plan.stages[1].node
-    c = http.client.HTTPConnection(node.host, node.port, timeout=5)
-    times = []
-    try:
-        for _ in range(7):
-            t0 = time.perf_counter()
-            c.request("GET", "/v1/ping")
-            c.getresponse().read()
-            times.append(time.perf_counter() - t0)
-    except OSError:
-        return None
-    finally:
-        c.close()
-    return 1e3 * statistics.median(times)
-
+# ---------------------------------------------------------------- plots and the report
 
 def _plot(path: Path, one_ms: float, compute: list[float], network: float, names: list[str]) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.barh(["1 node"], [one_ms], color="#4c72b0", label="compute (all layers)")
     left = 0.0
@@ -233,11 +250,7 @@ def _plot(path: Path, one_ms: float, compute: list[float], network: float, names
     ax.set_xlabel("milliseconds per generated token (decode)")
     ax.set_title("Where a token's time goes")
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save(fig, path)
     return f"{path.name}: time per token on one node vs split across two, compute per stage vs network"
 
 
@@ -248,13 +261,12 @@ def _report(m: dict[str, Any]) -> str:
             ("tokens/s, one request", f"{one['tokens_per_s_single']:.3g}", f"{two['tokens_per_s_single']:.3g}"),
             (f"tokens/s, {one['concurrent']} in flight", f"{one['tokens_per_s_concurrent']:.3g}",
              f"{two['tokens_per_s_concurrent']:.3g}")]
-    table = ["| | one node | two nodes |", "|---|---|---|", *[f"| {a} | {b} | {c} |" for a, b, c in rows]]
     t = m["time_per_token_ms"]
     return "\n".join([
         "## The plan", "", "```", *m["plan_table"], "```", "",
         f"Second node: {m['second_node']}. Round trip to its agent: "
         + (f"{m['agent_rtt_ms']:.3g} ms." if m["agent_rtt_ms"] is not None else "not measured."), "",
-        "## One node vs two", "", *table, "",
+        "## One node vs two", "", md_table(["", "one node", "two nodes"], rows), "",
         f"Greedy tokens identical on one and two nodes: **{m['greedy_tokens_identical']}** "
         f"({m['requests']} requests, {m['prompt_tokens']}-token prompts, {m['new_tokens']} new tokens each).", "",
         "## Where the time goes", "",

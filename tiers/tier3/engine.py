@@ -1,8 +1,11 @@
 """The one interface every tier-3 engine implements, so the server needs to know none of them.
 
-    head side:  engine = make(...); engine.start(); engine.generate(...) -> iterator of Piece; engine.close()
+    head side:  engine = engines.make(name, model, stages); engine.start();
+                engine.generate(ids, sampling) -> iterator of Piece; engine.close()
     worker side: an agent starts `worker_command(args)` of the engine named in an authenticated
                  launch request; the engine validates the arguments (the agent never runs anything else)
+
+The engines themselves (llama.cpp RPC, the torch pipeline, vLLM) are listed once, in engines.py.
 
 Errors the server turns into HTTP answers:
 - ``EngineUnavailable``: a peer was lost or is not up yet -> 503; the server stays up.
@@ -43,10 +46,33 @@ class Piece:
     finish_reason: str | None = None   # set on the last piece: "stop" | "length"
 
 
-@dataclass
-class Usage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
+class StopScanner:
+    """Feeds text through, cutting at the first stop string and holding back a tail that may start one.
+
+        scan = StopScanner(["\n\n"]); scan.feed("a\n") -> "a" (the "\n" may begin a stop);
+        scan.feed("\nb") -> "" and scan.hit; at the end, scan.flush() gives what is still held
+    """
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.held = ""
+        self.hit = False
+
+    def feed(self, text: str) -> str:
+        if not self.stops:
+            return text
+        buf = self.held + text
+        cut = min((i for i in (buf.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.hit, self.held = True, ""
+            return buf[:cut]
+        keep = max((k for s in self.stops for k in range(1, len(s)) if buf.endswith(s[:k])), default=0)
+        self.held = buf[len(buf) - keep:] if keep else ""
+        return buf[:len(buf) - keep]
+
+    def flush(self) -> str:
+        out, self.held = self.held, ""
+        return out
 
 
 class Engine(ABC):
@@ -54,6 +80,8 @@ class Engine(ABC):
 
     name: str = ""        # "llama-rpc" | "pipeline" | "vllm"
     model_id: str = ""    # what /v1/models lists
+    # `tierkit serve` settings the engine takes as keyword options (n_ctx, threads), when given.
+    serve_options: tuple[str, ...] = ()
 
     @abstractmethod
     def start(self) -> None:

@@ -1,5 +1,6 @@
 """The `llama-rpc` engine: GGUF models split across machines by llama.cpp's RPC backend.
 
+    tierkit serve: layout() from the GGUF's tensor table; launch() asks each peer's agent for a worker
     worker node:  python -m tiers.tier3.llama_rpc worker --host H --port P     (started by the agent)
                   = ggml_backend_rpc_start_server() from llama-cpp-python's own libggml-rpc, via ctypes
     head node:    LlamaRpcEngine -> a child process `python -m tiers.tier3.llama_rpc head`
@@ -26,7 +27,6 @@ from __future__ import annotations
 import argparse
 import codecs
 import ctypes
-import ipaddress
 import json
 import os
 import queue
@@ -38,9 +38,14 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from tiers.tier3 import checks, net
 from tiers.tier3.engine import Engine, EngineError, EngineUnavailable, Piece, Sampling
+from tiers.tier3.placement import ModelLayout, Plan, engine_stage, layout_from_gguf
+
+if TYPE_CHECKING:
+    from tiers.tier3.client import Workers
 
 NAME = "llama-rpc"
 
@@ -81,34 +86,16 @@ def _ggml() -> tuple[ctypes.CDLL, ctypes.CDLL]:
 
 # ---------------------------------------------------------------- worker side
 
-def _check_ipv4(value: Any, what: str) -> str:
-    try:
-        ip = ipaddress.IPv4Address(str(value))
-    except ValueError:
-        raise EngineError(f"{what} must be an IPv4 address, not {value!r}") from None
-    return str(ip)
-
-
-def _check_int(value: Any, what: str, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise EngineError(f"{what} must be a whole number {lo}-{hi}, not {value!r}")
-    return value
-
-
 def worker_command(args: dict[str, Any]) -> list[str]:
     """The worker's argv from a launch request's args: {"host", "port", "threads"?}; EngineError if any is bad.
 
     No shell, no free-form strings: the host is parsed as an IPv4 address, the
     numbers are range-checked, and the program is this module.
     """
-    if not isinstance(args, dict):
-        raise EngineError("args must be a JSON object")
-    unknown = set(args) - {"host", "port", "threads"}
-    if unknown:
-        raise EngineError(f"unknown llama-rpc argument(s): {', '.join(sorted(unknown))} (allowed: host, port, threads)")
-    host = _check_ipv4(args.get("host", "127.0.0.1"), "host")
-    port = _check_int(args.get("port"), "port", 1024, 65535)
-    threads = _check_int(args.get("threads", os.cpu_count() or 1), "threads", 1, 1024)
+    checks.known_keys(args, {"host", "port", "threads"}, NAME)
+    host = checks.ipv4(args.get("host", "127.0.0.1"), "host")
+    port = checks.whole(args.get("port"), "port", 1024, 65535)
+    threads = checks.whole(args.get("threads", os.cpu_count() or 1), "threads", 1, 1024)
     return [sys.executable, "-m", "tiers.tier3.llama_rpc", "worker", "--host", host, "--port", str(port),
             "--threads", str(threads)]
 
@@ -135,19 +122,6 @@ def run_worker(host: str, port: int, threads: int) -> None:
     devs = (ctypes.c_void_p * 1)(dev)
     rpc.ggml_backend_rpc_start_server(f"{host}:{port}".encode(), None, threads, 1, devs)
     raise EngineError(f"the ggml RPC server on {host}:{port} stopped (could not listen?)")
-
-
-def probe(host: str, port: int, timeout: float = 2.0) -> str | None:
-    """None if something accepts TCP on host:port, else one line saying what happened."""
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-        return None
-    except ConnectionRefusedError:
-        return f"nothing listens on {host}:{port}"
-    except (TimeoutError, socket.timeout):
-        return f"no answer from {host}:{port} within {timeout:g} s"
-    except OSError as exc:
-        return f"cannot reach {host}:{port} ({exc.strerror or exc})"
 
 
 # ---------------------------------------------------------------- head child (the only process with RPC)
@@ -212,7 +186,7 @@ def run_head() -> None:
     except Exception as exc:
         say({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
         return
-    say({"ok": True, "n_ctx": llm.n_ctx(), "eos": llm.token_eos(), "net": socket_bytes(first["servers"])})
+    say({"ok": True, "n_ctx": llm.n_ctx(), "net": socket_bytes(first["servers"])})
     for line in inp:
         req = json.loads(line)
         if req.get("op") != "generate":
@@ -247,6 +221,7 @@ class LlamaRpcEngine(Engine):
     """
 
     name = NAME
+    serve_options = ("n_ctx", "threads")
 
     def __init__(self, model_spec: str, stages: list[dict[str, Any]], *, n_ctx: int = 512,
                  threads: int | None = None, token_timeout: float = 30.0, load_timeout: float = 120.0,
@@ -259,9 +234,7 @@ class LlamaRpcEngine(Engine):
             raise EngineError("llama-rpc needs at least one stage (the head)")
         self.stages = [dict(s) for s in stages]
         for s in self.stages[1:]:
-            _check_int(s.get("port"), "worker port", 1, 65535)
-        lo = [s["layers"] for s in self.stages]
-        self.n_layer = lo[-1][1]
+            checks.whole(s.get("port"), "worker port", 1, 65535)
         self.n_ctx, self.threads, self.verbose = n_ctx, threads, verbose
         self.token_timeout, self.load_timeout = token_timeout, load_timeout
         self._lock = threading.Lock()       # one generation at a time through the child
@@ -269,7 +242,6 @@ class LlamaRpcEngine(Engine):
         self._proc: subprocess.Popen | None = None
         self._stderr: deque[str] = deque(maxlen=40)
         self._vocab: Any = None
-        self.eos: int | None = None
         self.restarts = -1
         self._stats = {"requests": 0, "tokens": 0, "decode_s": 0.0, "first_token_s": 0.0, "errors": 0,
                        "worker_bytes": 0, "last_error": None}
@@ -282,6 +254,11 @@ class LlamaRpcEngine(Engine):
     @property
     def workers(self) -> list[str]:
         return [f"{s['host']}:{s['port']}" for s in self.stages[1:]]
+
+    def _down(self, timeout: float) -> dict[str, str]:
+        """{endpoint: what happened} for each worker whose RPC port does not accept now."""
+        problems = {ep: net.refused(s["host"], int(s["port"]), timeout) for ep, s in zip(self.workers, self.stages[1:])}
+        return {ep: p for ep, p in problems.items() if p}
 
     def _n_gpu_layers_and_split(self) -> tuple[int, list[float] | None]:
         counts = [s["layers"][1] - s["layers"][0] for s in self.stages[1:]]
@@ -298,18 +275,14 @@ class LlamaRpcEngine(Engine):
             self._vocab = llama_cpp.Llama(str(self.model_path), vocab_only=True, verbose=False)
         except Exception as exc:
             raise EngineError(f"{self.model_path} cannot be loaded by llama.cpp ({exc}): is it a GGUF model?") from None
-        self.eos = self._vocab.token_eos()
         with self._lock:
             self._spawn()
 
     def _spawn(self) -> None:
         """Probe the workers, then start the child and wait until the model is loaded across them."""
-        for ep in self.workers:
-            host, port = ep.rsplit(":", 1)
-            problem = probe(host, int(port))
-            if problem:
-                raise EngineUnavailable(f"llama-rpc worker {ep} is down ({problem}): the agent restarts it; "
-                                        "retry in a few seconds")
+        for ep, problem in self._down(timeout=2.0).items():
+            raise EngineUnavailable(f"llama-rpc worker {ep} is down ({problem}): the agent restarts it; "
+                                    "retry in a few seconds")
         ngl, split = self._n_gpu_layers_and_split()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         proc = subprocess.Popen([sys.executable, "-m", "tiers.tier3.llama_rpc", "head"], stdin=subprocess.PIPE,
@@ -359,8 +332,7 @@ class LlamaRpcEngine(Engine):
         """The child died or hung: name the worker(s) that are down, if we can tell."""
         code = self._proc.poll() if self._proc else None
         self._kill()
-        down = [f"{ep} ({p})" for ep in self.workers
-                if (p := probe(*(lambda h, pt: (h, int(pt)))(*ep.rsplit(":", 1)), timeout=1.0))]
+        down = [f"{ep} ({p})" for ep, p in self._down(timeout=1.0).items()]
         tail = next((l for l in reversed(self._stderr) if "rpc" in l.lower() or "abort" in l.lower()), "")
         who = f"worker {', '.join(down)} is down" if down else "a worker connection failed"
         msg = f"lost a llama-rpc peer while {what}: {who}" + (f" [{tail[:160]}]" if tail else "") + \
@@ -457,7 +429,8 @@ class LlamaRpcEngine(Engine):
                     else:
                         self._lat.append(now - last)
                     last = now
-                    text = decoder.decode(self.detokenize([tok], prev_tokens_for(prompt_ids, done_ids)))
+                    # the context decides the token's text (SentencePiece's leading space)
+                    text = decoder.decode(self.detokenize([tok], prompt_ids + done_ids))
                     done_ids.append(tok)
                     self._stats["tokens"] += 1
                     yield Piece(text=text, token_ids=[tok])
@@ -498,8 +471,8 @@ class LlamaRpcEngine(Engine):
 
     def health(self) -> dict[str, Any]:
         alive = self._proc is not None and self._proc.poll() is None
-        workers = [{"endpoint": ep, "up": alive or probe(*(lambda h, p: (h, int(p)))(*ep.rsplit(":", 1)),
-                                                          timeout=0.5) is None} for ep in self.workers]
+        down = {} if alive else self._down(timeout=0.5)
+        workers = [{"endpoint": ep, "up": ep not in down} for ep in self.workers]
         return {"ok": alive and all(w["up"] for w in workers), "head_process": alive, "workers": workers}
 
     def close(self) -> None:
@@ -516,9 +489,32 @@ class LlamaRpcEngine(Engine):
         self._kill()
 
 
-def prev_tokens_for(prompt: list[int], done: list[int]) -> list[int]:
-    """Context for detokenizing the next token (SentencePiece's leading space depends on it)."""
-    return prompt + done
+# ---------------------------------------------------------------- what `tierkit serve` asks of this engine
+
+ENGINE = LlamaRpcEngine
+
+
+def layout(model: str, n_ctx: int) -> ModelLayout:
+    """Per-block bytes from the GGUF's tensor table, with the KV cache at n_ctx."""
+    path = Path(model)
+    if not path.is_file():
+        raise EngineError(f"{model}: no such GGUF file; pass the path of a .gguf model")
+    return layout_from_gguf(path, n_ctx=n_ctx)
+
+
+def launch(model: str, plan: Plan, workers: Workers, threads: int | None, opts: dict[str, Any]) -> list[dict[str, Any]]:
+    """An RPC worker on each peer that holds layers, on a port its agent picks; each waited for until it accepts."""
+    stages = [engine_stage(plan.stages[0])]
+    for s in plan.stages[1:]:
+        if s.layers[1] <= s.layers[0]:
+            continue
+        client, w = workers.launch(s.node, NAME, {"host": s.node.host, "port": 0,
+                                                  **({"threads": threads} if threads else {})})
+        w = client.wait_ready(w["id"])
+        workers.log(f"worker {w['id']} on {s.node.name}: llama.cpp RPC at {s.node.host}:{w['args']['port']} "
+                    f"(layers {s.layers[0]}-{s.layers[1] - 1})")
+        stages.append(engine_stage(s, w["args"]["port"]))
+    return stages
 
 
 # ---------------------------------------------------------------- python -m tiers.tier3.llama_rpc

@@ -1,5 +1,9 @@
 """Placement: which node runs which layers, in proportion to each node's free memory.
 
+    ModelLayout (bytes per block, embeddings, output)   +   [Node(free bytes), ...]   (the head first)
+      -> place(): usable = free x (1 - HEADROOM); layers in proportion to usable, repaired to fit
+      -> Plan: one contiguous layer range per node, printed by render() before any worker starts
+
 The users' complaint this answers (REFERENCE.md): "memory estimates that were
 wrong". So the plan is computed from the model's own tensor sizes (per block,
 read from the GGUF, or from the GPTConfig), every node keeps a headroom
@@ -13,11 +17,12 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-HEADROOM = 0.10   # fraction of each node's free memory left alone (OS, allocator slack, other users)
+from inventory.units import fmt_bytes
+from models.costs import HEADROOM  # the fraction of each node's free memory never planned for
 
 
 class PlacementError(Exception):
@@ -89,29 +94,6 @@ class Plan:
 
 
 # ---------------------------------------------------------------- reading sizes
-
-def gib(n: float) -> str:
-    """Human bytes with enough digits for small test models too."""
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
-
-
-def parse_bytes(text: str | int) -> int:
-    """'8GiB', '512M', '1.5G', '1000000' -> bytes (binary units: K=KiB). One-line ValueError otherwise."""
-    if isinstance(text, int):
-        if text <= 0:
-            raise ValueError(f"memory budget must be positive, got {text}")
-        return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", str(text), re.IGNORECASE)
-    if not m:
-        raise ValueError(f"cannot read {text!r} as a size: write e.g. 8GiB, 512MiB or a number of bytes")
-    n = float(m.group(1)) * 1024 ** " KMGT".index((m.group(2) or " ").upper())
-    if n < 1:
-        raise ValueError(f"memory budget must be positive, got {text!r}")
-    return int(n)
-
 
 def layout_from_gguf(path: str | Path, n_ctx: int = 512, kv_bytes: int = 2) -> ModelLayout:
     """Per-block bytes straight from the GGUF's tensor table (`blk.N.*`), plus an f16 KV cache at n_ctx.
@@ -207,12 +189,7 @@ def place(model: ModelLayout, nodes: list[Node], headroom: float = HEADROOM, ove
     room = [u - f for u, f in zip(usable, fixed)]
 
     def refuse(extra: str = "") -> PlacementError:
-        have = ", ".join(f"{n.name} {gib(u)} of {gib(n.free_bytes)} free" for n, u in zip(nodes, usable))
-        return PlacementError(
-            f"{model.name} needs {gib(model.total_bytes)} ({model.n_layer} layers x ~{gib(max(model.layer_bytes))}"
-            f" + {gib(model.first_bytes + model.last_bytes)} embeddings/output) but the "
-            f"{'cluster' if k > 1 else 'node'} has {gib(sum(usable))} usable after {headroom:.0%} headroom "
-            f"({have}){extra}: add a node, free memory, or use a smaller/quantised model")
+        return _refusal(model, nodes, usable, headroom, extra)
 
     if any(r < 0 for r in room):
         bad = nodes[next(i for i, r in enumerate(room) if r < 0)].name
@@ -235,6 +212,20 @@ def place(model: ModelLayout, nodes: list[Node], headroom: float = HEADROOM, ove
                             usable_bytes=usable[i], holds_first=i == 0, holds_last=i == last_idx))
         a = b
     return Plan(model=model, stages=stages, headroom=headroom)
+
+
+def _refusal(model: ModelLayout, nodes: list[Node], usable: list[int], headroom: float,
+             extra: str = "") -> PlacementError:
+    """One line with the numbers: what the model needs, what each node can give, what to do."""
+    def size(n: float) -> str:
+        return fmt_bytes(n, binary=True)
+
+    have = ", ".join(f"{n.name} {size(u)} of {size(n.free_bytes)} free" for n, u in zip(nodes, usable))
+    return PlacementError(
+        f"{model.name} needs {size(model.total_bytes)} ({model.n_layer} layers x ~{size(max(model.layer_bytes))}"
+        f" + {size(model.first_bytes + model.last_bytes)} embeddings/output) but the "
+        f"{'cluster' if len(nodes) > 1 else 'node'} has {size(sum(usable))} usable after {headroom:.0%} headroom "
+        f"({have}){extra}: add a node, free memory, or use a smaller/quantised model")
 
 
 def _repair(counts: list[int], room: list[int], layer_bytes: list[int]) -> list[int] | None:
@@ -276,10 +267,11 @@ def render(plan: Plan) -> str:
         extra = "+emb" if s.holds_first else ""
         extra += "+out" if s.holds_last else ""
         addr = s.node.host + (f":{s.node.port}" if s.node.port else "")
-        rows.append((s.node.name, addr, f"{a}-{b - 1}{extra}" if b > a else f"-{extra}", str(b - a), gib(s.bytes),
-                     gib(s.usable_bytes), f"{gib(s.node.free_bytes)} ({s.node.basis or s.node.memory})"))
+        rows.append((s.node.name, addr, f"{a}-{b - 1}{extra}" if b > a else f"-{extra}", str(b - a),
+                     fmt_bytes(s.bytes, binary=True), fmt_bytes(s.usable_bytes, binary=True),
+                     f"{fmt_bytes(s.node.free_bytes, binary=True)} ({s.node.basis or s.node.memory})"))
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-    lines = [f"placement of {m.name}: {m.n_layer} layers, {gib(m.total_bytes)} ({m.source}); "
+    lines = [f"placement of {m.name}: {m.n_layer} layers, {fmt_bytes(m.total_bytes, binary=True)} ({m.source}); "
              f"headroom {plan.headroom:.0%}"]
     for i, r in enumerate(rows):
         lines.append("  ".join(x.ljust(w) for x, w in zip(r, widths)).rstrip())
@@ -289,11 +281,13 @@ def render(plan: Plan) -> str:
     return "\n".join(lines)
 
 
+def engine_stage(stage: Stage, port: int = 0, **extra: Any) -> dict[str, Any]:
+    """One stage as engines take it: {"name", "host", "port", "layers": [a, b], **extra}.
+
+    `port` is the engine's own (a worker's RPC port, the head's rendezvous), not the agent's."""
+    return {"name": stage.node.name, "host": stage.node.host, "port": port, "layers": list(stage.layers), **extra}
+
+
 def stages_for_engine(plan: Plan) -> list[dict[str, Any]]:
-    """The per-node assignments engines take: [{"host", "port", "layers": [a, b], "name"}]."""
-    return [{"name": s.node.name, "host": s.node.host, "port": s.node.port, "layers": list(s.layers)}
-            for s in plan.stages]
-
-
-__all__ = ["HEADROOM", "ModelLayout", "Node", "Plan", "PlacementError", "Stage", "gib", "layout_from_config",
-           "layout_from_gguf", "parse_bytes", "place", "render", "stages_for_engine", "asdict"]
+    """The per-node assignments engines take, each with its node's own port: [{"host", "port", "layers", "name"}]."""
+    return [engine_stage(s, s.node.port) for s in plan.stages]

@@ -1,145 +1,37 @@
 """`tierkit serve`: find the peers, plan, launch the workers through their agents, serve the API.
 
-    peers (mDNS or --peers)  ->  nodes with free memory  ->  placement plan (printed)
-        ->  authenticated launches on each agent  ->  engine.start()  ->  HTTP API  ->  stop workers
+    the engine's layout(model)  ->  peers (mDNS or --peers)  ->  nodes with free memory
+        ->  placement plan (printed)  ->  the engine's launch(): authenticated launches on each agent
+        ->  ENGINE(model, stages).start()  ->  HTTP API (server.py)  ->  every worker stopped
 
 Each step is a plain function, so B17 and the tests drive the same code as the
-command. Engines are built by `make_engine(name, model, stages, **opts)`: one
-line per engine in ENGINES.
+command. What differs between engines is theirs (engines.py): this file
+names none of them.
 """
 from __future__ import annotations
 
-import http.client
-import importlib
-import json
-import os
-import socket
 import sys
-import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from models.costs import HEADROOM
+from tiers.tier3 import engines, net
+from tiers.tier3.client import AgentClientError, Workers, read_token
 from tiers.tier3.engine import Engine, EngineError
-from tiers.tier3.placement import (HEADROOM, ModelLayout, Node, Plan, PlacementError, layout_from_config,
-                                   layout_from_gguf, place, render)
-
-ENGINES: dict[str, tuple[str, str]] = {
-    "llama-rpc": ("tiers.tier3.llama_rpc", "LlamaRpcEngine"),
-    "pipeline": ("tiers.tier3.pipeline", "PipelineEngine"),
-    "vllm": ("tiers.tier3.vllm", "VllmEngine"),
-}
+from tiers.tier3.engines import EngineKind
+from tiers.tier3.placement import ModelLayout, Node, PlacementError, Plan, place, render
 
 
 class ServeError(Exception):
     """`tierkit serve` cannot go on; str() is one line naming the fix."""
 
 
-def make_engine(name: str, model_spec: str, stages: list[dict[str, Any]], **opts: Any) -> Engine:
-    if name not in ENGINES:
-        raise ServeError(f"unknown engine {name!r}: choose one of {', '.join(ENGINES)}")
-    module, cls = ENGINES[name]
-    try:
-        return getattr(importlib.import_module(module), cls)(model_spec, stages, **opts)
-    except EngineError as exc:
-        raise ServeError(f"{name}: {exc}") from None
-
-
-# ---------------------------------------------------------------- talking to agents
-
-class AgentClient:
-    """The head's side of an agent's /v1/workers API (stdlib http.client; one connection per call)."""
-
-    def __init__(self, host: str, port: int, token: str | None, timeout: float = 10.0, name: str | None = None):
-        self.host, self.port, self.token, self.timeout = host, port, token, timeout
-        self.name = name or f"{host}:{port}"
-
-    def request(self, method: str, path: str, body: Any = None) -> tuple[int, dict[str, Any]]:
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
-        headers = {"Content-Type": "application/json"}
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
-        try:
-            data = json.dumps(body).encode() if body is not None else None
-            conn.request(method, path, body=data, headers=headers)
-            r = conn.getresponse()
-            raw = r.read()
-        except OSError as exc:
-            raise ServeError(f"agent {self.name} unreachable ({exc.strerror or exc}): is `tierkit agent` running "
-                             "there?") from None
-        finally:
-            conn.close()
-        try:
-            return r.status, json.loads(raw)
-        except ValueError:
-            raise ServeError(f"{self.name} answered {r.status} with something that is not JSON: is it a tierkit "
-                             "agent?") from None
-
-    def _check(self, status: int, reply: dict[str, Any], what: str) -> dict[str, Any]:
-        if status == 401:
-            raise ServeError(f"agent {self.name} refused the token ({what}): pass --token-file with that agent's "
-                             "token file, or set $TIERKIT_AGENT_TOKEN")
-        if status >= 300:
-            raise ServeError(f"agent {self.name} refused to {what}: {reply.get('error', status)}")
-        return reply
-
-    def launch(self, engine: str, args: dict[str, Any], restart: bool = True) -> dict[str, Any]:
-        status, reply = self.request("POST", "/v1/workers", {"engine": engine, "args": args, "restart": restart})
-        return self._check(status, reply, f"launch a {engine} worker")["worker"]
-
-    def status(self, wid: str, lines: int = 20) -> dict[str, Any]:
-        status, reply = self.request("GET", f"/v1/workers/{wid}?lines={lines}")
-        return self._check(status, reply, "report on a worker")["worker"]
-
-    def stop(self, wid: str) -> None:
-        try:
-            self.request("DELETE", f"/v1/workers/{wid}")
-        except ServeError:
-            pass  # the node is gone: nothing left to stop
-
-    def wait_ready(self, wid: str, timeout: float = 30.0) -> dict[str, Any]:
-        """Until a llama-rpc worker's port accepts; ServeError with its last log lines if it dies first."""
-        deadline = time.monotonic() + timeout
-        while True:
-            w = self.status(wid)
-            if w.get("ready"):
-                return w
-            if w["state"] in ("exited", "stopped") or (w["starts"] > 1 and time.monotonic() > deadline):
-                tail = " | ".join(w.get("log", [])[-3:])
-                raise ServeError(f"the {w['engine']} worker on {self.name} did not start: {tail}")
-            if time.monotonic() > deadline:
-                raise ServeError(f"the {w['engine']} worker on {self.name} was not ready within {timeout:g} s")
-            time.sleep(0.1)
-
-
-def read_token(token_file: Path | None) -> str | None:
-    """$TIERKIT_AGENT_TOKEN, else --token-file, else the default token file if there is one."""
-    from inventory.agent import TOKEN_ENV, AgentError, read_token_file, token_path
-
-    env = os.environ.get(TOKEN_ENV, "").strip()
-    if env:
-        return env
-    path = Path(token_file) if token_file else token_path()
-    if token_file is None and not path.exists():
-        return None
-    try:
-        return read_token_file(path)
-    except AgentError as exc:
-        raise ServeError(str(exc)) from None
-
-
 # ---------------------------------------------------------------- nodes and the plan
 
 def local_addresses() -> set[str]:
-    found = {"127.0.0.1", "0.0.0.0"}
-    try:
-        import psutil
-
-        for addrs in psutil.net_if_addrs().values():
-            found |= {a.address for a in addrs if a.family == socket.AF_INET}
-    except Exception:
-        pass
-    return found
+    return {"127.0.0.1", "0.0.0.0", *net.ipv4_addresses(up_only=False)}
 
 
 def find_peers(spec: str, mdns_wait: float = 2.0) -> tuple[list[Any], str | None]:
@@ -197,43 +89,29 @@ def head_node(memory_budget: int | None, address: str, on_gpu: bool = False) -> 
     return Node("head", address, 0, free, "gpu" if on_gpu and summary.get("gpus") else "ram", basis)
 
 
-def model_layout(engine: str, model: str, n_ctx: int, dtype: str = "float32") -> ModelLayout:
-    if engine == "llama-rpc" or model.endswith(".gguf"):
-        path = Path(model)
-        if not path.is_file():
-            raise ServeError(f"{model}: no such GGUF file; pass the path of a .gguf model")
-        return layout_from_gguf(path, n_ctx=n_ctx)
-    if engine == "pipeline":
-        from tiers.tier3 import pipeline
-
-        try:
-            src = pipeline.resolve(model)
-        except EngineError as exc:
-            raise ServeError(str(exc)) from None
-        cfg = src.cfg
-        if cfg is None:  # a tierkit checkpoint: its config is inside
-            import torch
-
-            from models.gpt import GPTConfig
-
-            ckpt = torch.load(src.path, map_location="meta", weights_only=False, mmap=True)
-            cfg = GPTConfig(**ckpt["config"]) if isinstance(ckpt.get("config"), dict) else ckpt["config"]
-        size = {"float32": 4, "bfloat16": 2, "float16": 2}.get(dtype, 4)
-        return layout_from_config(cfg, name=model, dtype_bytes=size, n_ctx=min(n_ctx, cfg.block_size))
-    from tiers.tier3 import vllm
-
-    return vllm.model_layout(model, n_ctx)
+def peer_nodes(found: list[Any], on_gpu: bool) -> list[Node]:
+    nodes = []
+    for p in found:
+        free, basis = free_memory(p.summary, on_gpu)
+        nodes.append(Node(p.name or p.address, p.address, p.port, free, "gpu" if on_gpu else "ram", basis))
+    return nodes
 
 
-def plan_for(model: str, engine: str, head: Node, peer_nodes: list[Node], n_ctx: int,
+def model_layout(kind: EngineKind, model: str, n_ctx: int) -> ModelLayout:
+    """The bytes placement divides, as the engine that serves `model` lays them out; ServeError if it cannot."""
+    try:
+        return kind.load().layout(model, n_ctx)
+    except (EngineError, PlacementError) as exc:
+        raise ServeError(str(exc)) from None
+
+
+def plan_for(layout: ModelLayout, kind: EngineKind, head: Node, others: list[Node],
              headroom: float = HEADROOM) -> Plan:
     try:
-        layout = model_layout(engine, model, n_ctx)
-        plan = place(layout, [head, *peer_nodes], headroom=headroom,
-                     last_on="first" if engine == "llama-rpc" else "last")
+        plan = place(layout, [head, *others], headroom=headroom, last_on=kind.output_on)
     except PlacementError as exc:
         raise ServeError(str(exc)) from None
-    if engine == "llama-rpc" and plan.stages[0].layers[1] == 0 and len(plan.stages) > 1:
+    if kind.output_on == "first" and plan.stages[0].layers[1] == 0 and len(plan.stages) > 1:
         plan.notes.append("note: the head keeps the embeddings and output on its CPU; all blocks are remote")
     return plan
 
@@ -244,15 +122,14 @@ def plan_for(model: str, engine: str, head: Node, peer_nodes: list[Node], n_ctx:
 class Session:
     engine: Engine
     plan: Plan
-    workers: list[tuple[AgentClient, str]] = field(default_factory=list)
-    stages: list[dict[str, Any]] = field(default_factory=list)
+    workers: Workers
+    stages: list[dict[str, Any]]
 
     def close(self) -> None:
         try:
             self.engine.close()
         finally:
-            for client, wid in self.workers:
-                client.stop(wid)
+            self.workers.stop_all()
 
 
 def start_session(model: str, engine: str = "llama-rpc", peers_spec: str = "auto", *,
@@ -261,96 +138,57 @@ def start_session(model: str, engine: str = "llama-rpc", peers_spec: str = "auto
                   log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
                   engine_opts: dict[str, Any] | None = None, threads: int | None = None,
                   token: str | None = None) -> Session:
-    """Discover, plan (printed through `log`), launch workers, start the engine. Cleans up on failure."""
-    if engine not in ENGINES:
-        raise ServeError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
-    if engine == "llama-rpc" and not Path(model).is_file():
-        raise ServeError(f"{model}: no such GGUF file; pass the path of a .gguf model")
+    """Plan (printed through `log`), launch the workers, start the engine; ServeError (one line) when it cannot.
+
+    A refusal before the launch starts nothing; after it, every worker launched is stopped again.
+    """
+    try:
+        kind = engines.kind(engine)
+    except EngineError as exc:
+        raise ServeError(str(exc)) from None
+    layout = model_layout(kind, model, n_ctx)
     found, note = find_peers(peers_spec, mdns_wait)
-    on_gpu = engine == "vllm"
-    peer_nodes = []
-    for p in found:
-        free, basis = free_memory(p.summary, on_gpu)
-        peer_nodes.append(Node(p.name or p.address, p.address, p.port, free, "gpu" if on_gpu else "ram", basis))
-    head_addr = head_address or _route_to(peer_nodes[0].host if peer_nodes else "127.0.0.1")
-    head = head_node(memory_budget, head_addr, on_gpu)
-    plan = plan_for(model, engine, head, peer_nodes, n_ctx, headroom)  # a refusal is one line, nothing started
+    others = peer_nodes(found, on_gpu=kind.memory == "gpu")
+    head = head_node(memory_budget, head_address or net.route_to(others[0].host if others else "127.0.0.1"),
+                     on_gpu=kind.memory == "gpu")
+    plan = plan_for(layout, kind, head, others, headroom)
     if note:
         log(f"peers: {note}")
     log(render(plan))
-    token = token or (read_token(token_file) if found else None)
+    try:
+        token = token or (read_token(token_file) if found else None)
+    except AgentClientError as exc:
+        raise ServeError(str(exc)) from None
     if found and not token:
         raise ServeError("no launch token: pass --token-file (the agents' token file) or set $TIERKIT_AGENT_TOKEN")
-    session_workers: list[tuple[AgentClient, str]] = []
+    workers = Workers(token, log)
     try:
-        stages = _launch(engine, model, plan, token, session_workers, log, engine_opts or {}, threads)
-        opts = dict(engine_opts or {})
-        if engine == "llama-rpc":
-            opts.setdefault("n_ctx", n_ctx)
-            opts.setdefault("threads", threads)
-        eng = make_engine(engine, model, stages, **opts)
-        try:
-            eng.start()
-        except EngineError as exc:
-            eng.close()
-            raise ServeError(f"{engine}: {exc}") from None
+        stages = kind.load().launch(model, plan, workers, threads, dict(engine_opts or {}))
+        return Session(_started(kind, model, stages, n_ctx, threads, engine_opts or {}), plan, workers, stages)
+    except AgentClientError as exc:
+        workers.stop_all()
+        raise ServeError(str(exc)) from None
     except BaseException:
-        for client, wid in session_workers:
-            client.stop(wid)
+        workers.stop_all()
         raise
-    return Session(eng, plan, session_workers, stages)
 
 
-def _route_to(host: str) -> str:
-    """This machine's address on the route to `host` (what the workers should dial back)."""
+def _started(kind: EngineKind, model: str, stages: list[dict[str, Any]], n_ctx: int, threads: int | None,
+             engine_opts: dict[str, Any]) -> Engine:
+    """The head side of the engine over `stages`, started (connected to its workers, the model loaded)."""
+    cls = kind.load().ENGINE
+    given = {"n_ctx": n_ctx, "threads": threads}
+    opts = {**{k: given[k] for k in cls.serve_options}, **engine_opts}
     try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect((host, 9))
-            return s.getsockname()[0]
-    except OSError:
-        return "127.0.0.1"
-
-
-def _launch(engine: str, model: str, plan: Plan, token: str | None, launched: list[tuple[AgentClient, str]],
-            log: Callable[[str], None], opts: dict[str, Any], threads: int | None = None) -> list[dict[str, Any]]:
-    """Start each peer's worker; return the engine's stages (stage 0 is the head)."""
-    head = plan.stages[0]
-    stages = [{"name": head.node.name, "host": head.node.host, "port": 0, "layers": list(head.layers)}]
-    remote = [s for s in plan.stages[1:] if s.layers[1] > s.layers[0]]
-    if engine == "llama-rpc":
-        for s in remote:
-            client = AgentClient(s.node.host, s.node.port, token, name=s.node.name)
-            w = client.launch("llama-rpc", {"host": s.node.host, "port": 0,
-                                            **({"threads": threads} if threads else {})})
-            launched.append((client, w["id"]))
-            w = client.wait_ready(w["id"])
-            log(f"worker {w['id']} on {s.node.name}: llama.cpp RPC at {s.node.host}:{w['args']['port']} "
-                f"(layers {s.layers[0]}-{s.layers[1] - 1})")
-            stages.append({"name": s.node.name, "host": s.node.host, "port": w["args"]["port"],
-                           "layers": list(s.layers)})
-        return stages
-    if engine == "pipeline":
-        from tiers.tier3 import pipeline
-
-        if remote:
-            stages[0]["port"] = _free_port(head.node.host)
-        stages += [{"name": s.node.name, "host": s.node.host, "port": 0, "layers": list(s.layers)} for s in remote]
-        for r, s in enumerate(remote, start=1):
-            client = AgentClient(s.node.host, s.node.port, token, name=s.node.name)
-            extra = {"threads": threads, **opts} if threads else opts
-            w = client.launch("pipeline", pipeline.worker_args(model, stages, r, **extra))
-            launched.append((client, w["id"]))
-            log(f"worker {w['id']} on {s.node.name}: pipeline stage {r} (layers {s.layers[0]}-{s.layers[1] - 1})")
-        return stages
-    from tiers.tier3 import vllm
-
-    return vllm.launch(plan, token, launched, log, AgentClient)
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+        eng = cls(model, stages, **opts)
+    except EngineError as exc:
+        raise ServeError(f"{kind.name}: {exc}") from None
+    try:
+        eng.start()
+    except EngineError as exc:
+        eng.close()
+        raise ServeError(f"{kind.name}: {exc}") from None
+    return eng
 
 
 # ---------------------------------------------------------------- the command

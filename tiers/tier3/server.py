@@ -25,7 +25,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-from tiers.tier3.engine import Engine, EngineError, EngineUnavailable, Piece, Sampling
+from tiers.tier3.engine import Engine, EngineError, EngineUnavailable, Piece, Sampling, StopScanner
 
 MAX_TOKENS_DEFAULT = 16
 MAX_BODY = 1 << 20
@@ -80,7 +80,8 @@ def sampling_from(body: dict[str, Any], max_tokens_key: str = "max_tokens") -> S
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
         raise BadRequest("stop must be a non-empty string or a list of up to 4 of them", "stop")
     return Sampling(max_tokens=max_tokens, temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-                    top_p=_number(body, "top_p", 1.0, 0.0, 1.0) or 1.0, top_k=_int(body, "top_k", None, 0, 1 << 20) or None,
+                    top_p=_number(body, "top_p", 1.0, 0.0, 1.0) or 1.0,
+                    top_k=_int(body, "top_k", None, 0, 1 << 20) or None,
                     seed=_int(body, "seed", None, -(1 << 63), (1 << 64) - 1), stop=stop)
 
 
@@ -127,33 +128,6 @@ def chat_messages(body: dict[str, Any]) -> list[dict[str, str]]:
     return out
 
 
-# ---------------------------------------------------------------- stop strings
-
-class StopScanner:
-    """Feeds text through, cutting at the first stop string and holding back a tail that may start one."""
-
-    def __init__(self, stops: list[str]) -> None:
-        self.stops = stops
-        self.held = ""
-        self.hit = False
-
-    def feed(self, text: str) -> str:
-        if not self.stops:
-            return text
-        buf = self.held + text
-        cut = min((i for i in (buf.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            self.hit, self.held = True, ""
-            return buf[:cut]
-        keep = max((k for s in self.stops for k in range(1, len(s)) if buf.endswith(s[:k])), default=0)
-        self.held = buf[len(buf) - keep:] if keep else ""
-        return buf[:len(buf) - keep]
-
-    def flush(self) -> str:
-        out, self.held = self.held, ""
-        return out
-
-
 # ---------------------------------------------------------------- the app
 
 class Counters:
@@ -171,34 +145,76 @@ class Counters:
             self.requests[key] = self.requests.get(key, 0) + 1
 
 
+def _refusal(exc: Exception) -> tuple[int, str, str | None]:
+    """(HTTP status, OpenAI error type, param) for what a request or the engine refused."""
+    if isinstance(exc, BadRequest):
+        return exc.status, exc.kind, exc.param
+    if isinstance(exc, EngineUnavailable):
+        return 503, "service_unavailable", None
+    return 400, "invalid_request_error", None
+
+
 def create_app(engine: Engine, *, title: str = "tierkit serve", plan: dict[str, Any] | None = None):
     """A FastAPI app serving `engine` (already started)."""
-    import anyio
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     app = FastAPI(title=title, docs_url=None, redoc_url=None, openapi_url=None)
-    counters = Counters()
-    created = int(time.time())
-    admit: list[Any] = [None]   # the admission limiter, made inside the event loop on first use
-
-    def err(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
-        counters.count(str(status))
-        return JSONResponse(error_body(message, kind, param, status), status_code=status)
+    api = _Api(engine, plan)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         msg = (f"no such endpoint: {request.url.path} (try /v1/models, /v1/completions, /v1/chat/completions, "
                "/health, /metrics)") if exc.status_code == 404 else str(exc.detail)
-        return err(exc.status_code, msg, kind)
+        return api.err(exc.status_code, msg, kind)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):
-        return err(500, f"internal error: {type(exc).__name__}", "server_error")
+        return api.err(500, f"internal error: {type(exc).__name__}", "server_error")
 
-    async def body_of(request: Request) -> dict[str, Any]:
+    app.get("/v1/models")(api.models)
+    app.get("/health")(api.health)
+    app.get("/metrics")(api.metrics)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        """vLLM's extra endpoint: {"prompt"} -> {"tokens", "count"} (a VllmEngine can front this server)."""
+        return await api.tokenize(request)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await api.complete(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await api.complete(request, chat=True)
+
+    return app
+
+
+class _Api:
+    """What the routes do, over one engine: each request validated, run on a worker thread, counted."""
+
+    def __init__(self, engine: Engine, plan: dict[str, Any] | None) -> None:
+        import anyio
+        from fastapi.responses import JSONResponse, StreamingResponse
+
+        self.engine, self.plan = engine, plan
+        self.anyio, self.JSONResponse, self.StreamingResponse = anyio, JSONResponse, StreamingResponse
+        self.counters = Counters()
+        self.created = int(time.time())
+        self.admit: Any = None   # the admission limiter, made inside the event loop on first use
+
+    def err(self, status: int, message: str, kind: str, param: str | None = None) -> Any:
+        self.counters.count(str(status))
+        return self.JSONResponse(error_body(message, kind, param, status), status_code=status)
+
+    def refuse(self, exc: Exception) -> Any:
+        status, kind, param = _refusal(exc)
+        return self.err(status, str(exc), kind, param)
+
+    async def body_of(self, request: Any) -> dict[str, Any]:
         raw = await request.body()
         if len(raw) > MAX_BODY:
             raise BadRequest(f"body over {MAX_BODY} bytes", status=413)
@@ -211,85 +227,63 @@ def create_app(engine: Engine, *, title: str = "tierkit serve", plan: dict[str, 
         model = body.get("model")
         if model is not None and not isinstance(model, str):
             raise BadRequest("model must be a string", "model")
-        if model and model != engine.model_id:
-            raise BadRequest(f"model {model!r} is not served here; this server has {engine.model_id!r}",
+        if model and model != self.engine.model_id:
+            raise BadRequest(f"model {model!r} is not served here; this server has {self.engine.model_id!r}",
                              "model", status=404, kind="not_found_error")
         return body
 
-    @app.get("/v1/models")
-    async def models():
-        counters.count("models")
-        return {"object": "list", "data": [{"id": engine.model_id, "object": "model", "created": created,
-                                            "owned_by": f"tierkit/{engine.name}"}]}
+    async def models(self):
+        self.counters.count("models")
+        return {"object": "list", "data": [{"id": self.engine.model_id, "object": "model", "created": self.created,
+                                            "owned_by": f"tierkit/{self.engine.name}"}]}
 
-    @app.get("/health")
-    async def health():
-        h = await anyio.to_thread.run_sync(engine.health)
-        return JSONResponse({"engine": engine.name, "model": engine.model_id, **h}, status_code=200 if h.get("ok") else 503)
+    async def health(self):
+        h = await self.anyio.to_thread.run_sync(self.engine.health)
+        return self.JSONResponse({"engine": self.engine.name, "model": self.engine.model_id, **h},
+                                 status_code=200 if h.get("ok") else 503)
 
-    @app.get("/metrics")
-    async def metrics():
-        with counters.lock:
-            up = time.time() - counters.started
-            own = {"uptime_s": up, "requests": dict(counters.requests), "in_flight": counters.in_flight,
-                   "prompt_tokens": counters.prompt_tokens, "completion_tokens": counters.completion_tokens,
-                   "completion_tokens_per_s_busy": counters.completion_tokens / counters.busy_s if counters.busy_s else None}
-        return {"server": own, "engine": await anyio.to_thread.run_sync(engine.stats), "plan": plan}
+    async def metrics(self):
+        c = self.counters
+        with c.lock:
+            own = {"uptime_s": time.time() - c.started, "requests": dict(c.requests), "in_flight": c.in_flight,
+                   "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+                   "completion_tokens_per_s_busy": c.completion_tokens / c.busy_s if c.busy_s else None}
+        return {"server": own, "engine": await self.anyio.to_thread.run_sync(self.engine.stats), "plan": self.plan}
 
-    async def complete(request: Request, chat: bool):
+    async def tokenize(self, request: Any):
         try:
-            body = await body_of(request)
+            body = await self.body_of(request)
+            ids = await self.anyio.to_thread.run_sync(prompt_ids, self.engine, body)
+        except (BadRequest, EngineError) as exc:
+            return self.refuse(exc)
+        return {"tokens": ids, "count": len(ids)}
+
+    async def complete(self, request: Any, chat: bool):
+        to_thread = self.anyio.to_thread.run_sync
+        try:
+            body = await self.body_of(request)
             sampling = sampling_from(body, "max_completion_tokens" if chat else "max_tokens")
             stream = _bool(body, "stream")
             want_ids = _bool(body, "return_token_ids")
             if chat:
-                msgs = chat_messages(body)
-                prompt = await anyio.to_thread.run_sync(engine.chat_prompt, msgs)
-                ids = await anyio.to_thread.run_sync(engine.tokenize, prompt)
+                prompt = await to_thread(self.engine.chat_prompt, chat_messages(body))
+                ids = await to_thread(self.engine.tokenize, prompt)
             else:
-                ids = await anyio.to_thread.run_sync(prompt_ids, engine, body)
-            gen = await anyio.to_thread.run_sync(engine.generate, ids, sampling)
+                ids = await to_thread(prompt_ids, self.engine, body)
+            gen = await to_thread(self.engine.generate, ids, sampling)
             # The first piece may wait for the engine (llama.cpp runs one request at a time): those waits
             # get threads of their own, so they never starve the steps of the request being served.
-            if admit[0] is None:
-                admit[0] = anyio.CapacityLimiter(ADMIT_THREADS)
-            first = await anyio.to_thread.run_sync(_next, gen, limiter=admit[0])  # a 503/400 before any byte
-        except BadRequest as exc:
-            return err(exc.status, str(exc), exc.kind, exc.param)
-        except EngineUnavailable as exc:
-            return err(503, str(exc), "service_unavailable")
-        except EngineError as exc:
-            return err(400, str(exc), "invalid_request_error")
-        counters.count("chat" if chat else "completions")
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        pieces = _Pieces(gen, first, sampling.stop)
+            if self.admit is None:
+                self.admit = self.anyio.CapacityLimiter(ADMIT_THREADS)
+            first = await to_thread(_next, gen, limiter=self.admit)  # a 503/400 before any byte
+        except (BadRequest, EngineError) as exc:
+            return self.refuse(exc)
+        self.counters.count("chat" if chat else "completions")
+        reply = _Reply(self, _Pieces(gen, first, sampling.stop), chat, ids, want_ids)
         if not stream:
-            return await _whole(anyio, JSONResponse, pieces, rid, chat, ids, want_ids, counters, engine, err)
-        return StreamingResponse(_sse(anyio, pieces, rid, chat, ids, want_ids, counters, engine),
-                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-    @app.post("/tokenize")
-    async def tokenize(request: Request):
-        """vLLM's extra endpoint: {"prompt"} -> {"tokens", "count"} (a VllmEngine can front this server)."""
-        try:
-            body = await body_of(request)
-            ids = await anyio.to_thread.run_sync(prompt_ids, engine, body)
-        except BadRequest as exc:
-            return err(exc.status, str(exc), exc.kind, exc.param)
-        except EngineError as exc:
-            return err(400, str(exc), "invalid_request_error")
-        return {"tokens": ids, "count": len(ids)}
-
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        return await complete(request, chat=False)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        return await complete(request, chat=True)
-
-    app.state.counters = counters
-    return app
+            return await reply.whole()
+        return self.StreamingResponse(reply.events(), media_type="text/event-stream",
+                                      headers={"Cache-Control": "no-cache"})
 
 
 _END = object()
@@ -332,103 +326,100 @@ class _Pieces:
             close()
 
 
-def _usage(ids: list[int], pieces: _Pieces) -> dict[str, int]:
-    return {"prompt_tokens": len(ids), "completion_tokens": len(pieces.tokens),
-            "total_tokens": len(ids) + len(pieces.tokens)}
+class _Reply:
+    """One completion's answer, whole (JSON) or streamed (server-sent events); the engine released either way."""
 
+    def __init__(self, api: _Api, pieces: _Pieces, chat: bool, ids: list[int], want_ids: bool) -> None:
+        self.api, self.pieces, self.chat, self.ids, self.want_ids = api, pieces, chat, ids, want_ids
+        self.rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        self.model = api.engine.model_id
 
-def _account(counters: Counters, ids: list[int], pieces: _Pieces) -> None:
-    with counters.lock:
-        counters.prompt_tokens += len(ids)
-        counters.completion_tokens += len(pieces.tokens)
-        counters.busy_s += time.perf_counter() - pieces.t0
+    def _begin(self) -> None:
+        with self.api.counters.lock:
+            self.api.counters.in_flight += 1
 
+    async def _release(self) -> None:
+        """End of a request, however it ended. Shielded: when the client hangs up, the request's task is
+        cancelled, and the engine must still be told to stop (it holds the model until the generator closes)."""
+        anyio, c, pieces = self.api.anyio, self.api.counters, self.pieces
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(pieces.close)
+        with c.lock:
+            c.in_flight -= 1
+            c.prompt_tokens += len(self.ids)
+            c.completion_tokens += len(pieces.tokens)
+            c.busy_s += time.perf_counter() - pieces.t0
 
-async def _release(anyio, pieces: _Pieces, counters: Counters, ids: list[int]) -> None:
-    """End of a request, however it ended. Shielded: when the client hangs up, the request's task is
-    cancelled, and the engine must still be told to stop (it holds the model until the generator closes)."""
-    with anyio.CancelScope(shield=True):
-        await anyio.to_thread.run_sync(pieces.close)
-    with counters.lock:
-        counters.in_flight -= 1
-    _account(counters, ids, pieces)
+    def _usage(self) -> dict[str, int]:
+        n, m = len(self.ids), len(self.pieces.tokens)
+        return {"prompt_tokens": n, "completion_tokens": m, "total_tokens": n + m}
 
+    async def whole(self) -> Any:
+        text = []
+        self._begin()
+        try:
+            while True:
+                t, done = await self.api.anyio.to_thread.run_sync(self.pieces.step)
+                text.append(t)
+                if done:
+                    break
+        except EngineError as exc:
+            return self.api.refuse(exc)
+        finally:
+            await self._release()
+        out, finish = "".join(text), self.pieces.finish
+        choice: dict[str, Any] = ({"index": 0, "message": {"role": "assistant", "content": out},
+                                   "finish_reason": finish, "logprobs": None} if self.chat else
+                                  {"index": 0, "text": out, "finish_reason": finish, "logprobs": None})
+        if self.want_ids:
+            choice["token_ids"] = self.pieces.tokens
+        return self.api.JSONResponse({"id": self.rid, "object": "chat.completion" if self.chat else "text_completion",
+                                      "created": int(time.time()), "model": self.model, "choices": [choice],
+                                      "usage": self._usage()})
 
-async def _whole(anyio, JSONResponse, pieces: _Pieces, rid: str, chat: bool, ids: list[int], want_ids: bool,
-                 counters: Counters, engine: Engine, err):
-    text = []
-    with counters.lock:
-        counters.in_flight += 1
-    try:
-        while True:
-            t, done = await anyio.to_thread.run_sync(pieces.step)
-            text.append(t)
-            if done:
-                break
-    except EngineUnavailable as exc:
-        return err(503, str(exc), "service_unavailable")
-    except EngineError as exc:
-        return err(400, str(exc), "invalid_request_error")
-    finally:
-        await _release(anyio, pieces, counters, ids)
-    out = "".join(text)
-    choice: dict[str, Any] = ({"index": 0, "message": {"role": "assistant", "content": out},
-                               "finish_reason": pieces.finish, "logprobs": None} if chat else
-                              {"index": 0, "text": out, "finish_reason": pieces.finish, "logprobs": None})
-    if want_ids:
-        choice["token_ids"] = pieces.tokens
-    return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
-                         "created": int(time.time()), "model": engine.model_id, "choices": [choice],
-                         "usage": _usage(ids, pieces)})
-
-
-async def _sse(anyio, pieces: _Pieces, rid: str, chat: bool, ids: list[int], want_ids: bool,
-               counters: Counters, engine: Engine) -> AsyncIterator[bytes]:
-    created = int(time.time())
-    obj = "chat.completion.chunk" if chat else "text_completion"
-
-    def event(payload: dict[str, Any]) -> bytes:
-        return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
-
-    def chunk(text: str | None, finish: str | None, first: bool = False, tokens: list[int] | None = None) -> bytes:
-        if chat:
-            delta: dict[str, Any] = {}
-            if first:
-                delta["role"] = "assistant"
+    def _chunk(self, created: int, text: str | None, finish: str | None, first: bool = False,
+               tokens: list[int] | None = None) -> bytes:
+        if self.chat:
+            delta: dict[str, Any] = {"role": "assistant"} if first else {}
             if text is not None:
                 delta["content"] = text
             choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
         else:
             choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
-        if want_ids and tokens is not None:
+        if self.want_ids and tokens is not None:
             choice["token_ids"] = tokens
-        return event({"id": rid, "object": obj, "created": created, "model": engine.model_id, "choices": [choice]})
+        return _event({"id": self.rid, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                       "created": created, "model": self.model, "choices": [choice]})
 
-    with counters.lock:
-        counters.in_flight += 1
-    try:
-        if chat:
-            yield chunk("", None, first=True)
-        seen = 0
-        while True:
-            try:
-                text, done = await anyio.to_thread.run_sync(pieces.step)
-            except EngineError as exc:
-                kind = "service_unavailable" if isinstance(exc, EngineUnavailable) else "invalid_request_error"
-                code = 503 if isinstance(exc, EngineUnavailable) else 400
-                counters.count(str(code))
-                yield event(error_body(str(exc), kind, None, code))
-                return
-            new = pieces.tokens[seen:]
-            seen = len(pieces.tokens)
-            if text or (want_ids and new):
-                yield chunk(text, None, tokens=new)
-            if done:
-                yield chunk(None if chat else "", pieces.finish)
-                yield b"data: [DONE]\n\n"
-                return
-    finally:
-        await _release(anyio, pieces, counters, ids)
+    async def events(self) -> AsyncIterator[bytes]:
+        created, pieces = int(time.time()), self.pieces
+        self._begin()
+        try:
+            if self.chat:
+                yield self._chunk(created, "", None, first=True)
+            seen = 0
+            while True:
+                try:
+                    text, done = await self.api.anyio.to_thread.run_sync(pieces.step)
+                except EngineError as exc:
+                    status, kind, _ = _refusal(exc)
+                    self.api.counters.count(str(status))
+                    yield _event(error_body(str(exc), kind, None, status))
+                    return
+                new = pieces.tokens[seen:]
+                seen = len(pieces.tokens)
+                if text or (self.want_ids and new):
+                    yield self._chunk(created, text, None, tokens=new)
+                if done:
+                    yield self._chunk(created, None if self.chat else "", pieces.finish)
+                    yield b"data: [DONE]\n\n"
+                    return
+        finally:
+            await self._release()
+
+
+def _event(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
 
 def run(app: Any, host: str, port: int, *, on_ready: Any = None, log_level: str = "warning") -> None:

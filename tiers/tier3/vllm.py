@@ -6,6 +6,7 @@
                                                 --tensor-parallel-size <GPUs per node>
                                                 --distributed-executor-backend ray --host 127.0.0.1 --port P
     the tierkit server:                     proxies /v1/completions to that vllm serve (VllmEngine)
+    tierkit serve:                          layout() from the folder's config; launch() asks each agent for Ray
 
 What was verified where: the command lines, their validation and the proxy are
 tested on this CPU-only machine; vLLM's PyPI build is CUDA-only, so Ray and
@@ -15,7 +16,6 @@ keep the nodes on a private network (REFERENCE.md).
 from __future__ import annotations
 
 import http.client
-import ipaddress
 import json
 import os
 import shutil
@@ -24,42 +24,33 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
+from tiers.tier3 import checks
 from tiers.tier3.engine import Engine, EngineError, EngineUnavailable, Piece, Sampling
+from tiers.tier3.placement import ModelLayout, PlacementError, Plan, engine_stage, layout_from_config
+
+if TYPE_CHECKING:
+    from tiers.tier3.client import Workers
 
 NAME = "vllm"
 RAY_PORT = 6379
-
-
-def _ipv4(value: Any, what: str) -> str:
-    try:
-        return str(ipaddress.IPv4Address(str(value)))
-    except ValueError:
-        raise EngineError(f"{what} must be an IPv4 address, not {value!r}") from None
 
 
 def _endpoint(value: Any, what: str) -> str:
     host, sep, port = str(value).rpartition(":")
     if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
         raise EngineError(f"{what} must be IPv4:PORT, not {value!r}")
-    return f"{_ipv4(host, what)}:{int(port)}"
+    return f"{checks.ipv4(host, what)}:{int(port)}"
 
 
 def ray_worker_argv(args: dict[str, Any], ray: str = "ray") -> list[str]:
     """`ray start` joining the head's cluster: args {"head": "IP:PORT", "node_ip": IP, "num_gpus"?}."""
-    if not isinstance(args, dict):
-        raise EngineError("args must be a JSON object")
-    unknown = set(args) - {"head", "node_ip", "num_gpus"}
-    if unknown:
-        raise EngineError(f"unknown vllm argument(s): {', '.join(sorted(unknown))} (allowed: head, node_ip, num_gpus)")
+    checks.known_keys(args, {"head", "node_ip", "num_gpus"}, NAME)
     argv = [ray, "start", "--address", _endpoint(args.get("head"), "head"),
-            "--node-ip-address", _ipv4(args.get("node_ip"), "node_ip"), "--block"]
+            "--node-ip-address", checks.ipv4(args.get("node_ip"), "node_ip"), "--block"]
     if args.get("num_gpus") is not None:
-        n = args["num_gpus"]
-        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 64:
-            raise EngineError(f"num_gpus must be a whole number 0-64, not {n!r}")
-        argv += ["--num-gpus", str(n)]
+        argv += ["--num-gpus", str(checks.whole(args["num_gpus"], "num_gpus", 0, 64))]
     return argv
 
 
@@ -73,7 +64,7 @@ def worker_command(args: dict[str, Any]) -> list[str]:
 
 
 def ray_head_argv(node_ip: str, port: int = RAY_PORT) -> list[str]:
-    return ["ray", "start", "--head", "--port", str(port), "--node-ip-address", _ipv4(node_ip, "node_ip")]
+    return ["ray", "start", "--head", "--port", str(port), "--node-ip-address", checks.ipv4(node_ip, "node_ip")]
 
 
 def serve_argv(model: str, pipeline_size: int, tensor_size: int = 1, host: str = "127.0.0.1", port: int = 8001,
@@ -86,36 +77,6 @@ def serve_argv(model: str, pipeline_size: int, tensor_size: int = 1, host: str =
     if max_model_len:
         argv += ["--max-model-len", str(max_model_len)]
     return argv
-
-
-def model_layout(model: str, n_ctx: int) -> Any:
-    """A Hugging Face Llama-family folder (what vLLM serves): bf16 weights, KV cache at n_ctx."""
-    from tiers.tier3.placement import PlacementError, layout_from_config
-
-    path = Path(model)
-    if not path.is_dir():
-        raise PlacementError(f"{model}: vllm serves a local Hugging Face model folder; no such folder here")
-    from models.hf_llama import config_from_hf
-
-    cfg = config_from_hf(path)
-    return layout_from_config(cfg, name=path.name, dtype_bytes=2, n_ctx=min(n_ctx, cfg.block_size))
-
-
-def launch(plan: Any, token: str | None, launched: list, log: Callable[[str], None], client_cls: Any,
-           gpus_per_node: int = 1) -> list[dict[str, Any]]:
-    """Ray workers on every peer (through their agents); the stages the VllmEngine gets."""
-    head = plan.stages[0].node
-    stages = [{"name": head.name, "host": head.host, "port": RAY_PORT, "layers": list(plan.stages[0].layers),
-               "gpus": gpus_per_node}]
-    for s in plan.stages[1:]:
-        client = client_cls(s.node.host, s.node.port, token, name=s.node.name)
-        w = client.launch("vllm", {"head": f"{head.host}:{RAY_PORT}", "node_ip": s.node.host,
-                                   "num_gpus": gpus_per_node})
-        launched.append((client, w["id"]))
-        log(f"worker {w['id']} on {s.node.name}: ray start --address {head.host}:{RAY_PORT}")
-        stages.append({"name": s.node.name, "host": s.node.host, "port": 0, "layers": list(s.layers),
-                       "gpus": gpus_per_node})
-    return stages
 
 
 class VllmEngine(Engine):
@@ -248,3 +209,32 @@ class VllmEngine(Engine):
                 except subprocess.TimeoutExpired:
                     p.kill()
         self._procs.clear()
+
+
+# ---------------------------------------------------------------- what `tierkit serve` asks of this engine
+
+ENGINE = VllmEngine
+
+
+def layout(model: str, n_ctx: int) -> ModelLayout:
+    """A Hugging Face Llama-family folder (what vLLM serves): bf16 weights, KV cache at n_ctx."""
+    path = Path(model)
+    if not path.is_dir():
+        raise PlacementError(f"{model}: vllm serves a local Hugging Face model folder; no such folder here")
+    from models.hf_llama import config_from_hf
+
+    cfg = config_from_hf(path)
+    return layout_from_config(cfg, name=path.name, dtype_bytes=2, n_ctx=min(n_ctx, cfg.block_size))
+
+
+def launch(model: str, plan: Plan, workers: Workers, threads: int | None, opts: dict[str, Any],
+           gpus_per_node: int = 1) -> list[dict[str, Any]]:
+    """Ray workers on every peer (through their agents); the stages the VllmEngine gets."""
+    head = plan.stages[0].node
+    stages = [engine_stage(plan.stages[0], RAY_PORT, gpus=gpus_per_node)]
+    for s in plan.stages[1:]:
+        _, w = workers.launch(s.node, NAME, {"head": f"{head.host}:{RAY_PORT}", "node_ip": s.node.host,
+                                             "num_gpus": gpus_per_node})
+        workers.log(f"worker {w['id']} on {s.node.name}: ray start --address {head.host}:{RAY_PORT}")
+        stages.append(engine_stage(s, 0, gpus=gpus_per_node))
+    return stages

@@ -101,7 +101,7 @@ static inline int32_t clamp(int32_t v, int32_t lo, int32_t hi) {
  * does, and adding output_offset * 2^right under the floor adds output_offset after it. The
  * exporter sets requant_fast only where every step is exact for every accumulator the layer can
  * produce: right >= 1, and no shift or sum can leave int32 (it bounds |acc| from the weights and
- * bias; tiers/tier0/export.py, `requant_table`). Five instructions on a Cortex-M4 instead of ~20. */
+ * bias; tiers/tier0/compiler/prepare.py, `requant_table`). Five instructions on a Cortex-M4 instead of ~20. */
 static inline int32_t smmulr_c(int32_t a, int32_t b) {
   return (int32_t)(((int64_t)a * (int64_t)b + ((int64_t)1 << 31)) >> 32);
 }
@@ -428,10 +428,8 @@ static void pixels_out(const kws_conv_params_t *p, const int8_t *filter, const i
 
 /* ------------------------------------------------------------------ CONV_2D */
 
-int32_t kws_conv2d_scratch_bytes(const kws_conv_params_t *p) {
-  /* two pixels' int16 patches, for the DSP path's 2x2 (pixels x channels) inner loop */
-  return 2 * 2 * p->k_h * p->k_w * p->in_c;
-}
+/* The formula lives in kws_params.h, generated from the exporter's description (abi.py). */
+int32_t kws_conv2d_scratch_bytes(const kws_conv_params_t *p) { return KWS_CONV2D_SCRATCH_BYTES(p); }
 
 /* reference_integer_ops::ConvPerChannel */
 static void conv2d_portable(const kws_conv_params_t *p, const int8_t *input, const int8_t *filter,
@@ -494,11 +492,7 @@ void kws_conv2d_s8(const kws_conv_params_t *p, const int8_t *input, const int8_t
 
 /* ------------------------------------------------------------------ DEPTHWISE_CONV_2D */
 
-int32_t kws_depthwise_scratch_bytes(const kws_conv_params_t *p) {
-  /* the DSP path's padded copy of the input rows one output row reads */
-  if (p->depth_mult != 1 || (p->in_c & 3) != 0) return 0;
-  return p->in_c * p->k_h * ((p->out_w - 1) * p->stride_w + (p->k_w - 1) * p->dil_w + 1);
-}
+int32_t kws_depthwise_scratch_bytes(const kws_conv_params_t *p) { return KWS_DEPTHWISE_SCRATCH_BYTES(p); }
 
 /* reference_integer_ops::DepthwiseConvPerChannel, with the input offset folded into the bias:
  * bias_eff = bias + input_offset * sum(w) over all taps, and a tap in the padding reads the input

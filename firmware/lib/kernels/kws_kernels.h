@@ -12,7 +12,7 @@
  *   out = clamp(out, act_min, act_max)                  fused RELU/RELU6 live here
  *
  * All parameters (multipliers, shifts, paddings, activation ranges) are
- * computed at export time by tiers/tier0/export.py and stored as const data:
+ * computed at export time by tiers/tier0/compiler/ and stored as const data:
  * nothing here touches a float, and nothing allocates. Tensors are NHWC int8.
  *
  * Two implementations share one interface: a portable C99 one, and on cores
@@ -25,9 +25,13 @@
  * later in NHWC order need (the DSP convolution gathers two pixels' patches
  * before writing either; the DSP depthwise copies the rows an output row reads
  * before writing any of that row). The exporter's memory planner relies on this to let
- * an output overlap the part of its input already consumed (export.py,
+ * an output overlap the part of its input already consumed (compiler/memory.py,
  * `overlap_limit`): that is how the MLPerf DS-CNN fits in 0.41x TFLite Micro's
  * arena.
+ *
+ * The parameter structs and the size formulas (scratch, the conv filter's pair
+ * stride) are in kws_params.h, generated from the exporter's own description
+ * (tiers/tier0/compiler/abi.py): the bytes it writes are the bytes read here.
  *
  * Scratch: kws_conv2d_s8 takes kws_conv2d_scratch_bytes(p) bytes of int16
  * scratch, kws_depthwise_conv2d_s8 kws_depthwise_scratch_bytes(p) bytes (both
@@ -67,29 +71,11 @@
 
 #include <stdint.h>
 
+#include "kws_params.h"   /* the parameter structs and size formulas, generated */
+
 #ifdef __cplusplus
 extern "C" {
 #endif
-
-/* CONV_2D, DEPTHWISE_CONV_2D, AVERAGE_POOL_2D, MAX_POOL_2D: one parameter block. */
-typedef struct {
-  int32_t batches;
-  int32_t in_h, in_w, in_c;
-  int32_t out_h, out_w, out_c;
-  int32_t k_h, k_w;            /* filter (conv) or window (pool) */
-  int32_t stride_h, stride_w;
-  int32_t dil_h, dil_w;        /* dilation; 1 for pools */
-  int32_t pad_h, pad_w;        /* top and left padding; SAME puts any extra at bottom/right */
-  int32_t depth_mult;          /* depthwise: out_c = in_c * depth_mult */
-  int32_t filter_in_c;         /* conv: input channels per group (== in_c unless grouped) */
-  int32_t input_offset;        /* -input zero point */
-  int32_t output_offset;       /* output zero point */
-  int32_t act_min, act_max;    /* quantised activation range (fused RELU/RELU6 or int8 limits) */
-  int32_t requant_fast;        /* conv, depthwise: 1 = the requantisation table's fast form is exact */
-} kws_conv_params_t;
-
-/* Bytes from one output-channel pair of a packed CONV_2D filter to the next (K per channel). */
-#define KWS_CONV_PAIR_STRIDE(K) ((2 * (K) + 3) & ~3)
 
 /* Alignment for the packed constants (LDRD needs a word-aligned address). */
 #if defined(__GNUC__) || defined(__clang__)
@@ -98,50 +84,16 @@ typedef struct {
 #define KWS_ALIGN4
 #endif
 
-/* FULLY_CONNECTED. */
-typedef struct {
-  int32_t batches;             /* rows of the input: flat size / accum_depth */
-  int32_t accum_depth;         /* input features */
-  int32_t out_depth;           /* output features */
-  int32_t input_offset;        /* -input zero point */
-  int32_t filter_offset;       /* -filter zero point (0 for int8 weights; kept as TFLM does) */
-  int32_t output_offset;
-  int32_t act_min, act_max;
-  int32_t per_channel;         /* 1: one multiplier/shift per output; 0: mult[0], shift[0] */
-} kws_fc_params_t;
-
-/* ADD, with NumPy-style broadcasting up to 6 dimensions. */
-#define KWS_ADD_MAX_DIMS 6
-typedef struct {
-  int32_t size;                              /* elements of the output */
-  int32_t broadcast;                         /* 0: same shapes, a flat loop */
-  int32_t dims[KWS_ADD_MAX_DIMS];            /* output shape, padded in front with 1s */
-  int32_t stride1[KWS_ADD_MAX_DIMS];         /* input 1 element strides, 0 on broadcast axes */
-  int32_t stride2[KWS_ADD_MAX_DIMS];
-  int32_t left_shift;                        /* 20 for int8 */
-  int32_t input1_offset, input1_multiplier, input1_shift;
-  int32_t input2_offset, input2_multiplier, input2_shift;
-  int32_t output_offset, output_multiplier, output_shift;
-  int32_t act_min, act_max;
-} kws_add_params_t;
-
-/* SOFTMAX, int8 in, int8 out (output scale 1/256, zero point -128). */
-typedef struct {
-  int32_t outer;               /* rows */
-  int32_t depth;               /* classes per row */
-  int32_t input_multiplier;    /* beta * input_scale * 2^26, quantised */
-  int32_t input_left_shift;
-  int32_t diff_min;            /* differences below this give exp() == 0 */
-} kws_softmax_params_t;
-
-/* Bytes of int16 scratch the DSP convolution needs (0 on the portable path is fine). */
+/* Bytes of int16 scratch the DSP convolution needs (0 on the portable path is fine):
+ * KWS_CONV2D_SCRATCH_BYTES(p). */
 int32_t kws_conv2d_scratch_bytes(const kws_conv_params_t *p);
 
 /* filter: packed in channel pairs; rq: 4 int32 per output channel (see above). */
 void kws_conv2d_s8(const kws_conv_params_t *p, const int8_t *input, const int8_t *filter,
                    const int32_t *bias, const int32_t *rq, int8_t *output, int16_t *scratch);
 
-/* Bytes of scratch (int32-aligned) the DSP depthwise path needs; 0 where it does not apply. */
+/* Bytes of scratch (int32-aligned) the DSP depthwise path needs; 0 where it does not apply:
+ * KWS_DEPTHWISE_SCRATCH_BYTES(p). */
 int32_t kws_depthwise_scratch_bytes(const kws_conv_params_t *p);
 
 /* filter and folded bias as above; rq as for kws_conv2d_s8; scratch may be NULL (portable path). */

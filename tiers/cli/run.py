@@ -1,0 +1,120 @@
+"""`tierkit run`: one milestone at its planned size, predicted vs actual recorded."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from tiers.cli.common import Fail, app, console, load_profile
+
+
+def _profile(arg: Optional[str], milestone: str):
+    """(profile, the file to record calibration in or None) for `--profile FILE|NAME`.
+
+    The user's own file (the probed one by default) gets calibration records; a
+    reference kit from profiles/ is never modified. B0 may start with no profile:
+    a quick probe without benchmarks plans it, and the run writes the real one.
+    """
+    from inventory.profile import default_path
+
+    if arg is None:
+        path = default_path()
+        if not path.exists() and milestone == "B0":
+            from inventory.probe import probe as quick_probe
+
+            return quick_probe(bench=False, discover=False), path
+        return load_profile(path), path
+    from inventory.kits import resolve_profile
+    from inventory.profile import ProfileError
+
+    try:
+        prof, is_reference = resolve_profile(arg)
+    except ProfileError as exc:
+        raise Fail(str(exc)) from None
+    return prof, (None if is_reference else Path(arg).expanduser())
+
+
+def _milestone_id(text: str) -> str:
+    t = text.strip().upper().lstrip("B")
+    if not t.isdigit():
+        raise Fail(f"{text!r} is not a milestone; give one like B5 (see `tierkit fit`)")
+    return f"B{int(t)}"
+
+
+def _settings(items: list[str]) -> dict:
+    """`--set KEY=VALUE` pairs -> {key: value}, each value read as YAML (numbers, booleans, lists)."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip().isidentifier():
+            raise Fail(f"--set {item!r}: give KEY=VALUE, e.g. --set lr=3e-4")
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            raise Fail(f"--set {item!r}: the value is not valid YAML; quote strings, e.g. --set prompt='ROMEO:'") from None
+    return out
+
+
+@app.command("run")
+def run_milestone(
+    milestone: str = typer.Argument(..., help="The milestone: B0, B5, ..."),
+    size: Optional[str] = typer.Option(None, "--size", help="A size from the milestone's ladder (default: the largest that fits)."),
+    tier: Optional[int] = typer.Option(None, "--tier", min=0, max=3, help="Run on this tier (default: the planner's choice)."),
+    out: Path = typer.Option(Path("builds"), "--out", help="Where the build folder B<nn>-<slug>/ goes."),
+    profile: Optional[str] = typer.Option(None, "--profile", help="Profile FILE or reference kit NAME (default: the probed one)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its checkpoint (milestones that train: B12)."),
+    settings: list[str] = typer.Option([], "--set", help="Override one setting of the sized config, KEY=VALUE (repeatable; VALUE is YAML: 3e-4, true, [1, 2])."),
+) -> None:
+    """Run one milestone at its planned size; write builds/B<nn>-<slug>/ with predicted vs actual."""
+    from tiers import runner
+    from tiers.fit import FitError, fit
+
+    mid = _milestone_id(milestone)
+    overrides = _settings(settings)
+    prof, prof_path = _profile(profile, mid)
+    try:  # packages are judged on this machine, where the run happens, whatever the profile
+        plan = fit(prof, mid, size=size, tier=tier, check_packages=True)
+    except FitError as exc:
+        raise Fail(str(exc)) from None
+    if resume:
+        plan.config["resume"] = True
+    err = console(stderr=True)
+    try:
+        if err.is_terminal:
+            from rich import progress as rp
+
+            with rp.Progress(rp.SpinnerColumn(), rp.TextColumn("{task.description}"), rp.BarColumn(),
+                             rp.MofNCompleteColumn(), rp.TimeElapsedColumn(), console=err, transient=True) as bar:
+                result = runner.run(plan, prof, out, bar, profile_path=prof_path, overrides=overrides)
+        else:
+            result = runner.run(plan, prof, out, profile_path=prof_path, overrides=overrides)
+    except runner.RunError as exc:
+        raise Fail(str(exc), exc.code) from None
+    _print_result(result, prof_path)
+
+
+def _print_result(result, prof_path: Optional[Path]) -> None:
+    from rich.table import Table
+
+    from inventory.units import fmt_bytes
+    from tiers.runner import secs
+
+    plan, pred = result.plan, result.plan.prediction
+    con = console()
+    table = Table(title=f"{plan.milestone} {plan.title}: size {plan.size} on {plan.device}")
+    for col in ("", "predicted", "actual", "actual / predicted"):
+        table.add_column(col)
+    if pred is not None:
+        table.add_row("peak memory", fmt_bytes(pred.peak_bytes, binary=True),
+                      fmt_bytes(result.actual_peak_bytes, binary=True),
+                      f"{result.actual_peak_bytes / pred.peak_bytes:.2f}" if pred.peak_bytes else "?")
+        table.add_row("wall time", secs(pred.seconds), secs(result.actual_seconds),
+                      f"{result.actual_seconds / pred.seconds:.2f}" if pred.seconds else "?")
+    con.print(table)
+    if result.summary:
+        con.print(result.summary)
+    con.print(f"build: {result.out_dir}/README.md"
+              + (f"\ncalibration recorded in {prof_path}" if prof_path else "\nreference kit: calibration not recorded"))

@@ -90,8 +90,11 @@ def test_b5_in_process_writes_the_build_and_calibrates(tmp_path, live):
 def test_memory_monitor_samples_an_allocation():
     import time
 
+    import gc
+
     import numpy as np
 
+    gc.collect()   # earlier tests' garbage, freed inside the block, would hide the allocation
     with runner.MemoryMonitor() as mon:
         a = np.ones(50 << 20, dtype=np.uint8)  # 50 MiB, touched, held for a few samples
         time.sleep(0.1)

@@ -4,8 +4,8 @@ Runs every milestone that is both implemented (`tiers.runner.REGISTRY`) and
 planned to fit this machine (`tiers.fit.fit`), each at its planned size, each
 as a user runs it (`tierkit run B<n>` in its own process, so the interpreter's
 baseline memory is the real one). Targets: peak memory within +-25% of the
-prediction, wall time within 0.5-2x. Later issues add milestones by registering
-them; nothing here changes. `--size B8=784-32-10-8k` runs a milestone at another
+prediction, wall time within 0.5-2x. A new milestone joins by being registered;
+nothing here changes. `--size B8=784-32-10-8k` runs a milestone at another
 size of its ladder (a small one, where the planned size would take long or needs
 data that is not here). Milestones that read data find it through the dataset
 registry: set TIERKIT_DATA (e.g. to ../shared/data) before running this.
@@ -87,10 +87,13 @@ def runnable(prof: Any, sizes: dict[str, str] | None = None) -> tuple[list[tuple
 def run_one(mid: str, home: Path, builds: Path, timeout: float, size: str | None = None) -> dict[str, Any]:
     env = {**os.environ, "TIERKIT_HOME": str(home), "PYTHONPATH": str(REPO)}
     t = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "tiers.cli", "run", mid, "--out", str(builds),
-                           *(["--size", size] if size else [])],
-                          check=False, capture_output=True, text=True, env=env, cwd=home,
-                          timeout=timeout)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "tiers.cli", "run", mid, "--out", str(builds),
+                               *(["--size", size] if size else [])],
+                              check=False, capture_output=True, text=True, env=env, cwd=home,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"milestone": mid, "error": f"still running after {timeout:.0f} s (--timeout)"}
     wall = time.perf_counter() - t
     if proc.returncode != 0:
         return {"milestone": mid, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}

@@ -98,8 +98,11 @@ class GPTShape:
     n_layer: int
     n_head: int
     n_embd: int
-    bias: bool = True        # biases in Linear and LayerNorm, as GPT-2
+    bias: bool = True        # biases in Linear and LayerNorm, as GPT-2 (llama: on q, k, v only, as Qwen2)
     tied: bool = True        # lm_head shares the token embedding's weights
+    arch: str = "gpt2"       # gpt2: learned positions, GELU MLP 4h; llama: RoPE, RMSNorm, SwiGLU (Llama, Qwen2)
+    n_kv_head: int | None = None    # llama: grouped-query attention's K/V heads (None: n_head)
+    ffn_hidden: int | None = None   # llama: the SwiGLU width f (None: 8h/3 rounded up to 32, as models/gpt.py)
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:
@@ -110,6 +113,11 @@ class GPTShape:
         return self.n_embd // self.n_head
 
 
+def llama_widths(s: GPTShape) -> tuple[int, int]:
+    """(K/V heads, SwiGLU width f) of a llama-shaped model: n_head and 8h/3 rounded up to 32 unless given."""
+    return s.n_kv_head or s.n_head, s.ffn_hidden or 32 * math.ceil(8 * s.n_embd / 3 / 32)
+
+
 def gpt_params(s: GPTShape) -> int:
     """Exact parameter count of models/gpt.py's GPT (what sum(p.numel()) says).
 
@@ -118,6 +126,8 @@ def gpt_params(s: GPTShape) -> int:
     plus token embedding V*h, position embedding T*h, final LayerNorm h (+h),
     and an untied lm_head V*h (no bias, as nanoGPT).
     """
+    if s.arch == "llama":
+        return llama_params(s.vocab_size, s.n_layer, s.n_embd, s.n_head, s.n_kv_head, s.ffn_hidden, s.tied, s.bias)
     h, b = s.n_embd, int(s.bias)
     block = 12 * h * h + 2 * h + 11 * h * b
     return (s.vocab_size * h + s.block_size * h + s.n_layer * block + h + h * b
@@ -125,25 +135,43 @@ def gpt_params(s: GPTShape) -> int:
 
 
 def llama_params(vocab_size: int, n_layer: int, n_embd: int, n_head: int, n_kv_head: int | None = None,
-                 hidden: int | None = None, tied: bool = True) -> int:
-    """Exact parameter count of models/gpt.py's llama flavour (RoPE: no position table; no biases).
+                 hidden: int | None = None, tied: bool = True, qkv_bias: bool = False) -> int:
+    """Exact parameter count of models/gpt.py's llama flavour (RoPE: no position table; no biases),
+    and of transformers' Llama and Qwen2 (qkv_bias: Qwen2's biases on q, k and v).
 
     per block: RMSNorm 2h + q, k, v h*(n_head + 2 n_kv_head)*d + output h^2 + SwiGLU 3*h*f
     plus token embedding V*h, final RMSNorm h, and an untied lm_head V*h.
     f defaults as in models/gpt.py: 8h/3 rounded up to a multiple of 32.
+    (SmolLM2-135M: V=49152, L=30, h=576, 9 heads, 3 KV heads, f=1536, tied -> 134,515,008.)
     """
-    h, d = n_embd, n_embd // n_head
+    h, d, kv = n_embd, n_embd // n_head, n_kv_head or n_head
     f = hidden or 32 * math.ceil(8 * h / 3 / 32)
-    block = 2 * h + h * (n_head + 2 * (n_kv_head or n_head)) * d + h * h + 3 * h * f
+    block = 2 * h + h * (n_head + 2 * kv) * d + h * h + 3 * h * f + (h + 2 * kv * d) * int(qkv_bias)
     return vocab_size * h + n_layer * block + h + (0 if tied else vocab_size * h)
 
 
 def gpt_params_basis(s: GPTShape) -> str:
     h = s.n_embd
-    bias = " + 11h" if s.bias else ""
     head = "" if s.tied else " + V*h (untied head)"
+    if s.arch == "llama":
+        bias, (kv, f) = " + qkv bias" if s.bias else "", llama_widths(s)
+        return (f"params = V*h + L*(2h + h*(a + 2*kv)*d + h^2 + 3*h*f{bias}) + h{head} (llama: RoPE, SwiGLU) "
+                f"with V={s.vocab_size}, L={s.n_layer}, h={h}, a={s.n_head}, kv={kv}, d={s.head_dim}, "
+                f"f={f} = {gpt_params(s):,}")
+    bias = " + 11h" if s.bias else ""
     return (f"params = V*h + T*h + L*(12h^2 + 2h{bias}) + LN_f{head} with V={s.vocab_size}, T={s.block_size}, "
             f"L={s.n_layer}, h={h} = {gpt_params(s):,}")
+
+
+def lora_params(s: GPTShape, rank: int) -> int:
+    """LoRA adapters (peft: A r x in, B out x r) on every linear of every block; embeddings, head frozen.
+
+    per layer, gpt2: c_attn h->3h, c_proj h->h, c_fc h->4h, c_proj 4h->h: r*16h; llama: q, o h->h,
+    k, v h->kv*d, gate, up h->f, down f->h: r*(9h + 2*kv*d + 3f)
+    """
+    kv, f = llama_widths(s)
+    per_layer = 9 * s.n_embd + 2 * kv * s.head_dim + 3 * f if s.arch == "llama" else 16 * s.n_embd
+    return s.n_layer * rank * per_layer
 
 
 def gpt_matmul_params(s: GPTShape) -> int:
@@ -152,7 +180,8 @@ def gpt_matmul_params(s: GPTShape) -> int:
     The position embedding is a lookup; with tied weights the token embedding is
     counted once, as the lm_head matmul (2*V*h FLOPs per token forward).
     """
-    return gpt_params(s) - s.block_size * s.n_embd - (0 if s.tied else s.vocab_size * s.n_embd)
+    positions = 0 if s.arch == "llama" else s.block_size * s.n_embd   # RoPE has no table
+    return gpt_params(s) - positions - (0 if s.tied else s.vocab_size * s.n_embd)
 
 
 def gpt_activation_bytes(s: GPTShape, batch: int, seq: int, value_bytes: int = 2, flash: bool = True) -> float:
@@ -162,9 +191,19 @@ def gpt_activation_bytes(s: GPTShape, batch: int, seq: int, value_bytes: int = 2
     attention score matrices, which a fused (flash) kernel never stores. In fp32
     the 16-bit values double (taken as the whole term, a slight overcount of the
     1-byte dropout masks).
+    llama (no dropout; an approximation in the same spirit): attention keeps its input, Q, the
+    smaller K and V of grouped-query attention and the output projection's input, 2*(3 + 2*kv/a)*h;
+    the two RMSNorms' inputs 4h; SwiGLU its input 2h and gate, up, silu(gate), their product 8f:
+    s*b*((12 + 4*kv/a)*h + 8f) bytes per layer in 16-bit (f = 8h/3, kv = a/3: ~35h, as GPT-2's 34h).
     """
-    per_value = 34 + (0 if flash else 5 * s.n_head * seq / s.n_embd)
+    scores = 0 if flash else 5 * s.n_head * seq / s.n_embd
+    if s.arch == "llama":
+        kv, f = llama_widths(s)
+        per_value = 12 + 4 * kv / s.n_head + 8 * f / s.n_embd + scores
+    else:
+        per_value = 34 + scores
     return s.n_layer * seq * batch * s.n_embd * per_value * (value_bytes / 2)
+
 
 
 def logits_bytes(batch: int, seq: int, vocab: int) -> float:
@@ -173,34 +212,50 @@ def logits_bytes(batch: int, seq: int, vocab: int) -> float:
 
 
 def gpt_train(s: GPTShape, batch: int, tokens: float, dtype: str = "fp32", flash: bool = True,
-              seq: int | None = None) -> Cost:
+              seq: int | None = None, lora_rank: int = 0) -> Cost:
     """Training a GPT with AdamW: memory for one micro-batch, FLOPs for `tokens` tokens.
 
     dtype 'fp32' keeps everything in fp32; 'bf16'/'fp16' is mixed precision (16-bit
     activations, fp32 master weights and Adam state). Both hold 16 bytes per param.
+    lora_rank > 0 (LoRA, Hu et al. 2021): only the adapters train, so only they have
+    gradients and Adam state (16 B each); the frozen base sits in the run's dtype. The
+    activations are the same (the gradient still flows back through every layer), and a
+    token costs 4*N (forward, and backward to the activations: no weight gradients for the
+    base) + 6*N_adapters instead of 6*N.
     """
     seq = seq or s.block_size
     n = gpt_params(s)
     nm = gpt_matmul_params(s)
     value_bytes = 4 if dtype == "fp32" else 2
-    states = 16 * n
     acts = gpt_activation_bytes(s, batch, seq, value_bytes, flash)
     logits = logits_bytes(batch, seq, s.vocab_size)
-    per_token = 6 * nm + 6 * s.n_layer * seq * s.n_embd
-    flops = per_token * tokens
-    attn = "" if flash else f" + 5*a*s/h={5 * s.n_head * seq / s.n_embd:.3g}"
+    attn_flops = 6 * s.n_layer * seq * s.n_embd
+    attn = "" if flash else " + 5*a*s/h"
     precision = "fp32" if dtype == "fp32" else f"mixed {dtype}"
+    if lora_rank:
+        na = lora_params(s, lora_rank)
+        weights = {"frozen base": n * BYTES[dtype], "adapters+grads+Adam": 16 * na}
+        per_token = 4 * nm + 6 * na + attn_flops
+        state_lines = [f"frozen base ({dtype}): {fmt_count(n)} x {BYTES[dtype]} B = {fmt_bytes(n * BYTES[dtype])}",
+                       (f"LoRA r={lora_rank} on every block linear: {na:,} adapter params x 16 B (weights, grads, "
+                       f"AdamW m, v) = {fmt_bytes(16 * na)}")]
+        flop_line = f"(4*{fmt_count(nm)} + 6*{fmt_count(na)} adapters + 6*L*s*h)"
+    else:
+        na, weights = 0, {"weights+grads+Adam": 16 * n}
+        per_token = 6 * nm + attn_flops
+        state_lines = [f"weights + grads + AdamW m, v ({precision}): 16 B/param x {fmt_count(n)} = {fmt_bytes(16 * n)}"]
+        flop_line = f"(6*N_matmul + 6*L*s*h) = (6*{fmt_count(nm)} + 6*{s.n_layer}*{seq}*{s.n_embd})"
+    flops = per_token * tokens
     basis = [
-        gpt_params_basis(s),
-        f"weights + grads + AdamW m, v ({precision}): 16 B/param x {fmt_count(n)} = {fmt_bytes(states)}",
-        f"activations: L*s*b*h*(34{attn}) x {value_bytes / 2:g} (Korthikanti, "
-        f"{'flash attention' if flash else 'attention scores stored'}) with s={seq}, b={batch} = {fmt_bytes(acts)}",
+        gpt_params_basis(s), *state_lines,
+        (f"activations: L*s*b*({'(12 + 4*kv/a)*h + 8f' if s.arch == 'llama' else '34h'}{attn}) x {value_bytes / 2:g}"
+         f" (Korthikanti, {'flash attention' if flash else 'attention scores stored'}) with s={seq}, b={batch} = "
+         f"{fmt_bytes(acts)}"),
         f"logits: b*s*V*4 x 2 = {batch}*{seq}*{s.vocab_size}*4*2 = {fmt_bytes(logits)}",
-        f"FLOPs = (6*N_matmul + 6*L*s*h) per token x D = (6*{fmt_count(nm)} + 6*{s.n_layer}*{seq}*{s.n_embd}) "
-        f"x {fmt_count(tokens)} = {fmt_flops(flops)}",
+        f"FLOPs = {flop_line} per token x D = {fmt_count(tokens)} tokens = {fmt_flops(flops)}",
     ]
-    return Cost(params=n, flops=flops, memory={"weights+grads+Adam": states, "activations": acts, "logits": logits},
-                basis=basis, extra={"tokens": tokens, "matmul_params": nm})
+    return Cost(params=n, flops=flops, memory={**weights, "activations": acts, "logits": logits},
+                basis=basis, extra={"tokens": tokens, "matmul_params": nm, "trainable": na or n})
 
 
 def kv_cache_bytes(n_layer: int, kv_heads: int, head_dim: int, ctx: int, batch: int = 1,
@@ -214,14 +269,15 @@ def gpt_infer(s: GPTShape, dtype: str, ctx: int, new_tokens: int, prompt_tokens:
     """Generation with a KV cache: weights + cache resident; each new token reads them all once."""
     n, b = gpt_params(s), BYTES[dtype]
     weights = n * b
-    kv = kv_cache_bytes(s.n_layer, s.n_head, s.head_dim, ctx, batch, b)
+    kv_heads = llama_widths(s)[0]
+    kv = kv_cache_bytes(s.n_layer, kv_heads, s.head_dim, ctx, batch, b)
     per_token_bytes = weights + kv / 2      # on average the cache is half full while decoding
     tokens = (new_tokens + prompt_tokens) * requests
     flops = 2 * gpt_matmul_params(s) * tokens
     basis = [gpt_params_basis(s),
              f"weights: {fmt_count(n)} x {b} B ({dtype}) = {fmt_bytes(weights)}",
-             f"KV cache: 2*L*kv_heads*head_dim*ctx*batch*bytes = 2*{s.n_layer}*{s.n_head}*{s.head_dim}*{ctx}*{batch}*{b}"
-             f" = {fmt_bytes(kv)}",
+             (f"KV cache: 2*L*kv_heads*head_dim*ctx*batch*bytes = 2*{s.n_layer}*{kv_heads}*{s.head_dim}*{ctx}*{batch}*{b}"
+             f" = {fmt_bytes(kv)}"),
              f"decode reads weights + KV/2 per token = {fmt_bytes(per_token_bytes)}; FLOPs 2*N per token"]
     return Cost(params=n, flops=flops, bytes_moved=per_token_bytes * new_tokens * requests,
                 memory={"weights": weights, "KV cache": kv}, basis=basis,
@@ -258,8 +314,8 @@ def mlp_train(widths: list[int], samples: int, epochs: float, batch: int, dtype:
     acts = 2 * batch * sum(widths) * b
     flops = 6 * n * samples * epochs
     basis = [f"params = sum(w_i*w_(i+1) + w_(i+1)) over {widths} = {n:,}",
-             f"weights + grads + optimizer: {fmt_count(n)} x {2 * b + optimizer_bytes_per_param * b / 4:g} B "
-             f"= {fmt_bytes(state)}; activations 2*batch*sum(widths)*{b} B = {fmt_bytes(acts)}",
+             (f"weights + grads + optimizer: {fmt_count(n)} x {2 * b + optimizer_bytes_per_param * b / 4:g} B "
+             f"= {fmt_bytes(state)}; activations 2*batch*sum(widths)*{b} B = {fmt_bytes(acts)}"),
              f"FLOPs = 6*N*samples*epochs = 6*{n:,}*{samples:,}*{epochs:g} = {fmt_flops(flops)}"]
     mem = {"weights+grads+optimizer": state, "activations": acts}
     if dataset_bytes:
@@ -311,10 +367,10 @@ def cnn_train(s: CNNShape, samples: int, epochs: float, batch: int, dtype: str =
     b = BYTES[dtype]
     act_bytes = 2 * acts * batch * b
     flops = 2 * 3 * macs * samples * epochs
-    basis = [f"CNN {s.widths} x{s.convs_per_stage} on {s.in_hw[0]}x{s.in_hw[1]}x{s.in_ch}, fc {s.fc}: "
-             f"{params:,} params, {fmt_count(macs)} MACs/sample",
-             f"weights + grads + Adam: 16 B x {params:,} = {fmt_bytes(16 * params)}; activations 2 x {fmt_count(acts)} "
-             f"values x batch {batch} x {b} B = {fmt_bytes(act_bytes)}",
+    basis = [(f"CNN {s.widths} x{s.convs_per_stage} on {s.in_hw[0]}x{s.in_hw[1]}x{s.in_ch}, fc {s.fc}: "
+             f"{params:,} params, {fmt_count(macs)} MACs/sample"),
+             (f"weights + grads + Adam: 16 B x {params:,} = {fmt_bytes(16 * params)}; activations 2 x {fmt_count(acts)} "
+             f"values x batch {batch} x {b} B = {fmt_bytes(act_bytes)}"),
              f"FLOPs = 2 FLOP/MAC x 3 (fwd+bwd) x MACs x samples x epochs = {fmt_flops(flops)}"]
     mem = {"weights+grads+Adam": 16 * params, "activations": act_bytes}
     if dataset_bytes:
@@ -375,13 +431,13 @@ def dscnn(s: DSCNNShape = DSCNNShape()) -> Cost:
     arena = peak_pair + 8 * per_channel + tensors * TFLM_TENSOR_BYTES + ops * TFLM_OP_BYTES
     basis = [
         f"DS-CNN {c} ch x {s.blocks} blocks on {H}x{W} MFCC: conv {kh}x{kw}/{s.stride[0]} -> {h}x{w}x{c}",
-        f"params = conv {conv_w}+{conv_b} + {s.blocks} x (dw {dw_w}+{c} + pw {pw_w}+{c}) + fc {fc_w}+{fc_b} "
-        f"= {params:,} (BN folded)",
+        (f"params = conv {conv_w}+{conv_b} + {s.blocks} x (dw {dw_w}+{c} + pw {pw_w}+{c}) + fc {fc_w}+{fc_b} "
+        f"= {params:,} (BN folded)"),
         f"MACs = {pos}*{c}*{kh * kw} + {s.blocks} x ({pos}*{c}*9 + {pos}*{c}*{c}) + {c}*{s.classes} = {macs:,}",
-        f"int8 .tflite = {weights:,} int8 weights + 4 x {biases} int32 biases + {quant:,} quant params + "
-        f"{tensors} tensors x {TFLITE_TENSOR_BYTES} + {TFLITE_FIXED_BYTES:,} = {model_bytes:,} B",
-        f"arena = 2 live activation buffers {peak_pair:,} + requant 8 x {per_channel} + {tensors} x "
-        f"{TFLM_TENSOR_BYTES} + {ops} x {TFLM_OP_BYTES} = {arena:,} B",
+        (f"int8 .tflite = {weights:,} int8 weights + 4 x {biases} int32 biases + {quant:,} quant params + "
+        f"{tensors} tensors x {TFLITE_TENSOR_BYTES} + {TFLITE_FIXED_BYTES:,} = {model_bytes:,} B"),
+        (f"arena = 2 live activation buffers {peak_pair:,} + requant 8 x {per_channel} + {tensors} x "
+        f"{TFLM_TENSOR_BYTES} + {ops} x {TFLM_OP_BYTES} = {arena:,} B"),
     ]
     return Cost(params=params, flops=2 * macs, memory={"arena": arena}, basis=basis,
                 extra={"macs": macs, "model_bytes": model_bytes, "arena_bytes": arena})
@@ -415,7 +471,8 @@ def lstm_train(vocab: int, embed: int, hidden: int, layers: int, batch: int, seq
 
 # Bytes per parameter by quantisation, block scales included (REFERENCE.md; Q8_0 = 8.5 bits,
 # Q4_0 = 4.5 bits; Q4_K_M mixes 4- and 6-bit blocks, ~4.6-4.9 bits in practice).
-GGUF_BYTES_PER_PARAM = {"F16": 2.0, "Q8_0": 1.0625, "Q6_K": 0.82, "Q5_K_M": 0.71, "Q4_K_M": 0.58, "Q4_0": 0.5625}
+GGUF_BYTES_PER_PARAM = {"F32": 4.0, "F16": 2.0, "Q8_0": 1.0625, "Q6_K": 0.82, "Q5_K_M": 0.71, "Q4_K_M": 0.58,
+                        "Q4_0": 0.5625}
 
 
 @dataclass(frozen=True)
@@ -431,7 +488,10 @@ class GGUFModel:
 
 
 GGUF_MODELS = {m.name: m for m in (
+    GGUFModel("b12", 10.65e6, 6, 6, 64, 384),    # your B12 model at its char-10.7M size, exported by B16
+    GGUFModel("qwen2.5-0.5b", 0.494e9, 24, 2, 64, 896),
     GGUFModel("tinyllama-1.1b", 1.10e9, 22, 4, 64, 2048),
+    GGUFModel("llama-3.2-1b", 1.24e9, 16, 8, 64, 2048),
     GGUFModel("llama-3.2-3b", 3.21e9, 28, 8, 128, 3072),
     GGUFModel("llama-3.1-8b", 8.03e9, 32, 8, 128, 4096),
     GGUFModel("llama-2-13b", 13.0e9, 40, 40, 128, 5120),
@@ -439,24 +499,38 @@ GGUF_MODELS = {m.name: m for m in (
     GGUFModel("llama-3.1-70b", 70.6e9, 80, 8, 128, 8192),
 )}
 
+
+
+def gguf_family(name: str) -> tuple[str, str] | None:
+    """A GGUF's registry name as (family, quantisation): 'llama-3.1-8b-instruct-q4_k_m' -> ('llama-3.1-8b',
+    'Q4_K_M'), the stem being a family of GGUF_MODELS (plus -instruct, -chat); None if it is not one."""
+    low = name.strip().lower()
+    for quant in GGUF_BYTES_PER_PARAM:
+        if low.endswith("-" + quant.lower()):
+            stem = low[: -len(quant) - 1]
+            return next(((f, quant) for f in GGUF_MODELS if stem == f or stem.startswith(f + "-")), None)
+    return None
+
+
 # llama.cpp's compute buffers (logits, scratch for one batch of the prompt): grows with the
 # context; ~0.25 GB at 4K context for 8B-class models (estimate from llama.cpp's load log).
 LLAMA_COMPUTE_BYTES_PER_CTX = 60 * KB
 
 
 def gguf(model: str, quant: str, ctx: int, prompt_tokens: int, new_tokens: int, requests: int = 1,
-         kv_bytes: float = 2) -> Cost:
-    """A GGUF model under llama.cpp: weights by quantisation + f16 KV cache + compute buffers."""
+         kv_bytes: float = 2, file_bytes: float | None = None) -> Cost:
+    """A GGUF model under llama.cpp: weights (the file's size when known: K-quant mixes keep some tensors
+    at higher precision) + f16 KV cache + compute buffers."""
     m = GGUF_MODELS[model]
-    bpp = GGUF_BYTES_PER_PARAM[quant]
+    bpp = file_bytes / m.params if file_bytes else GGUF_BYTES_PER_PARAM[quant]
     weights = m.params * bpp
     kv = kv_cache_bytes(m.n_layer, m.kv_heads, m.head_dim, ctx, 1, kv_bytes)
     compute = ctx * LLAMA_COMPUTE_BYTES_PER_CTX
     avg_kv = kv_cache_bytes(m.n_layer, m.kv_heads, m.head_dim, prompt_tokens + new_tokens / 2, 1, kv_bytes)
     per_token = weights + avg_kv
-    basis = [f"{model} {quant}: {fmt_count(m.params)} params x {bpp:g} B = {fmt_bytes(weights)}",
-             f"KV cache (f16): 2*{m.n_layer}*{m.kv_heads}*{m.head_dim}*{ctx}*{kv_bytes:g} = {fmt_bytes(kv)}; "
-             f"compute buffers {fmt_bytes(compute)}",
+    basis = [f"{model} {quant}: {fmt_count(m.params)} params x {bpp:.3g} B{' (its file)' * bool(file_bytes)} = {fmt_bytes(weights)}",
+             (f"KV cache (f16): 2*{m.n_layer}*{m.kv_heads}*{m.head_dim}*{ctx}*{kv_bytes:g} = {fmt_bytes(kv)}; "
+             f"compute buffers {fmt_bytes(compute)}"),
              f"each decoded token reads weights + KV so far ~ {fmt_bytes(per_token)}"]
     return Cost(params=int(m.params), flops=2 * m.params * (prompt_tokens + new_tokens) * requests,
                 bytes_moved=per_token * new_tokens * requests,
@@ -472,8 +546,8 @@ def matmul(n: int, dtype: str = "fp32") -> Cost:
     b = BYTES[dtype]
     flops, moved = 2 * n**3, 3 * n * n * b
     return Cost(flops=flops, bytes_moved=moved, memory={"matrices": moved},
-                basis=[f"n={n}: FLOPs 2n^3 = {fmt_flops(flops)}, bytes 3n^2*{b} = {fmt_bytes(moved)}, "
-                       f"intensity {flops / moved:.3g} FLOP/B"])
+                basis=[(f"n={n}: FLOPs 2n^3 = {fmt_flops(flops)}, bytes 3n^2*{b} = {fmt_bytes(moved)}, "
+                       f"intensity {flops / moved:.3g} FLOP/B")])
 
 
 def matmul_sweep(sizes: list[int], dtype: str = "fp32") -> Cost:
@@ -513,8 +587,8 @@ def bpe(corpus_bytes: float, vocab_size: int, impl: str = "python") -> Cost:
         elems = merges * distinct
         mem = 15 * corpus_bytes + 16 * distinct
         return Cost(params=vocab_size, memory={"chunks and arrays": mem},
-                    basis=[f"{merges} merges over ~{fmt_count(distinct)} distinct chunk bytes (20 x corpus^0.63, numpy):"
-                           f" {fmt_count(elems)} array element steps",
+                    basis=[(f"{merges} merges over ~{fmt_count(distinct)} distinct chunk bytes (20 x corpus^0.63, numpy):"
+                           f" {fmt_count(elems)} array element steps"),
                            f"regex chunks 15 B per corpus byte + 2 x int64 per distinct byte = {fmt_bytes(mem)}"],
                     extra={"python_steps": 0, "native_steps": 0, "numpy_steps": elems})
     elems = merges * corpus_bytes * 2 if impl == "python" else corpus_bytes * 20
@@ -548,8 +622,8 @@ def vector_search(n: int, dim: int, queries: int, dtype: str = "fp32", batch: in
     flops = 2 * n * dim * (queries + singles)
     moved = index * (ceil(queries / batch) + singles)  # the index streams through once per query batch
     return Cost(flops=flops, bytes_moved=moved, memory={"index": index, "scores": scores},
-                basis=[f"index {n:,} x {dim} x {b} B = {fmt_bytes(index)}; scores {batch} x {n:,} x 4 B "
-                       f"+ top-k indices {n:,} x 8 B",
+                basis=[(f"index {n:,} x {dim} x {b} B = {fmt_bytes(index)}; scores {batch} x {n:,} x 4 B "
+                       f"+ top-k indices {n:,} x 8 B"),
                        f"{queries + singles:,} queries x 2*n*d = {fmt_flops(flops)}; index read per batch of {batch}"
                        + (f" and per single query ({singles})" if singles else "") + f": {fmt_bytes(moved)}"])
 
@@ -598,8 +672,8 @@ def sentence_encoder(s: EncoderShape, texts: int, tokens_per_text: float) -> Cos
     bt = ENCODER_BATCH_TOKENS
     acts = 4 * bt * (9 * h + 2 * s.intermediate) + 4 * bt * s.heads * min(T, bt)
     basis = [f"{s.name}: {n:,} params (fp32 {fmt_bytes(weights)}); {s.layers} layers, h={h}, {s.heads} heads",
-             f"{texts:,} texts x {T:g} tokens = {fmt_count(tokens)} tokens x (2 x {fmt_count(matmul)} + "
-             f"4*L*T*h) = {fmt_flops(flops)}",
+             (f"{texts:,} texts x {T:g} tokens = {fmt_count(tokens)} tokens x (2 x {fmt_count(matmul)} + "
+             f"4*L*T*h) = {fmt_flops(flops)}"),
              f"activations of a {bt}-token batch: 4 B x {bt} x (9h + 2i + heads*T) = {fmt_bytes(acts)}"]
     return Cost(params=n, flops=flops, memory={"encoder weights": weights, "encoder activations": acts,
                                                "tokenizer": TOKENIZERS_BYTES},
@@ -621,6 +695,6 @@ def probe_workload(matmul_n: int = 2048, bandwidth_array_bytes: float = 128 * 2*
     return Cost(flops=flops32 + flops64, bytes_moved=triad,
                 memory={"benchmark arrays": max(3 * bandwidth_array_bytes, mats)},
                 basis=[f"matmul {n}x{n} fp32 and fp64, 7 runs each: {fmt_flops(flops32)} each",
-                       f"triad: 3 x {fmt_bytes(bandwidth_array_bytes)} arrays, {fmt_bytes(triad)} moved "
-                       f"(the matmul arrays, {fmt_bytes(mats)}, are freed before it)"],
+                       (f"triad: 3 x {fmt_bytes(bandwidth_array_bytes)} arrays, {fmt_bytes(triad)} moved "
+                       f"(the matmul arrays, {fmt_bytes(mats)}, are freed before it)")],
                 extra={"flops_fp32": flops32, "flops_fp64": flops64, "matmul_bytes": mats})

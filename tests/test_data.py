@@ -10,6 +10,7 @@ import hashlib
 import http.server
 import shutil
 import socket
+import tarfile
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import ClassVar
 import pytest
 
 from tests.conftest import SHARED, assert_one_line_error, run_cli
+from tests.hub_server import send_body
 from tiers import data
 
 DATA = SHARED / "data"
@@ -57,14 +59,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body) - start))
         self.send_header("Accept-Ranges", "bytes")
         self.end_headers()
-        cut = self.cut_after.pop(rel, None)
-        if cut is not None:  # send part of the body, then drop the connection
-            self.wfile.write(body[start:start + cut])
-            self.wfile.flush()
-            self.close_connection = True
-            self.connection.shutdown(socket.SHUT_RDWR)
-            return
-        self.wfile.write(body[start:])
+        send_body(self, body[start:], self.cut_after.pop(rel, None))  # a cut: part of the body, then drop
 
 
 @pytest.fixture
@@ -207,6 +202,30 @@ def test_size_only_entry_and_multi_file_fetch(server, store, monkeypatch):
     assert files_under(store) == ["mnist/t10k-images-idx3-ubyte.gz", "mnist/t10k-labels-idx1-ubyte.gz"]
     splits = data.load_idx_splits("mnist", store)
     assert list(splits) == ["test"] and splits["test"].x.shape == (10_000, 28, 28)
+
+
+@pytest.mark.parametrize("name,mode,folder", [("cifar-10", "w:gz", "cifar-10-batches-py"),
+                                               ("openwebtext-sample", "w:xz", "openwebtext-10k")])
+def test_an_archive_holding_one_folder_unpacks_to_that_folder(server, store, monkeypatch, tmp_path, name, mode,
+                                                              folder):
+    """CIFAR-10's tarball holds cifar-10-batches-py/...: it lands as <root>/cifar-10-batches-py/, not nested."""
+    url, handler = server
+    src = tmp_path / "src" / folder
+    src.mkdir(parents=True)
+    for n in ("data_batch_1", "test_batch", "batches.meta"):
+        (src / n).write_bytes(n.encode() * 100)
+    served = tmp_path / "served"
+    served.mkdir()
+    ds = data.get(name)
+    archive = served / ds.files[0].path
+    with tarfile.open(archive, mode) as tar:
+        tar.add(src, arcname=folder)
+    monkeypatch.setattr(handler, "root", served)
+    monkeypatch.setitem(data.REGISTRY, name, replace(ds, files=(replace(ds.files[0], size=archive.stat().st_size,
+                                                                        sha256=sha256(archive)),)))
+    path = data.fetch(name, base_url=url)
+    assert path == store / folder == data.require(name)
+    assert files_under(store) == [f"{folder}/batches.meta", f"{folder}/data_batch_1", f"{folder}/test_batch"]
 
 
 def test_lookup_order_explicit_then_env_then_cache(tmp_path, monkeypatch):

@@ -17,8 +17,10 @@ import yaml
 
 from inventory import kits
 from inventory.profile import Calibration, ProfileError, save
+from inventory.units import fmt_bytes
+from models import costs
 from tests.conftest import REPO, assert_one_line_error, run_cli
-from tiers import catalog
+from tiers import catalog, data
 from tiers import fit as F
 
 LAPTOP, RTX, ARDUINO, LAN = "laptop-8gb-cpu", "rtx4090-laptop-16gb", "arduino-nano-33-ble-sense", "two-node-lan"
@@ -334,3 +336,79 @@ def test_cli_fit_is_fast_and_light(home):
         best = min(best, time.perf_counter() - t)
         assert done.returncode == 0
     assert best < 2.0, best  # ~0.4 s on an idle 2-core machine: a guard against heavy imports, not a benchmark
+
+
+# ---------------------------------------------------------------- pretrained models, LoRA, DPO's reference
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2"])
+def test_hf_shapes_and_lora_count_like_transformers_and_peft(arch):
+    """The cost model's parameter count of a Llama / Qwen2 / GPT-2 shape, and of LoRA on every block
+    linear, against the real classes: transformers builds the model, peft adds the adapters."""
+    pytest.importorskip("peft", reason="tier 2 installs peft")
+    from peft import LoraConfig, get_peft_model
+
+    from models.costs import GPTShape, gpt_params, lora_params
+    from tests.hf_fixtures import tiny_model
+
+    model = tiny_model(arch, vocab_size=96, n_embd=32, n_layer=2, n_head=4, ctx=64)
+    cfg = model.config
+    if arch == "gpt2":
+        shape = GPTShape(96, 64, 2, 4, 32)
+        targets = ["c_attn", "c_proj", "c_fc"]
+    else:
+        shape = GPTShape(96, 64, 2, 4, 32, bias=arch == "qwen2", tied=bool(cfg.tie_word_embeddings), arch="llama",
+                         n_kv_head=cfg.num_key_value_heads, ffn_hidden=cfg.intermediate_size)
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert gpt_params(shape) == model.num_parameters()
+    lora = get_peft_model(model, LoraConfig(r=4, target_modules=targets, fan_in_fan_out=arch == "gpt2"))
+    assert lora_params(shape, 4) == sum(p.numel() for p in lora.parameters() if p.requires_grad)
+
+
+def test_real_model_shapes_count_as_published():
+    """SmolLM2-135M, Qwen2.5-0.5B and TinyLlama-1.1B as their config.json give them."""
+    b13 = {r.size: r for r in catalog.get("B13").ladder}
+    counts = {s: costs.gpt_params(b13[s].shape()) for s in ("smollm2-135m", "smollm2-360m", "qwen2.5-0.5b",
+                                                           "tinyllama-1.1b")}
+    assert counts == {"smollm2-135m": 134_515_008, "smollm2-360m": 361_821_120, "qwen2.5-0.5b": 494_032_768,
+                      "tinyllama-1.1b": 1_100_048_384}
+
+
+def test_lora_trains_only_adapters_and_dpo_with_lora_needs_no_second_copy():
+    s = catalog.get("B13").rung("qwen2.5-0.5b").shape()
+    full = costs.gpt_train(s, 4, 1e6, "bf16")
+    lora = costs.gpt_train(s, 4, 1e6, "bf16", lora_rank=16)
+    n, na = full.params, costs.lora_params(s, 16)
+    assert lora.memory["frozen base"] == 2 * n and lora.memory["adapters+grads+Adam"] == 16 * na
+    assert "weights+grads+Adam" not in lora.memory and full.memory["weights+grads+Adam"] == 16 * n
+    assert lora.memory["activations"] == full.memory["activations"]        # the gradient still flows back
+    assert lora.flops < full.flops * 0.7 and lora.extra["trainable"] == na < n / 50
+    # B14: with LoRA the adapter-disabled model is the reference; without, a frozen copy in the run's dtype
+    rtx = ref(RTX)
+    by_lora = {}
+    for rank in (0, 16):
+        m = _with_rung("B14", "qwen2.5-0.5b", lora_rank=rank)
+        p = F.fit(rtx, m, size="qwen2.5-0.5b", check_packages=False)
+        by_lora[rank] = p
+        basis = " ".join(p.prediction.basis)
+        assert ("adapters disabled, no copy" in basis) == bool(rank) and ("a frozen copy (bf16)" in basis) != bool(rank)
+    # full: 16 B/param + the copy's 2 B; LoRA: the base's 2 B + 16 B per adapter parameter
+    assert by_lora[0].prediction.peak_bytes - by_lora[16].prediction.peak_bytes == pytest.approx(16 * (n - na))
+
+
+def _with_rung(milestone: str, size: str, **changes) -> catalog.Milestone:
+    data = yaml.safe_load(catalog.DEFAULT_PATH.read_text())
+    m = next(x for x in data["tracks"]["build"]["milestones"] if x["id"] == milestone)
+    next(r for r in m["ladder"] if r["size"] == size).update(changes)
+    return catalog.parse(data).get(milestone)
+
+
+def test_gguf_rungs_are_priced_from_their_registry_names():
+    rung = catalog.get("B16").rung("llama-3.1-8b-Q4_K_M")
+    assert (rung.model, rung.family, rung.quant) == ("llama-3.1-8b-instruct-q4_k_m", "llama-3.1-8b", "Q4_K_M")
+    p = plan("apple-m2-16gb", "B16")
+    assert p.config["model"] == "llama-3.1-8b-instruct-q4_k_m" and p.config["quant"] == "Q4_K_M"
+    assert [a.name for a in p.artifacts] == ["llama-3.1-8b-instruct-q4_k_m"]
+    size = data.get("llama-3.1-8b-instruct-q4_k_m").size     # the weights are the file the registry fetches
+    assert any(line.endswith(f"(its file) = {fmt_bytes(size)}") for line in p.prediction.basis), p.prediction.basis
+    with pytest.raises(catalog.CatalogError, match="'llama-9b-q4_k_m'"):
+        _with_rung("B16", "llama-3.1-8b-Q4_K_M", model="llama-9b-q4_k_m")

@@ -30,6 +30,7 @@ SHAKESPEARE = DATA / "tinyshakespeare.txt"
 STORIES = DATA / "stories260K.gguf"
 KIT = "laptop-8gb-cpu"
 SIZE = "tinyllama-1.1b-Q4_K_M"
+OWN_SIZE = "char-10.7M"     # model: b12, your B12 model exported to GGUF
 # One llama.cpp thread: on a shared machine its threads spin-wait for each other and a run takes minutes.
 ENV = {"TIERKIT_DATA": str(DATA), "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "TIERKIT_B16_THREADS": "1"}
 EXACT = b16.Settings(n_threads=1, n_threads_batch=1, n_ctx=256, n_batch=64, n_ubatch=64, n_gpu_layers=0,
@@ -190,8 +191,8 @@ def test_missing_and_corrupt_gguf_give_one_line(tmp_path):
 
 # ---------------------------------------------------------------- through the runner
 
-def _run_b16(home: Path, **env: str) -> tuple[Path, dict]:
-    proc = run_cli("run", "B16", "--size", SIZE, "--profile", KIT, home=home, env={**ENV, **env}, timeout=300)
+def _run_b16(home: Path, size: str = SIZE, **env: str) -> tuple[Path, dict]:
+    proc = run_cli("run", "B16", "--size", size, "--profile", KIT, home=home, env={**ENV, **env}, timeout=300)
     assert proc.returncode == 0, proc.stderr
     folder = home / "builds" / "B16-llama-cpp"
     return folder, json.loads((folder / "metrics.json").read_text())
@@ -225,7 +226,7 @@ def test_b16_cli_on_a_user_gguf(trained, home):
 def test_b16_cli_exports_the_b12_checkpoint(trained, home):
     model, tok, _, _ = trained
     save_checkpoint(home / "builds" / "B12-pretraining" / "ckpt.pt", model, meta={"tokenizer": tok.meta()})
-    folder, m = _run_b16(home)
+    folder, m = _run_b16(home, OWN_SIZE)
     _check_build(folder, m)
     met = m["metrics"]
     assert met["source"].startswith("B12 checkpoint") and (folder / "model-f32.gguf").is_file()

@@ -326,7 +326,7 @@ def test_cifar10_folder_in_its_published_format(tmp_path):
     xtr, ytr, xte, _ = load_cifar10(tmp_path)
     assert xtr.shape == (6, 3, 32, 32) and xte.shape == (4, 3, 32, 32) and ytr.dtype == np.int64
     (tmp_path / "test_batch").unlink()
-    with pytest.raises(FileNotFoundError, match="test_batch is missing; point TIERKIT_CIFAR10"):
+    with pytest.raises(FileNotFoundError, match="test_batch is missing; point data_path"):
         load_cifar10(tmp_path)
 
 
@@ -346,6 +346,6 @@ def test_b9_cnn_learns_mnist_and_is_compared_with_b8(home):
 @needs_mnist
 def test_b9_cifar_without_a_folder_is_one_line(home):
     proc = run_cli("run", "B9", "--size", "cifar-s", "--profile", KIT, "--out", str(home / "builds"), home=home,
-                   env={**ENV, "TIERKIT_CIFAR10": ""})
-    assert_one_line_error(proc, "TIERKIT_CIFAR10", "cifar-10-batches-py")
+                   env=ENV)
+    assert_one_line_error(proc, "tierkit data fetch cifar-10", "--fetch")
     assert not (home / "builds" / "B09-cnn").exists()

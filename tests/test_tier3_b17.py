@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, assert_one_line_error, run_cli
+from tests.hf_fixtures import hub_env
 from tiers.tier3.net import free_port
 
 MODEL = Path(os.environ.get("TIERKIT_DATA", "/work/shared/data")) / "stories260K.gguf"
 pytestmark = pytest.mark.skipif(not MODEL.exists(), reason=f"{MODEL} is missing (the shared data folder)")
+REGISTRY_NAME = "llama-3.2-1b-instruct-q8_0"
 SMALL = ["--set", f"gguf={MODEL}", "--set", "new_tokens=24", "--set", "requests=3", "--set", "prompt_tokens=24",
          "--set", "ctx=512", "--set", "concurrent=2"]
 
@@ -62,10 +64,29 @@ def test_b17_two_node_session_through_the_runner(home, peer_profile):
     assert "stopped worker" in (home / "agent.log").read_text()
 
 
-def test_b17_without_a_model_is_one_line(home, peer_profile):
+def test_b17_without_a_model_is_one_line(home, peer_profile, tmp_path, monkeypatch):
+    hub_env(monkeypatch, tmp_path / "empty-hf")
     proc = run_cli("run", "B17", "--out", str(home / "builds"), home=home)
-    assert_one_line_error(proc, "B17 needs a GGUF model file", "--set gguf=PATH")
+    assert_one_line_error(proc, "not here: run tierkit data fetch llama-", "--fetch")   # the rung's model
+    proc = run_cli("run", "B17", "--out", str(home / "builds"), "--set", f"gguf={REGISTRY_NAME}", home=home)
+    assert_one_line_error(proc, "B17 needs a GGUF model file", "--set gguf=PATH", f"tierkit data fetch {REGISTRY_NAME}")
+    proc = run_cli("run", "B17", "--out", str(home / "builds"), "--set", "gguf=no-such-model", home=home)
+    assert_one_line_error(proc, "B17 needs a GGUF model file", "--set gguf=PATH", "no-such-model is not a file")
     assert not (home / "builds" / "B17-two-machines").exists()
+
+
+def test_b17_serves_a_registry_name(home, peer_profile, tmp_path, monkeypatch):
+    """The rung's model by registry name, resolved from the Hugging Face cache (stories260K as its file)."""
+    from tests.gguf_fixtures import registry_gguf
+
+    [placed] = registry_gguf(tmp_path / "hf", {REGISTRY_NAME: MODEL}).values()
+    hub_env(monkeypatch, tmp_path / "hf")
+    proc = run_cli("run", "B17", "--out", str(home / "builds"), *SMALL[2:], "--set", f"gguf={REGISTRY_NAME}",
+                   home=home, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads((home / "builds" / "B17-two-machines" / "metrics.json").read_text())["metrics"]
+    assert m["registry_model"] == REGISTRY_NAME and m["model_path"] == str(placed)
+    assert m["model"] == placed.name and m["greedy_tokens_identical"] is True
 
 
 def test_b17_needs_two_nodes(home):

@@ -4,6 +4,9 @@ The data lives in the YAML; this module says what shape it must have (one
 pydantic model per cost model's ladder rung, so a misspelt parameter is caught
 with the milestone and rung it is in) and gives it to the planner as plain,
 frozen objects. Any problem is a `CatalogError` whose message is one line.
+
+    rung.model / .base / .dataset  must be names in tiers.data.REGISTRY (a model may also be
+                                   b12, b13: the learner's own, or standin)  ->  rung.artifacts
 """
 from __future__ import annotations
 
@@ -34,16 +37,56 @@ class _M(BaseModel):
 
 # ---------------------------------------------------------------- one rung of a ladder, per cost model
 
+# Models a rung may name that are not registry artifacts: the learner's own checkpoints (made by
+# `tierkit run B12` / `B13`, never downloaded), and the small char model a milestone trains in seconds.
+OWN_MODELS = {"b12": "B12", "b13": "B13", "standin": None}
+
+
 class Rung(_M):
     """A size on a ladder: its label, plus the cost model's parameters (subclasses)."""
 
     size: str = Field(min_length=1)
     note: str | None = None            # shown with the plan; never priced
     data: str | None = None            # the data set this size trains on, for the learner
+    model: str | None = None           # a registry name (tierkit data list), or b12 / b13 / standin
+    base: str | None = None            # with model b12 / b13: the registry model it was trained from
+    dataset: str | None = None         # a registry name: the data it trains or evaluates on
+    dataset_files: list[str] | None = None   # the files of `dataset` this size reads (default: all of it)
+
+    @model_validator(mode="after")
+    def _registry_names(self) -> Rung:
+        from tiers import data
+
+        for key in ("model", "base", "dataset"):
+            name = getattr(self, key)
+            if name and name not in data.REGISTRY and not (key == "model" and name in OWN_MODELS):
+                own = f" or {', '.join(OWN_MODELS)}" if key == "model" else ""
+                raise ValueError(f"{key} {name!r} is not in the registry (`tierkit data list`){own}")
+        if self.dataset_files:
+            entry = data.get(self.dataset) if self.dataset else None
+            known = {f.name for f in getattr(entry, "files", ())}
+            wrong = [f for f in self.dataset_files if f not in known]
+            if entry is None or wrong:
+                raise ValueError(f"dataset_files {wrong or self.dataset_files} are not files of dataset "
+                                 f"{self.dataset!r}" + (f" ({', '.join(sorted(known))})" if known else ""))
+        return self
 
     def params(self) -> dict[str, Any]:
         """The configuration a runner gets: every field but the label."""
         return self.model_dump(exclude={"size"}, exclude_none=True)
+
+    @property
+    def artifacts(self) -> tuple[str, ...]:
+        """The registry artifacts this size needs (models, then data), in the registry's spelling."""
+        from tiers import data
+
+        names = (self.model, self.base, self.dataset)
+        return tuple(dict.fromkeys(n for n in names if n and n in data.REGISTRY))
+
+    @property
+    def own_model(self) -> str | None:
+        """'B12' / 'B13' when this size runs on the learner's own model from that milestone's build."""
+        return OWN_MODELS.get(self.model or "")
 
 
 class Probe(Rung):
@@ -128,13 +171,28 @@ class GPTShaped(Rung):
     n_layer: int = Field(gt=0)
     n_head: int = Field(gt=0)
     n_embd: int = Field(gt=0)
-    bias: bool = True
+    bias: bool = True                  # llama: biases on q, k, v (Qwen2)
+    # a pretrained model's own shape (its config.json); None: GPT-2's (models/costs.py GPTShape)
+    arch: Literal["gpt2", "llama"] | None = None
+    n_kv_head: int | None = Field(None, gt=0)    # grouped-query attention
+    ffn_hidden: int | None = Field(None, gt=0)   # the SwiGLU width
+    tied: bool | None = None                     # lm_head shares the embedding (None: yes)
+    lora_rank: int | None = Field(None, ge=0)    # 0 / None: full fine-tuning; > 0: LoRA adapters only
 
     @model_validator(mode="after")
     def _heads_divide(self) -> GPTShaped:
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+        if self.n_kv_head and self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head {self.n_head} is not divisible by n_kv_head {self.n_kv_head}")
         return self
+
+    def shape(self) -> Any:
+        """The cost model's view of it: models.costs.GPTShape."""
+        from models.costs import GPTShape
+
+        return GPTShape(self.vocab_size, self.block_size, self.n_layer, self.n_head, self.n_embd, self.bias,
+                        self.tied is not False, self.arch or "gpt2", self.n_kv_head, self.ffn_hidden)
 
 
 class GPTTrain(GPTShaped):
@@ -177,31 +235,44 @@ class VectorSearch(Rung):
 
 
 class GGUF(Rung):
-    model: str
-    quant: str
+    model: str                         # a registry GGUF (its quantisation is in its name), or b12
+    quant: str | None = None           # None: read from the name
     ctx: int = Field(gt=0)
     prompt_tokens: int = Field(ge=0)
     new_tokens: int = Field(gt=0)
     requests: int = Field(1, gt=0)
     min_tokens_per_s: float = Field(0, ge=0)
 
-    @field_validator("model")
+    @model_validator(mode="before")
     @classmethod
-    def _known_model(cls, v: str) -> str:
-        from models.costs import GGUF_MODELS
+    def _quant_from_name(cls, v: Any) -> Any:
+        from models.costs import gguf_family
 
-        if v not in GGUF_MODELS:
-            raise ValueError(f"unknown GGUF model {v!r}; known: {', '.join(GGUF_MODELS)}")
-        return v
+        found = gguf_family(v["model"]) if isinstance(v, dict) and isinstance(v.get("model"), str) else None
+        return {**v, "quant": found[1]} if found and v.get("quant") is None else v
 
-    @field_validator("quant")
-    @classmethod
-    def _known_quant(cls, v: str) -> str:
-        from models.costs import GGUF_BYTES_PER_PARAM
+    @model_validator(mode="after")
+    def _known_model(self) -> GGUF:
+        from models.costs import GGUF_BYTES_PER_PARAM, GGUF_MODELS, gguf_family
 
-        if v not in GGUF_BYTES_PER_PARAM:
-            raise ValueError(f"unknown quantisation {v!r}; known: {', '.join(GGUF_BYTES_PER_PARAM)}")
-        return v
+        found = gguf_family(self.model)
+        if self.model in OWN_MODELS and self.model in GGUF_MODELS:
+            found = (self.model, self.quant)
+        elif found is None:
+            raise ValueError(f"unknown GGUF model {self.model!r}: a registry name ending in its quantisation "
+                             f"(-q4_k_m, -q8_0, ...) of one of {', '.join(GGUF_MODELS)}")
+        if self.quant not in GGUF_BYTES_PER_PARAM or self.quant != found[1]:
+            raise ValueError(f"quant {self.quant!r} does not match the model {self.model!r}; "
+                             f"known: {', '.join(GGUF_BYTES_PER_PARAM)}")
+        return self
+
+    @property
+    def family(self) -> str:
+        """The model's entry in models.costs.GGUF_MODELS."""
+        from models.costs import gguf_family
+
+        found = gguf_family(self.model)
+        return found[0] if found else self.model
 
 
 # cost model name -> the rung it prices (tiers/fit/pricing/ has one pricer per name)
@@ -329,6 +400,11 @@ class Milestone:
             except (ImportError, ValueError):
                 out.append(name)
         return out
+
+    @property
+    def artifacts(self) -> tuple[str, ...]:
+        """Every registry artifact some size of its ladder needs."""
+        return tuple(dict.fromkeys(a for r in self.ladder for a in r.artifacts))
 
     def rung(self, size: str) -> Rung:
         for r in self.ladder:

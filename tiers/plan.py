@@ -22,6 +22,16 @@ class Prediction:
 
 
 @dataclass
+class Artifact:
+    """A registry model or data set a plan needs (tiers.data): what `tierkit data fetch NAME` brings."""
+
+    name: str                         # the registry's name: "gpt2", "tinyshakespeare"
+    kind: str                         # "model" | "gguf" | "data"
+    size: int | None                  # bytes `tierkit data fetch` downloads (None: not published)
+    here: bool                        # on this machine now (what the planned size reads of it)
+
+
+@dataclass
 class Plan:
     milestone: str                    # "B5"
     slug: str                         # "roofline" -> builds/B05-roofline/
@@ -34,6 +44,7 @@ class Plan:
     verdict: Verdict
     reasons: list[str] = field(default_factory=list)   # why not / why tight / what would fit
     profile: str | None = None        # the profile's name
+    artifacts: list[Artifact] = field(default_factory=list)   # what the planned size needs from the registry
 
     @property
     def folder(self) -> str:
@@ -53,3 +64,4 @@ class Result:
     plots: list[Path] = field(default_factory=list)
     summary: str = ""                 # a paragraph for the build README
     config: dict[str, Any] = field(default_factory=dict)  # the milestone's Config as it ran (size + --set)
+    calibrated_in: Path | None = None  # the profile that recorded this run's predicted vs actual

@@ -1,7 +1,8 @@
 """The milestone runner: a Plan in, a build folder and a Result out.
 
     run(plan, profile, out_root)
-      1. refuse what cannot run: verdict `no`, unmet needs, a milestone not written yet
+      1. refuse what cannot run: verdict `no`, unmet needs, a milestone not written yet, a setting
+         out of range, a model or data set of the size's not here (with `fetch`: fetched first)
       2. call the milestone's function in a temporary folder beside the build folder,
          measuring wall time and peak memory around the call
       3. write README.md (predicted vs actual, the milestone's numbers, its plots) and metrics.json
@@ -313,6 +314,47 @@ def check_needs(plan: Plan) -> None:
                            "run with --tier 1 for the CPU, or probe this machine again")
 
 
+# Config fields through which a run is handed a local file in place of a registry model or data set:
+# a GGUF (B16, B17), an SFT reference (B14), a data file or folder (B9, B13); `init` when it names
+# a checkpoint file (B7, B13, B14: a path, or a name ending .pt). Given one, the artifact it stands
+# in for is not needed. So is one replaced by another `model` or `dataset` setting.
+LOCAL_MODEL = ("gguf", "reference")
+LOCAL_DATA = ("data_file", "data_path")
+
+
+def _local_model(config: Any) -> bool:
+    init = getattr(config, "init", None)
+    return any(getattr(config, k, None) for k in LOCAL_MODEL) or (
+        isinstance(init, str) and ("/" in init or init.endswith(".pt")))
+
+
+def _local_data(config: Any) -> bool:
+    return any(getattr(config, k, None) for k in LOCAL_DATA)
+
+
+def check_artifacts(plan: Plan, config: Any, out_root: Path, fetch: Callable[[str], Any] | None = None) -> None:
+    """Everything the planned size needs is here: the learner's own B12 / B13 model, and each registry
+    artifact (or it is fetched now, with `fetch`); RunError (one line) before anything is written.
+    A Config field naming a local file instead (LOCAL_MODEL, LOCAL_DATA) stands in for the artifact."""
+    from tiers import catalog
+    from tiers.fit import artifacts
+
+    try:
+        rung = catalog.get(plan.milestone).rung(plan.size or "")
+    except catalog.CatalogError:
+        return  # a plan not sized from the catalog names no artifacts
+    # `--set model=...` / `--set dataset=...` replace the rung's: the milestone resolves those itself.
+    local_model = _local_model(config) or getattr(config, "model", rung.model) != rung.model
+    local_data = _local_data(config) or getattr(config, "dataset", rung.dataset) != rung.dataset
+    try:
+        if rung.own_model and not local_model:
+            artifacts.check_own_model(plan.milestone, rung, out_root)
+        skip = {rung.model if local_model else None, rung.dataset if local_data else None}
+        plan.artifacts = artifacts.ensure(plan.milestone, rung, skip, fetch)
+    except artifacts.Missing as exc:
+        raise RunError(str(exc)) from None
+
+
 def resolve(milestone: str) -> tuple[Callable[[Context], Output], type]:
     """The milestone's `run` function and its `Config` class (a dataclass in the same module)."""
     target = REGISTRY[milestone]
@@ -339,8 +381,21 @@ def settings(plan: Plan, config_cls: type, overrides: dict[str, Any] | None = No
 
 # ---------------------------------------------------------------- the run
 
+def prepare(plan: Plan, out_root: Path, overrides: dict[str, Any] | None = None,
+            fetch: Callable[[str], Any] | None = None) -> tuple[Callable[[Context], Output], Any]:
+    """Every check before a run, in order, writing nothing (but what `fetch` downloads): the plan fits
+    and its packages are here; its Config builds; its models and data sets are here (or fetched now).
+    Returns the milestone's run function and its Config; RunError (one line) on the first problem."""
+    check_needs(plan)
+    fn, config_cls = resolve(plan.milestone)
+    config = settings(plan, config_cls, overrides)
+    check_artifacts(plan, config, Path(out_root), fetch)
+    return fn, config
+
+
 def run(plan: Plan, profile: Profile, out_root: Path, progress: Any = None, *,
-        profile_path: Path | None = None, calibrate: bool = True, overrides: dict[str, Any] | None = None) -> Result:
+        profile_path: Path | None = None, calibrate: bool = True, overrides: dict[str, Any] | None = None,
+        fetch: Callable[[str], Any] | None = None) -> Result:
     """Run a planned milestone; write its build folder; record predicted vs actual.
 
     `progress` is a rich Progress to draw on (None: quiet). `profile_path` is
@@ -348,10 +403,9 @@ def run(plan: Plan, profile: Profile, out_root: Path, progress: Any = None, *,
     record is saved there; None (a reference kit) leaves every profile file alone.
     `overrides` are `--set` values: checked against the milestone's Config before
     anything runs; a run with any records no calibration (it is not the planned workload).
+    `fetch(name)` brings a missing registry artifact (`run --fetch`); None: a missing one stops the run.
     """
-    check_needs(plan)
-    fn, config_cls = resolve(plan.milestone)
-    config = settings(plan, config_cls, overrides)
+    fn, config = prepare(plan, out_root, overrides, fetch)
     if overrides:
         calibrate = False
     out_root = Path(out_root)
@@ -410,6 +464,7 @@ def run(plan: Plan, profile: Profile, out_root: Path, progress: Any = None, *,
         profile_path = None   # a changed workload (--set, fallback data, a stand-in) calibrates nothing
     if profile_path is not None:  # B0's fresh profile replaces the live one, keeping its calibration history
         record_calibration(live, plan, result, profile_path, history=profile.calibration if out.profile else None)
+        result.calibrated_in = profile_path
     return result
 
 
@@ -542,6 +597,21 @@ def _verdict_mark(ratio: float | None, lo: float, hi: float) -> str:
     return "within target" if lo <= ratio <= hi else "outside target"
 
 
+def _artifact_lines(plan: Plan) -> list[str]:
+    """The registry models and data sets the run read, and where they are on this machine."""
+    from tiers import data
+
+    out = []
+    for a in plan.artifacts:
+        where = data.locate(a.name) if a.here else None
+        out.append(f"- {a.kind}: {a.name} ({_fmt_bytes(a.size) if a.size else 'size unknown'}), "
+                   + (f"`{where}`" if where else "part of it here" if a.here else "not here"))
+    own = plan.config.get("model")
+    if own in ("b12", "b13"):
+        out.append(f"- model: your {own.upper()} model (the {own.upper()} build beside this folder)")
+    return out
+
+
 def readme(result: Result, actual: dict[str, Any], profile: Profile, out: Output,
            plots: list[tuple[str, str]], saved: bool) -> str:
     plan, pred = result.plan, result.plan.prediction
@@ -558,7 +628,7 @@ def readme(result: Result, actual: dict[str, Any], profile: Profile, out: Output
               f"- CPU: {hw['cpu'] or '?'}" + (f", {hw['cores']} cores" if hw['cores'] else "")
               + (f"; memory {hw['memory_bytes'] / 2**30:.1f} GiB" if hw['memory_bytes'] else ""),
               f"- GPU: {', '.join(hw['gpus']) or 'none'}",
-              f"- config: `{json.dumps(result.config, default=_json_default)}`"]
+              f"- config: `{json.dumps(result.config, default=_json_default)}`", *_artifact_lines(plan)]
     lines += ["", "## Predicted vs actual", ""]
     if pred is None:
         lines.append("The planner made no prediction for this run.")
@@ -571,8 +641,8 @@ def readme(result: Result, actual: dict[str, Any], profile: Profile, out: Output
                   (f"| wall time | {secs(pred.seconds)} | {secs(result.actual_seconds)} | "
                    f"{rt if rt is not None else '?'} | 0.5-2: {_verdict_mark(rt, 0.5, 2.0)} |"), ""]
         if out.device_peak:
-            lines += [f"The prediction is for the device {plan.device}, not this host: the actual is "
-                      f"{actual['peak_method']}.", ""]
+            lines += [(f"The prediction is for the device {plan.device}, not this host: the actual is "
+                       f"{actual['peak_method']}."), ""]
         else:
             lines += ["The prediction is for the whole process on the device "
                     + ("(the interpreter, its imports and the milestone's arrays), so the actual is the absolute "

@@ -44,6 +44,27 @@ class null:
         return False
 
 
+def fetch_with_progress(name: str, to: Path | None = None, url: str | None = None) -> Path:
+    """`tiers.data.fetch(name)`, with a download bar per file on stderr when it is a terminal."""
+    from tiers import data
+
+    err = console(stderr=True)
+    if not err.is_terminal:
+        return data.fetch(name, to, url)
+    from rich import progress as rp
+
+    with rp.Progress(rp.TextColumn("{task.description}"), rp.BarColumn(), rp.DownloadColumn(),
+                     rp.TransferSpeedColumn(), rp.TimeRemainingColumn(), console=err, transient=True) as bar:
+        tasks: dict[str, rp.TaskID] = {}
+
+        def on_bytes(label: str, done: int, total: int | None) -> None:
+            if label not in tasks:
+                tasks[label] = bar.add_task(label, total=total)
+            bar.update(tasks[label], completed=done, total=total)
+
+        return data.fetch(name, to, url, on_bytes)
+
+
 def load_profile(path: Optional[Path]):
     """A profile file, or the one `tierkit probe` wrote; a one-line Fail otherwise."""
     from inventory.profile import ProfileError, default_path, load

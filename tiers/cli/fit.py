@@ -27,6 +27,7 @@ def _table(plans, title: str):
     from rich.table import Table
 
     from tiers.fit import fmt_seconds
+    from tiers.fit.artifacts import describe
 
     table = Table(title=title, show_lines=True)
     for col, kw in (("milestone", {"max_width": 34}), ("fits", {"justify": "center"}), ("tier / device", {}),
@@ -36,6 +37,8 @@ def _table(plans, title: str):
     for p in plans:
         pred = p.prediction
         size = f"[b]{escape(p.size)}[/]: {escape(str(p.config.get('summary', '')))}" if p.size else "[dim]-[/]"
+        if p.artifacts:
+            size += f"\n[dim]needs {escape(describe(p.artifacts))}[/]"
         time = "" if pred is None else fmt_seconds(pred.seconds) if p.size else f"[dim]{fmt_seconds(pred.seconds)}[/]"
         table.add_row(f"{p.milestone} {escape(p.title)}", _MARK[p.verdict] + ("" if p.verdict != "tight" else " tight"),
                       f"{p.tier} {escape(p.device)}", size, _memory(p), time, escape("; ".join(p.reasons)))
@@ -51,6 +54,10 @@ def _explain(con, plans) -> None:
                   + (f" ({escape(p.profile)})" if p.profile else ""))
         for line in (p.prediction.basis if p.prediction else []):
             con.print(f"  {escape(line)}")
+        if p.artifacts:
+            from tiers.fit.artifacts import describe
+
+            con.print(f"  needs from the registry: {escape(describe(p.artifacts))}")
         for r in p.reasons:
             con.print(f"  [yellow]->[/] {escape(r)}")
 

@@ -41,7 +41,7 @@ def agent(
 
 @app.command()
 def serve(
-    model: str = typer.Argument(..., help="The model: a .gguf file (llama-rpc), random:<preset>, a tierkit checkpoint or an HF folder (pipeline)."),
+    model: str = typer.Argument(..., help="The model: a .gguf file or a registry name from `tierkit data list` (llama-rpc), random:<preset>, a tierkit checkpoint or an HF folder (pipeline)."),
     peers: str = typer.Option("auto", "--peers", help="auto (mDNS), none, or HOST:PORT,... of the agents."),
     engine: str = typer.Option("llama-rpc", "--engine", help="llama-rpc | pipeline | vllm"),
     host: str = typer.Option("127.0.0.1", "--host", help="Address the API listens on."),

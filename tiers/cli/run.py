@@ -67,9 +67,14 @@ def run_milestone(
     profile: Optional[str] = typer.Option(None, "--profile", help="Profile FILE or reference kit NAME (default: the probed one)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its checkpoint (milestones that train: B12)."),
     settings: list[str] = typer.Option([], "--set", help="Override one setting of the sized config, KEY=VALUE (repeatable; VALUE is YAML: 3e-4, true, [1, 2])."),
+    fetch: bool = typer.Option(False, "--fetch", help="Download the models and data sets this size needs that are not here yet (as `tierkit data fetch`), then run."),
 ) -> None:
-    """Run one milestone at its planned size; write builds/B<nn>-<slug>/ with predicted vs actual."""
+    """Run one milestone at its planned size; write builds/B<nn>-<slug>/ with predicted vs actual.
+
+    A size needs its models and data sets here (`tierkit fit` lists them): without --fetch a missing
+    one stops the run before it starts, naming the `tierkit data fetch` that brings it."""
     from tiers import runner
+    from tiers.cli.common import fetch_with_progress
     from tiers.fit import FitError, fit
 
     mid = _milestone_id(milestone)
@@ -83,6 +88,8 @@ def run_milestone(
         plan.config["resume"] = True
     err = console(stderr=True)
     try:
+        if fetch:  # before the run's own progress display: the downloads draw theirs
+            runner.prepare(plan, out, overrides, fetch=fetch_with_progress)
         if err.is_terminal:
             from rich import progress as rp
 
@@ -104,7 +111,9 @@ def _print_result(result, prof_path: Optional[Path]) -> None:
 
     plan, pred = result.plan, result.plan.prediction
     con = console()
-    table = Table(title=f"{plan.milestone} {plan.title}: size {plan.size} on {plan.device}")
+    ran = ", ".join(n for n in (plan.config.get("model"), plan.config.get("dataset")) if n)
+    table = Table(title=f"{plan.milestone} {plan.title}: size {plan.size}" + (f" ({ran})" if ran else "")
+                  + f" on {plan.device}")
     for col in ("", "predicted", "actual", "actual / predicted"):
         table.add_column(col)
     if pred is not None:
@@ -117,4 +126,6 @@ def _print_result(result, prof_path: Optional[Path]) -> None:
     if result.summary:
         con.print(result.summary)
     con.print(f"build: {result.out_dir}/README.md"
-              + (f"\ncalibration recorded in {prof_path}" if prof_path else "\nreference kit: calibration not recorded"))
+              + (f"\ncalibration recorded in {result.calibrated_in}" if result.calibrated_in else
+                 "\nreference kit: calibration not recorded" if prof_path is None else
+                 "\nno calibration recorded: not the planned workload (--set, or a stand-in for the planned model or data)"))

@@ -1,60 +1,15 @@
-"""The registry's entries: each data set's files, where they come from, how they are checked.
+"""The registry: every model and data set tierkit knows, by one name each.
 
-    Dataset(name, title, licence, homepage, files=(Remote(path, urls, size, sha256), ...))
+    Dataset(name, title, licence, homepage, files=(Remote(path, urls, size, sha256), ...))   fetched by tierkit
+    HubArtifact(name, ..., repo_id, files, kind)   (tiers.data.hub_entries)                 fetched by huggingface_hub
         -> REGISTRY[name]; get(name) looks one up, forgiving case and "_".
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
+from tiers.data.artifacts import DataError, Dataset, Entry, HubArtifact, Remote
+from tiers.data.hub_entries import HUB
 
-
-class DataError(Exception):
-    """A data set is missing or could not be fetched; str() is one line saying what to do."""
-
-
-@dataclass(frozen=True)
-class Remote:
-    """One file of a data set: its path under the data root, where to get it, how to check it."""
-
-    path: str                      # relative to the data root, e.g. "mnist/t10k-images-idx3-ubyte.gz"
-    urls: tuple[str, ...]          # tried in order
-    size: int | None               # bytes, when published
-    sha256: str | None             # None: verified by size only (no published checksum found)
-
-    @property
-    def name(self) -> str:
-        return Path(self.path).name
-
-
-@dataclass(frozen=True)
-class Dataset:
-    name: str
-    title: str
-    licence: str
-    homepage: str
-    files: tuple[Remote, ...]
-    folder: str | None = None              # the data set's folder under the root (None: a single file)
-    extract: str | None = None             # archives unpack into this folder under the root
-    system_dirs: tuple[str, ...] = ()      # where an OS package installs the same files (names only matter)
-    note: str = ""
-
-    @property
-    def size(self) -> int | None:
-        sizes = [f.size for f in self.files]
-        return None if None in sizes else sum(sizes)  # type: ignore[arg-type]
-
-    @property
-    def checksum(self) -> str:
-        known = sum(f.sha256 is not None for f in self.files)
-        return "sha256" if known == len(self.files) else "size only" if known == 0 else "sha256 (some files: size only)"
-
-    def target(self, root: Path) -> Path:
-        """What `tierkit data path` prints for this root: the folder, the extracted folder, or the one file."""
-        if self.extract:
-            return root / self.extract
-        return root / self.folder if self.folder else root / self.files[0].path
-
+__all__ = ["REGISTRY", "DataError", "Dataset", "Entry", "HubArtifact", "Remote", "get"]
 
 _MNIST = "https://ossci-datasets.s3.amazonaws.com/mnist/", "https://storage.googleapis.com/cvdf-datasets/mnist/"
 _FASHION = ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
@@ -76,7 +31,7 @@ def _files(folder: str, mirrors: tuple[str, ...], table: list[tuple[str, int | N
 # Speech Commands by TFDS/ESPnet; Tiny Shakespeare and hh-rlhf's test split match the
 # reference copies; hh-rlhf's train split sha256 is as recorded by users of the repository,
 # its size is not published (the file is ~13 MB in Git LFS), so it is checked by sha256 alone.
-REGISTRY: dict[str, Dataset] = {d.name: d for d in (
+REGISTRY: dict[str, Entry] = {d.name: d for d in (
     Dataset("mnist", "MNIST handwritten digits (IDX)", "CC BY-SA 3.0 (LeCun, Cortes, Burges)",
             "http://yann.lecun.com/exdb/mnist/", _files("mnist", _MNIST, [
                 ("train-images-idx3-ubyte.gz", 9_912_422, "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609"),
@@ -113,11 +68,31 @@ REGISTRY: dict[str, Dataset] = {d.name: d for d in (
                 ("harmless-base-test.jsonl.gz", 742_801, "ebfaaed21162a4de120ae85366075b34425e2a6303fac59b99555002f7016f03")],
                 {"harmless-base-train.jsonl.gz": "train.jsonl.gz", "harmless-base-test.jsonl.gz": "test.jsonl.gz"}),
             folder="hh-rlhf", note="42,537 train + 2,312 test {chosen, rejected} dialogue pairs"),
+    Dataset("cifar-10", "CIFAR-10 (python pickle batches)", "free to use, cite Krizhevsky 2009",
+            "https://www.cs.toronto.edu/~kriz/cifar.html", _files("", ("https://www.cs.toronto.edu/~kriz/",), [
+                ("cifar-10-python.tar.gz", 170_498_071, "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce")]),
+            extract="cifar-10-batches-py", note="50,000 train + 10,000 test 32x32 colour images, 10 classes; "
+                                                "unpacked to cifar-10-batches-py/ (data_batch_1..5, test_batch, batches.meta)"),
+    # The 10,000-document slice of OpenWebText that Hugging Face hosts for the stas/openwebtext-10k loader;
+    # size and sha256 as that loader's dataset_infos.json records them (49.7 MB of text unpacked).
+    Dataset("openwebtext-sample", "OpenWebText, the first 10,000 documents (web text)",
+            "CC0 1.0 (the extraction; pages keep their authors' rights)", "https://skylion007.github.io/OpenWebTextCorpus/",
+            _files("", ("https://cdn-datasets.huggingface.co/nlp/datasets/openwebtext/",), [
+                ("openwebtext-10k.tar.xz", 14_723_792, "1dd150ffa3361ab32fa9f129d1b5ce20ac48728be16be436558f844d1761c572")]),
+            extract="openwebtext-10k", note="10,000 web pages linked from Reddit, one .txt per page (~50 MB, ~12M GPT-2 "
+                                            "tokens); unpacked to openwebtext-10k/"),
+    *HUB,
 )}
 
 
-def get(name: str) -> Dataset:
-    key = name.strip().lower().replace("_", "-")
-    if key not in REGISTRY:
-        raise DataError(f"no data set named {name!r}; known: {', '.join(REGISTRY)} (see `tierkit data list`)")
+def _key(name: str) -> str:
+    return name.strip().lower().replace("_", "-")
+
+
+def get(name: str) -> Entry:
+    """The entry named `name`, forgiving case and "_" for "-" (q4_k_m and q4-k-m alike)."""
+    key = next((k for k in REGISTRY if _key(k) == _key(name)), None)
+    if key is None:
+        raise DataError(f"no data set named {name!r}, nor a model; known: {', '.join(REGISTRY)} "
+                        f"(see `tierkit data list`)")
     return REGISTRY[key]

@@ -2,10 +2,12 @@
 
     locate(name) -> the first place holding every file (explicit path, $TIERKIT_DATA, the cache, an OS package)
     fetch(name)  -> <file>.part  --Range resume-->  size + sha256 checked  --os.replace-->  <file>
+
+Hugging Face entries (models, GGUF files, hub data sets) go to tiers.data.hub
+instead: the same four calls, answered from the user's HF cache.
 """
 from __future__ import annotations
 
-import hashlib
 import http.client
 import os
 import shutil
@@ -17,7 +19,10 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from tiers.data.registry import DataError, Dataset, Remote, get
+from tiers.data import hub
+from tiers.data.artifacts import DataError, Dataset, HubArtifact, Remote
+from tiers.data.hub import sha256_file
+from tiers.data.registry import get
 
 CHUNK = 1 << 16
 TIMEOUT_S = 30
@@ -65,6 +70,10 @@ def _at(ds: Dataset, f: Remote, place: Path, kind: str) -> Path | None:
 def find_file(name: str, filename: str, explicit: Path | str | None = None) -> Path | None:
     """The first good copy of one of a data set's files (by file name); None if there is none."""
     ds = get(name)
+    if isinstance(ds, HubArtifact):
+        folder = hub.locate(ds, explicit)
+        folder = folder.parent if folder and folder.is_file() else folder
+        return folder / filename if folder and (folder / filename).is_file() else None
     f = next((x for x in ds.files if filename in (x.name, x.path)), None)
     if f is None:
         raise DataError(f"{ds.name} has no file {filename!r}; its files: {', '.join(x.name for x in ds.files)}")
@@ -73,8 +82,12 @@ def find_file(name: str, filename: str, explicit: Path | str | None = None) -> P
 
 
 def locate(name: str, explicit: Path | str | None = None) -> Path | None:
-    """Where the whole data set is: the first place holding all its files (or its unpacked folder); None if not."""
+    """Where the whole data set is: the first place holding all its files (or its unpacked folder); None if not.
+
+    A Hugging Face entry: its snapshot folder (a model), its .gguf file, or its file (a hub data set)."""
     ds = get(name)
+    if isinstance(ds, HubArtifact):
+        return hub.locate(ds, explicit)
     exp = Path(explicit).expanduser() if explicit else None
     for place, kind in _places(ds, exp):
         if ds.extract:
@@ -89,9 +102,15 @@ def locate(name: str, explicit: Path | str | None = None) -> Path | None:
 
 
 def missing_message(name: str, explicit: Path | str | None = None) -> str:
+    """One line: what is missing, where it was looked for, and the fetch (with its size) that brings it."""
+    from inventory.units import fmt_bytes
+
     ds = get(name)
+    if isinstance(ds, HubArtifact):
+        return hub.missing_message(ds)
     where = ", ".join(str(r) for r in roots(explicit))
-    return f"{ds.title} not found (looked in {where}); run `tierkit data fetch {ds.name}`"
+    size = f" ({fmt_bytes(ds.size)})" if ds.size else ""
+    return f"{ds.title} not found (looked in {where}); run `tierkit data fetch {ds.name}`{size}"
 
 
 def require(name: str, explicit: Path | str | None = None) -> Path:
@@ -103,14 +122,6 @@ def require(name: str, explicit: Path | str | None = None) -> Path:
 
 
 # ---------------------------------------------------------------- fetching
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def _why(exc: BaseException) -> str:
     """A network error as a few words: 'connection refused', 'HTTP 404 Not Found', 'timed out'."""
@@ -171,7 +182,7 @@ def fetch_file(ds: Dataset, f: Remote, root: Path, base_url: str | None = None,
     """One file into root/f.path, verified; returns its path. A good copy already there is kept."""
     final = root / f.path
     if final.is_file() and (f.size is None or final.stat().st_size == f.size) and \
-            (f.sha256 is None or _sha256(final) == f.sha256):
+            (f.sha256 is None or sha256_file(final) == f.sha256):
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     part = final.with_name(final.name + ".part")
@@ -201,7 +212,7 @@ def fetch_file(ds: Dataset, f: Remote, root: Path, base_url: str | None = None,
         raise DataError(f"{f.path}: got {got:,} bytes, expected {f.size:,}; the download was discarded, "
                         f"run `tierkit data fetch {ds.name}` again")
     if f.sha256 is not None:
-        digest = _sha256(part)
+        digest = sha256_file(part)
         if digest != f.sha256:
             part.unlink()
             raise DataError(f"{f.path}: sha256 {digest[:16]}... does not match the published "
@@ -219,7 +230,10 @@ def _extract(ds: Dataset, archive: Path, root: Path) -> Path:
     try:
         with tarfile.open(archive) as tar:
             tar.extractall(tmp, filter="data")
-        os.replace(tmp, dest)
+        inside = list(tmp.iterdir())
+        # an archive holding one folder (cifar-10-batches-py/...) becomes that folder, not a folder in a folder
+        os.replace(inside[0] if len(inside) == 1 and inside[0].is_dir() else tmp, dest)
+        shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -228,8 +242,12 @@ def _extract(ds: Dataset, archive: Path, root: Path) -> Path:
 
 def fetch(name: str, root: Path | None = None, base_url: str | None = None,
           on_bytes: Progress = lambda *_: None, keep_archive: bool = False) -> Path:
-    """Download every file of a data set into `root` (default: $TIERKIT_DATA or the cache); return its path."""
+    """Download every file of a data set into `root` (default: $TIERKIT_DATA or the cache); return its path.
+
+    A Hugging Face entry is fetched into the HF cache instead (root and base_url do not apply: HF_ENDPOINT does)."""
     ds = get(name)
+    if isinstance(ds, HubArtifact):
+        return hub.fetch(ds, on_bytes)
     root = Path(root).expanduser() if root else data_root()
     base_url = base_url or os.environ.get("TIERKIT_DATA_URL") or None
     if ds.extract and (root / ds.extract).is_dir() and any((root / ds.extract).iterdir()):

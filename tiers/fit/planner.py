@@ -8,6 +8,8 @@
         choose: a device where something fits > one whose packages are installed
                 > the largest size > the tiers' order of preference
         nothing fits: say what does not, and which reference kit it would fit on
+        the chosen size's artifacts (artifacts.py): the registry models and data sets it
+        needs, whether they are here, and "fetch first: ..." when not (it fits all the same)
 
     fit_all(profile, track) -> [fit(profile, m) for m in the track]
 
@@ -23,6 +25,7 @@ from inventory.kits import reference_names, reference_profile
 from inventory.profile import Profile
 from tiers import catalog
 from tiers.catalog import Milestone, Rung
+from tiers.fit.artifacts import fetch_line, needs
 from tiers.fit.calibration import calibration
 from tiers.fit.pricing import PRICERS, Priced
 from tiers.fit.rules import Check, pool_check, time_check
@@ -147,10 +150,14 @@ def _plan(profile: Profile, m: Milestone, t: Target | None, s: Sized | None, ver
                                              s.priced.bound)  # type: ignore[arg-type]
     config = {"workload": m.cost, **s.rung.params(), **s.priced.config,
               "summary": s.priced.summary} if s is not None and sized else {}
+    arts = needs(s.rung) if s is not None and sized else []
+    missing = [a for a in arts if not a.here]
+    if missing:  # it fits the hardware all the same: the note says what to fetch before running it
+        reasons = [f"fetch first: {fetch_line(missing)}", *reasons]
     return Plan(milestone=m.id, slug=m.slug, title=m.title, tier=t.tier if t else m.tiers[0],
                 device=t.device if t else "-", size=s.rung.size if s is not None and sized else None,
                 config=config, prediction=pred, verdict=verdict,  # type: ignore[arg-type]
-                reasons=reasons, profile=profile.name)
+                reasons=reasons, profile=profile.name, artifacts=arts)
 
 
 def _fitting(profile: Profile, m: Milestone, opt: _Option) -> Plan:

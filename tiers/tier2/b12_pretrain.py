@@ -1,11 +1,13 @@
-"""B12: pretraining a small GPT on Tiny Shakespeare, with the training loop written out in this file.
+"""B12: pretraining a small GPT on real text, with the training loop written out in this file.
 
-    text ─► tokens (characters, our own BPE, or GPT-2's) ─► 90% train / 10% held out
+    text (the rung's `dataset`: tinyshakespeare, tinystories, openwebtext-sample)
+      ─► tokens: characters or our own BPE (in memory), or GPT-2's BPE, tokenised once into
+         uint16 files on disk (tiers/tier2/tokenised.py, like nanoGPT's prepare.py) ─► 90% train / 10% held out
     for step in start..steps-1:                     (start > 0 when --resume continues a checkpoint)
         every eval_interval: the loss on train and held-out windows; every sample_interval: a sample
         lr = warmup, then cosine(step)
         for each of grad_accum micro-batches:
-            x, y = random windows of the train ids (y: x shifted by one token)
+            x, y = windows of the train ids at random offsets (y: x shifted by one token)
             loss = cross_entropy(model.logits(x), y) / grad_accum            the forward pass
             loss.backward()                                                 gradients add up
         clip the gradient norm to grad_clip; AdamW step
@@ -73,6 +75,9 @@ class Config:
     steps: Annotated[int, Gt(0)]
     data: str = "tiny-shakespeare (characters)"   # names the tokens: "... GPT-2 BPE" -> gpt2, "... BPE" -> bpe
     tokenizer: Literal["char", "bpe", "gpt2"] | None = None   # None: from `data`
+    dataset: Literal["tinyshakespeare", "tinystories", "openwebtext-sample"] | None = None  # None: from `data`
+    data_path: str | None = None                  # your own text (a file, or a folder of .txt) instead
+    heldout_tokens: Annotated[int, Gt(0)] = 1 << 20   # the whole-split perplexity reads at most this many
     # the model
     arch: Literal["gpt2", "llama"] = "llama"      # llama: RoPE, RMSNorm, SwiGLU; runs in llama.cpp (B16)
     dropout: Annotated[float, Ge(0), Lt(1)] = 0.0
@@ -100,6 +105,16 @@ class Config:
     temperature: Annotated[float, Ge(0)] = 0.8    # 0: greedy
     top_k: Annotated[int, Gt(0)] | None = 200
     top_p: Annotated[float, Gt(0), Le(1)] | None = None
+
+
+def dataset_name(cfg: Config) -> str:
+    """The registry name of the text: `dataset`, else read from the rung's `data` label."""
+    if cfg.dataset:
+        return cfg.dataset
+    label = cfg.data.lower()
+    if "tinystories" in label:
+        return "tinystories"
+    return "openwebtext-sample" if "openwebtext" in label else "tinyshakespeare"
 
 
 def tokenizer_kind(cfg: Config) -> str:
@@ -264,6 +279,71 @@ def standin(device: torch.device | str = "cpu", arch: str = "gpt2", steps: int =
     return model.eval(), tok
 
 
+# ---------------------------------------------------------------- the text, as tokens
+
+IN_MEMORY_MAX = 50 * 10**6   # bytes of text the char and our own BPE tokenizers take (they work in memory)
+
+
+@dataclass
+class Corpus:
+    """The run's tokens: tensors (char, bpe) or token files on disk (gpt2), split 90 / 10."""
+
+    name: str                 # the registry name, or "your text"
+    label: str                # what the text is, for the README
+    source: Path              # where it was read from
+    kind: str                 # char | bpe | gpt2
+    tok: Tokenizer
+    train: Any                # torch.Tensor | tokenised.TokenFile: both index as t[i:j] -> ids
+    val: Any
+    seconds: float            # spent tokenising in this run (0 when the token files were reused)
+    tokenised: dict[str, Any] | None = None   # gpt2: the token files' folder, and whether they were reused
+
+    @property
+    def tokens(self) -> int:
+        return len(self.train) + len(self.val)
+
+
+def load_corpus(ctx: Context, cfg: Config) -> Corpus:
+    """The rung's text (data.require(dataset), or data_path) as tokens; RunError (one line) when it cannot."""
+    from tiers import data
+    from tiers.runner import RunError
+    from tiers.tier2 import tokenised
+
+    kind, name = tokenizer_kind(cfg), dataset_name(cfg)
+    try:
+        path = Path(cfg.data_path).expanduser() if cfg.data_path else data.require(name)
+        files = tokenised.text_files(path)
+        label = "your text" if cfg.data_path else f"{data.get(name).title} ({name})"
+        size = sum(f.stat().st_size for f in files)
+        if kind == "gpt2":
+            tok = make_tokenizer("gpt2", "")
+            with ctx.progress(f"GPT-2 tokens of {path.name} (tokenised once, then reused)", size) as bar:
+                t = tokenised.prepare(path, data.data_root(), val_frac=cfg.val_frac, on_bytes=bar.advance,
+                                      log=ctx.log)
+            corpus = Corpus("your text" if cfg.data_path else name, label, path, kind, tok, t.train, t.val,
+                            0.0 if t.reused else t.meta["seconds"],
+                            {"folder": str(t.folder), "reused": t.reused, "seconds": t.meta["seconds"]})
+        elif size > IN_MEMORY_MAX:
+            raise RunError(f"B12: {label} is {size / 1e6:,.0f} MB; {kind} tokens are made in memory from at most "
+                           f"{IN_MEMORY_MAX / 1e6:.0f} MB: use --set tokenizer=gpt2 (tokenised once to disk)")
+        else:
+            t0 = time.perf_counter()
+            text = "".join(f.read_text(encoding="utf-8") for f in files)
+            tok = make_tokenizer(kind, text, cfg.vocab_size)
+            train_ids, val_ids = c.split_ids(torch.tensor(tok.encode(text), dtype=torch.long), cfg.val_frac)
+            corpus = Corpus("your text" if cfg.data_path else name, label, path, kind, tok, train_ids, val_ids,
+                            time.perf_counter() - t0)
+    except (data.DataError, FileNotFoundError, ValueError) as e:
+        raise RunError(f"B12: {e}") from None
+    except OSError as e:
+        raise RunError(f"B12: {e.filename}: {e.strerror} (the token files go under {data.data_root()}; "
+                       "TIERKIT_DATA moves them)") from None
+    reused = " (token files from an earlier run)" if corpus.tokenised and corpus.tokenised["reused"] else ""
+    ctx.log(f"data: {label} ({path}), {size:,} bytes -> {corpus.tokens:,} {kind} tokens (vocabulary {tok.vocab_size:,})"
+            f"{reused}; {len(corpus.train):,} to train, {len(corpus.val):,} held out")
+    return corpus
+
+
 # ---------------------------------------------------------------- the milestone
 
 def run(ctx: Context) -> Output:
@@ -272,16 +352,9 @@ def run(ctx: Context) -> Output:
     cfg: Config = ctx.config
     device, precision = c.device_and_precision(ctx)
 
-    # the data: Tiny Shakespeare as tokens, the first 90% to train on, the rest held out
-    text = c.shakespeare()
-    kind = tokenizer_kind(cfg)
-    t0 = time.perf_counter()
-    tok = make_tokenizer(kind, text, cfg.vocab_size)
-    ids = torch.tensor(tok.encode(text), dtype=torch.long)
-    tok_seconds = time.perf_counter() - t0
-    train_ids, val_ids = c.split_ids(ids, cfg.val_frac)
-    ctx.log(f"data: Tiny Shakespeare, {len(text):,} characters -> {len(ids):,} {kind} tokens "
-            f"(vocabulary {tok.vocab_size:,}); {len(train_ids):,} to train, {len(val_ids):,} held out")
+    # the data: the text as tokens, the first 90% to train on, the rest held out
+    corpus = load_corpus(ctx, cfg)
+    tok, kind, train_ids, val_ids = corpus.tok, corpus.kind, corpus.train, corpus.val
 
     # the model and the loop's settings
     mcfg = model_config(cfg, kind, tok.vocab_size)
@@ -304,7 +377,7 @@ def run(ctx: Context) -> Output:
         ctx.log(f"an interrupted run's checkpoint {resume_path} is overwritten (pass --resume to continue it)")
 
     splits = {"train": train_ids, "val": val_ids}
-    meta = {"tokenizer": tok.meta(), "milestone": "B12", "data": "tinyshakespeare", "config": asdict(cfg)}
+    meta = {"tokenizer": tok.meta(), "milestone": "B12", "data": corpus.name, "config": asdict(cfg)}
     with ctx.progress(f"pretraining {model.num_params() / 1e6:.2f}M", tc.steps) as bar:
         bar.advance(resume_from["step"] if resume_from else 0)
         t_train = time.perf_counter()
@@ -318,12 +391,13 @@ def run(ctx: Context) -> Output:
 
     final = Path(ctx.out_dir) / "ckpt.pt"
     resume_path.replace(final)    # the finished checkpoint goes into the build folder, where B7-B16 look
-    m = measure(model, tok, kind, ids, splits, hist, cfg, tc, device)
-    m.update(tokenize_seconds=tok_seconds, train_seconds=train_seconds, device=str(device), precision=precision,
+    m = measure(model, tok, kind, corpus.tokens, splits, hist, cfg, tc, device)
+    m.update(data=corpus.label, dataset=corpus.name, data_source=str(corpus.source), tokenised=corpus.tokenised,
+             tokenize_seconds=corpus.seconds, train_seconds=train_seconds, device=str(device), precision=precision,
              checkpoint=final.name)
     (Path(ctx.out_dir) / "samples.txt").write_text(
         "\n\n".join(f"=== {s['setting']} ===\n{s['text']}" for s in m["samples"]) + "\n", encoding="utf-8")
-    summary = (f"A {m['params'] / 1e6:.2f}M-parameter {mcfg.arch} GPT pretrained on Tiny Shakespeare ({kind} tokens) "
+    summary = (f"A {m['params'] / 1e6:.2f}M-parameter {mcfg.arch} GPT pretrained on {corpus.label.split(' (')[0]} ({kind} tokens) "
                f"for {tc.steps:,} steps reached a held-out loss of **{m['final_val_loss']:.4f}** nats per token "
                f"(unigram baseline {m['unigram_baseline']:.3f}, uniform {m['uniform_baseline']:.3f}) in "
                f"{train_seconds:.1f} s on {device} ({m['tokens_per_second']:,.0f} tokens/s)"
@@ -331,28 +405,30 @@ def run(ctx: Context) -> Output:
     return Output(metrics=m, summary=summary, report=report(m), plots=plots(ctx.out_dir, hist, m, tc))
 
 
-def measure(model: GPT, tok: Tokenizer, kind: str, ids: torch.Tensor, splits: dict[str, torch.Tensor],
+def measure(model: GPT, tok: Tokenizer, kind: str, n_tokens: int, splits: dict[str, Any],
             hist: dict[str, Any], cfg: Config, tc: c.TrainConfig, device: torch.device) -> dict[str, Any]:
     """The run's numbers: held-out loss against the baselines, speed, the history, samples."""
     mcfg, train_ids, val_ids, B = model.config, splits["train"], splits["val"], cfg.batch_size
+    scored = val_ids[:cfg.heldout_tokens]            # a tensor, from memory or read from the token file
     shape = costs.GPTShape(mcfg.vocab_size, mcfg.block_size, mcfg.n_layer, mcfg.n_head, mcfg.n_embd, mcfg.bias)
     predicted = (costs.gpt_params(shape) if mcfg.arch == "gpt2" else
                  costs.llama_params(mcfg.vocab_size, mcfg.n_layer, mcfg.n_embd, mcfg.n_head, mcfg.n_kv_head,
                                     mcfg.ffn_hidden, mcfg.tie_weights))
-    ppl_full = c.perplexity(model, val_ids, mcfg.block_size, batch_size=max(B, 16), device=device)
+    ppl_full = c.perplexity(model, scored, mcfg.block_size, batch_size=max(B, 16), device=device)
     tokens_per_step = B * mcfg.block_size * tc.grad_accum
     step_s = sorted(hist["seconds"])[len(hist["seconds"]) // 2]
     flops_tok = 6 * costs.gpt_matmul_params(shape) + 6 * mcfg.n_layer * mcfg.block_size * mcfg.n_embd
     last = hist["evals"][-1]
     return {
-        "tokenizer": kind, "vocab_size": tok.vocab_size, "model_vocab": mcfg.vocab_size, "tokens": len(ids),
-        "train_tokens": len(train_ids), "val_tokens": len(val_ids),
+        "tokenizer": kind, "vocab_size": tok.vocab_size, "model_vocab": mcfg.vocab_size, "tokens": n_tokens,
+        "train_tokens": len(train_ids), "val_tokens": len(val_ids), "val_tokens_scored": len(scored),
         "model": mcfg.to_dict(), "params": model.num_params(), "params_predicted": predicted,
         "train_config": asdict(tc), "batch_size": B, "tokens_trained": tokens_per_step * tc.steps,
         "final_train_loss": last["train"], "final_val_loss": last["val"],
         "best_val_loss": min(e["val"] for e in hist["evals"]),
         "val_loss_full": math.log(ppl_full), "val_perplexity_full": ppl_full,
-        "unigram_baseline": c.unigram_entropy(train_ids), "uniform_baseline": math.log(tok.vocab_size),
+        "unigram_baseline": (c.unigram_entropy(train_ids) if isinstance(train_ids, torch.Tensor)
+                             else train_ids.unigram_entropy()), "uniform_baseline": math.log(tok.vocab_size),
         "median_step_seconds": step_s, "tokens_per_second": tokens_per_step / step_s,
         "model_flops_per_token": flops_tok, "achieved_gflops": flops_tok * tokens_per_step / step_s / 1e9,
         "resumed_at": hist["resumed_at"], "prompt": cfg.prompt,
@@ -422,6 +498,13 @@ def series_plot(plt: Any, path: Path, values: list[float], what: str, note: str,
     return f"{path.name}: {what} per step ({note})"
 
 
+def tokenised_note(t: dict[str, Any] | None) -> str:
+    if not t:
+        return ""
+    how = "read from an earlier run" if t["reused"] else f"tokenised by this run in {t['seconds']:.1f} s"
+    return f"; GPT-2 tokens in uint16 files under `{t['folder']}` ({how})"
+
+
 def report(m: dict[str, Any]) -> str:
     tc, mc = m["train_config"], m["model"]
     ev = m["history"]["evals"]
@@ -429,13 +512,16 @@ def report(m: dict[str, Any]) -> str:
            f"- model: {mc['arch']}, {mc['n_layer']} layers, {mc['n_head']} heads, {mc['n_embd']} wide, context "
            f"{mc['block_size']}, vocabulary {mc['vocab_size']:,} ({m['tokenizer']} tokens): **{m['params']:,} parameters**"
            + (f" (models.costs predicts {m['params_predicted']:,})" if m["params_predicted"] else ""),
-           f"- data: Tiny Shakespeare, {m['train_tokens']:,} tokens to train, {m['val_tokens']:,} held out (last 10%)",
+           f"- data: {m['data']} (`{m['data_source']}`), {m['train_tokens']:,} tokens to train, {m['val_tokens']:,} "
+           f"held out (the last {m['val_tokens'] / m['tokens']:.0%})" + tokenised_note(m.get("tokenised")),
            (f"- training: {tc['steps']:,} steps x batch {m['batch_size']} x {tc['grad_accum']} accumulation "
            f"= {m['tokens_trained']:,} tokens; AdamW (betas {tc['beta1']}, {tc['beta2']}, weight decay "
            f"{tc['weight_decay']} on matrices), lr {tc['lr']:g} -> {tc['min_lr']:g} (warmup {tc['warmup']}, cosine), "
            f"clip {tc['grad_clip']:g}; {m['device']} ({m['precision']})"),
            (f"- held-out loss: **{m['final_val_loss']:.4f}** (estimate on random windows; best {m['best_val_loss']:.4f}); "
-           f"over the whole held-out split {m['val_loss_full']:.4f} (perplexity {m['val_perplexity_full']:.2f})"),
+           + ("over the whole held-out split" if m["val_tokens_scored"] == m["val_tokens"] else
+              f"over the first {m['val_tokens_scored']:,} held-out tokens")
+           + f" {m['val_loss_full']:.4f} (perplexity {m['val_perplexity_full']:.2f})"),
            (f"- baselines: unigram (each token from its frequency) {m['unigram_baseline']:.4f}; uniform "
            f"ln V = {m['uniform_baseline']:.4f}"),
            (f"- speed: {m['tokens_per_second']:,.0f} tokens/s (median step {m['median_step_seconds'] * 1e3:.1f} ms), "

@@ -1,6 +1,20 @@
 """B13: supervised fine-tuning (SFT). A pretrained base learns to answer in a chat template.
 
-The chat template (one exchange):
+    base = a Hugging Face instruct model (config `model`: smollm2-135m-instruct, qwen2.5-0.5b-instruct,
+           tinyllama-1.1b-chat, gpt2, ...; loaded from the registry's local snapshot, hf.py)
+         | your own char GPT (`model`: b12, B12's checkpoint) | the stand-in (`standin`, trained in seconds)
+    pairs = alpaca-cleaned | dolly-15k | hh-rlhf (config `dataset`) | your JSONL      (sft_data.py)
+    each pair ──the template──► prompt tokens (targets masked) + response tokens + end-of-turn
+    loop (B12's: AdamW, warmup + cosine, clipping; bf16 autocast on CUDA) minimising sft_loss
+    held-out response loss and greedy replies, before and after; the result saved for B14
+
+A Hugging Face model brings its own chat template in its tokenizer files (ChatML
+for SmolLM2 and Qwen2.5, Zephyr's for TinyLlama; a plain "### Instruction /
+### Response" format for GPT-2, which has none): see tiers/tier2/hf.py. The
+fine-tuned model (or, with LoRA, its adapter) and the tokenizer are saved in the
+build folder's `model/`, where B14 finds them by base model.
+
+A char GPT has no template, so B13 gives it one (one exchange):
 
     <|user|>
     {prompt}
@@ -20,41 +34,31 @@ ASCII (’ → ', “ → ", — → -, …); characters still unknown that occu
 `min_char_count` times in the training data become new tokens too (they learn
 their embedding during SFT); the rest (rare emoji, CJK, ...) are replaced by
 `?`. The README lists what was added and what was replaced. A BPE base needs
-only the three markers.
+only the three markers. The char GPT is saved as `sft.pt`.
 
-Loss masking: the model is trained on the response only. For a sequence
-s = prompt part + response part, inputs are s[:-1] and targets s[1:]; every
-target that is a prompt token (the `<|user|>` header, the prompt, and the
-`<|assistant|>` header with its newline) is set to -1, and `sft_loss` averages
-the cross-entropy over the other targets only:
+Loss masking, for every base: the model is trained on the response only. For a
+sequence s = prompt part + response part, inputs are s[:-1] and targets s[1:];
+every target that is a prompt token (the template's headers and the prompt) is
+set to -1, and `sft_loss` averages the cross-entropy over the other targets only:
 
     loss = mean over the t where y[t] != -1 of  -log softmax(model.logits(x)[t])[y[t]]
 
-The first real target is the first response token; the last is `<|end|>`. The
-loop that minimises it is B12's (`b12_pretrain.train`: AdamW, warmup and cosine,
-clipping), with this loss and batches of templated pairs.
-
-Data: the hh-rlhf "chosen" dialogues (the data registry's `hh-rlhf`), each
-parsed into Human/Assistant turns; the first exchange of each dialogue is a
-(prompt, response) pair (later turns depend on context a small model cannot
-hold). Or your own JSONL of {"prompt": ..., "response": ...} lines: config
-`data_file`, or `TIERKIT_B13_DATA=file.jsonl`.
+The first real target is the first response token; the last is the end-of-turn
+token (`<|end|>`, `<|im_end|>`, `</s>`, ...). The loop that minimises it is B12's
+(`b12_pretrain.train`), with this loss and batches of templated pairs.
 
 LoRA (config `lora_rank` > 0): every attention and MLP Linear gets a low-rank
 update W + (alpha / r) B A, B starting at zero so training starts from the
-base exactly; the base weights are frozen. The rows of the new tokens in the
+base exactly; the base weights are frozen. For a Hugging Face model this is
+peft's LoRA (checked: nothing but adapter weights trains); for a char GPT it is
+written out below (`LoRALinear`), and the rows of the new tokens in the
 embedding must still be learnt, so they (and only they) train too: a gradient
 mask keeps every old row exactly as it was.
 """
 from __future__ import annotations
 
 import copy
-import gzip
-import itertools
-import json
 import math
-import os
-import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -69,12 +73,14 @@ from torch.nn import functional as F
 from models.gpt import GPT, GPTConfig, save_checkpoint
 from tiers.report import md_table, pyplot
 from tiers.tier2 import b12_pretrain as b12
-from tiers.tier2 import common
+from tiers.tier2 import common, hf
+from tiers.tier2.sft_data import Pair, SFTError, load_pairs, split_pairs
 
 if TYPE_CHECKING:
     from tiers.runner import Context, Output
 
 FOLDER, CKPT = "B13-sft", "sft.pt"     # where B14 finds the SFT model
+Example = tuple[list[int], list[int]]   # (inputs, targets) of one templated pair, prompt targets -1
 
 
 @dataclass
@@ -82,8 +88,10 @@ class Config:
     steps: Annotated[int, Gt(0)] = 1000
     batch_size: Annotated[int, Gt(0)] = 32        # examples per micro-batch
     grad_accum: Annotated[int, Gt(0)] = 1         # micro-batches per optimiser step
-    lr: Annotated[float, Gt(0)] = 1e-3
-    min_lr: Annotated[float, Ge(0)] = 1e-4
+    # None: 1e-3 for a char GPT; a Hugging Face model 2e-4 with LoRA, 2e-5 full (a pretrained model's
+    # every weight moving at 1e-3 forgets what it knew within a few steps)
+    lr: Annotated[float, Gt(0)] | None = None
+    min_lr: Annotated[float, Ge(0)] | None = None   # the cosine's floor; None: lr / 10
     warmup: Annotated[int, Ge(0)] = 20
     weight_decay: Annotated[float, Ge(0)] = 0.0   # (with LoRA always 0: it would pull the update, not W, to 0)
     grad_clip: Annotated[float, Ge(0)] = 1.0
@@ -95,8 +103,16 @@ class Config:
     lora_rank: Annotated[int, Ge(0)] = 0          # 0: full fine-tuning
     lora_alpha: Annotated[float, Gt(0)] = 16.0
     generations: Annotated[int, Ge(0)] = 4        # held-out prompts answered by base and SFT in the README
+    # the base: a Hugging Face registry name (or model folder), `b12` (your B12 model), `standin` (a char
+    # model trained in seconds); None: `init`, else B12's checkpoint when there is one, else the stand-in
+    model: str | None = None
     init: str | None = None   # a GPT checkpoint (a path or *.pt); else (the ladder's 'pretrained'): B12's build or a stand-in
+    dataset: str = "hh-rlhf"                      # alpaca-cleaned | dolly-15k | hh-rlhf (the data registry's names)
+    dataset_files: list[str] | None = None        # hh-rlhf: which split (None: train when it is here, else test)
     data_file: str | None = None                  # your JSONL of {"prompt", "response"} (or $TIERKIT_B13_DATA)
+    pairs: Annotated[int, Gt(0)] | None = None    # the first this many pairs of the data; None: all
+    block_size: Annotated[int, Gt(0)] | None = None   # HF model: tokens per example (None: min(512, its context))
+    gen_tokens: Annotated[int, Gt(0)] = 64        # HF model: new tokens per greedy reply in the README
 
 
 USER, ASSISTANT, END = "<|user|>", "<|assistant|>", "<|end|>"
@@ -107,100 +123,6 @@ TEMPLATE = f"{USER}\n{{prompt}}\n{ASSISTANT}\n{{response}}{END}"
 NORMALISE = {"\u2019": "'", "\u2018": "'", "\u201c": '"', "\u201d": '"', "\u2014": "-", "\u2013": "-",
              "\u2026": "...", "\u00a0": " ", "\u2022": "*", "\t": " ", "\r": ""}
 FALLBACK = "?"
-
-
-class SFTError(ValueError):
-    """Bad SFT input (a malformed JSONL line, no usable pairs); str() is one line naming the fix."""
-
-
-# ---------------------------------------------------------------- data: hh-rlhf dialogues and JSONL pairs
-
-_TURN = re.compile(r"\n\n(Human|Assistant): ?")
-
-
-def parse_dialogue(text: str) -> list[tuple[str, str]]:
-    """'\\n\\nHuman: ...\\n\\nAssistant: ...' -> [("Human", ...), ("Assistant", ...), ...] (text stripped)."""
-    parts = _TURN.split(text)
-    # split with a capturing group: [before, role, text, role, text, ...]
-    return [(parts[i], parts[i + 1].strip()) for i in range(1, len(parts) - 1, 2)]
-
-
-def exchanges(turns: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Every (Human turn, the Assistant turn right after it) pair, in order, both non-empty."""
-    return [(a[1], b[1]) for a, b in itertools.pairwise(turns)
-            if a[0] == "Human" and b[0] == "Assistant" and a[1] and b[1]]
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Lines of a .jsonl or .jsonl.gz file; SFTError naming the line when one is not a JSON object."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    rows = []
-    try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise SFTError(f"{path}:{no}: not JSON ({e.msg}); each line must be one JSON object") from None
-                if not isinstance(row, dict):
-                    raise SFTError(f"{path}:{no}: a JSON {type(row).__name__}, not an object; "
-                                   "each line must be one JSON object") from None
-                rows.append(row)
-    except (OSError, EOFError, UnicodeDecodeError) as e:
-        raise SFTError(f"{path}: cannot read it ({type(e).__name__}: {e}); give a UTF-8 .jsonl or .jsonl.gz file") \
-            from None
-    return rows
-
-
-def hh_pairs(rows: Iterable[dict[str, Any]], key: str = "chosen") -> list[tuple[str, str]]:
-    """The first exchange of each hh-rlhf dialogue (`key`: chosen or rejected) as (prompt, response)."""
-    out = []
-    for row in rows:
-        ex = exchanges(parse_dialogue(str(row.get(key, ""))))
-        if ex:
-            out.append(ex[0])
-    return out
-
-
-def user_pairs(path: Path) -> list[tuple[str, str]]:
-    """{"prompt", "response"} lines of your own file; SFTError naming the first bad line."""
-    rows = read_jsonl(path)
-    out = []
-    for no, row in enumerate(rows, 1):
-        p, r = row.get("prompt"), row.get("response")
-        if not isinstance(p, str) or not isinstance(r, str) or not r.strip():
-            raise SFTError(f"{path}: object {no} lacks a string 'prompt' and a non-empty string 'response'; "
-                           'each line must be {"prompt": "...", "response": "..."}')
-        out.append((p.strip(), r.strip()))
-    if not out:
-        raise SFTError(f"{path}: no pairs in it; each line must be {{\"prompt\": \"...\", \"response\": \"...\"}}")
-    return out
-
-
-def hh_file() -> Path:
-    """hh-rlhf through the data registry: the train split when it is here, else the test split."""
-    from tiers import data
-
-    for name in ("harmless-base-train.jsonl.gz", "harmless-base-test.jsonl.gz"):
-        p = data.find_file("hh-rlhf", name)
-        if p is not None:
-            return p
-    raise SFTError(data.missing_message("hh-rlhf"))
-
-
-def load_pairs(cfg: Config) -> tuple[list[tuple[str, str]], str]:
-    """(pairs, where they came from): config `data_file` or TIERKIT_B13_DATA, else hh-rlhf chosen."""
-    user = cfg.data_file or os.environ.get("TIERKIT_B13_DATA")
-    if user:
-        p = Path(user).expanduser()
-        if not p.is_file():
-            raise SFTError(f"{p}: no such file; point data_file / TIERKIT_B13_DATA at a JSONL of "
-                           '{"prompt", "response"} lines, or unset it for the hh-rlhf default')
-        return user_pairs(p), f"your file {p}"
-    path = hh_file()
-    return hh_pairs(read_jsonl(path)), f"hh-rlhf chosen dialogues, first exchange ({path})"
 
 
 # ---------------------------------------------------------------- the chat tokenizer
@@ -292,6 +214,10 @@ class ChatTokenizer:
             out.append(self.base.decode(run))
         return "".join(out)
 
+    def render(self, prompt: str, response: str | None = None,
+               max_tokens: int | None = None) -> tuple[list[int], int, bool]:
+        return render(self, prompt, response, max_tokens)
+
     def to_meta(self) -> dict[str, Any]:
         return {"extra_chars": "".join(self.extra), "specials": list(SPECIALS), "base_vocab_size": self.base_size}
 
@@ -333,7 +259,7 @@ def render(tok: ChatTokenizer, prompt: str, response: str | None = None,
     return ids, n_prompt, complete
 
 
-def masked_example(ids: Sequence[int], n_prompt: int) -> tuple[list[int], list[int]]:
+def masked_example(ids: Sequence[int], n_prompt: int) -> Example:
     """(inputs, targets) for next-token training with the prompt masked: targets[j] = ids[j+1], or -1
     where ids[j+1] is a prompt token."""
     x, y = list(ids[:-1]), list(ids[1:])
@@ -342,18 +268,21 @@ def masked_example(ids: Sequence[int], n_prompt: int) -> tuple[list[int], list[i
     return x, y
 
 
-def encode_pairs(tok: ChatTokenizer, pairs: Sequence[tuple[str, str]], block_size: int) -> list[tuple[list[int], list[int]]]:
-    """Every pair rendered, cut to block_size + 1 tokens, masked; pairs left with no response target dropped."""
+def encode_pairs(tok: Any, pairs: Sequence[Pair], block_size: int) -> list[Example]:
+    """Every pair rendered by `tok` (a ChatTokenizer, or hf.ChatFormat for a Hugging Face model), cut to
+    block_size + 1 tokens, masked; pairs left with no response target (or too long a prompt) dropped."""
     out = []
     for p, r in pairs:
-        ids, n_prompt, _ = render(tok, p, r, max_tokens=block_size + 1)
-        x, y = masked_example(ids, n_prompt)
+        rendered = tok.render(p, r, max_tokens=block_size + 1)
+        if rendered is None:
+            continue
+        x, y = masked_example(rendered[0], rendered[1])
         if any(t != -1 for t in y):
             out.append((x, y))
     return out
 
 
-def collate(examples: Sequence[tuple[list[int], list[int]]], device: Any = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def collate(examples: Sequence[Example], device: Any = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad a batch to its longest example: inputs with 0, targets with -1 (ignored)."""
     T = max(len(x) for x, _ in examples)
     X = torch.zeros((len(examples), T), dtype=torch.long)
@@ -366,6 +295,16 @@ def collate(examples: Sequence[tuple[list[int], list[int]]], device: Any = "cpu"
 
 # ---------------------------------------------------------------- the loss: the response only
 
+def response_logits(model: Any, X: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
+    """(N, vocab): the model's predictions at the N positions where `answer` is True.
+
+    A Hugging Face model (hf.LM) computes its output layer only there (`logits_at`): with a
+    150k-token vocabulary, logits at every position of a batch would dominate memory.
+    """
+    at = getattr(model, "logits_at", None)
+    return at(X, answer) if at is not None else model.logits(X)[answer]
+
+
 def sft_loss(model: GPT, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """The masked SFT loss: next-token cross-entropy, averaged over the response tokens only.
 
@@ -373,13 +312,13 @@ def sft_loss(model: GPT, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tens
     they are left out of the mean, so the model learns to answer, never to write the question.
     """
     X, Y = batch
-    logits = model.logits(X)                       # (B, T, vocab): a prediction at every position
-    answer = Y != -1                               # the response tokens and <|end|>
-    return F.cross_entropy(logits[answer], Y[answer])
+    answer = Y != -1                               # the response tokens and the end-of-turn token
+    logits = response_logits(model, X, answer)     # (N, vocab): the prediction at each of those positions
+    return F.cross_entropy(logits.float(), Y[answer])
 
 
 @torch.no_grad()
-def response_loss(model: GPT, examples: Sequence[tuple[list[int], list[int]]], batch_size: int = 32) -> float:
+def response_loss(model: GPT, examples: Sequence[Example], batch_size: int = 32, precision: str = "fp32") -> float:
     """sft_loss over all of `examples`: the mean cross-entropy per response token."""
     device = next(model.parameters()).device
     was = model.training
@@ -388,7 +327,8 @@ def response_loss(model: GPT, examples: Sequence[tuple[list[int], list[int]]], b
     for i in range(0, len(examples), batch_size):
         X, Y = collate(examples[i:i + batch_size], device)
         n = int((Y != -1).sum())
-        total += float(sft_loss(model, (X, Y))) * n
+        with common.autocast(device, precision):
+            total += float(sft_loss(model, (X, Y))) * n
         count += n
     model.train(was)
     return total / max(count, 1)
@@ -516,58 +456,116 @@ def chat(model: GPT, tok: ChatTokenizer, prompt: str, max_new_tokens: int = 120)
 
 # ---------------------------------------------------------------- the milestone
 
-def split_pairs(pairs: list[tuple[str, str]], frac: float) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """The last `frac` of the pairs (at least 1, at most all but 1) held out; file order, so no shuffling leak."""
-    if len(pairs) < 2:
-        raise SFTError(f"{len(pairs)} usable pair(s): SFT needs at least 2 (one to train on, one to hold out)")
-    n = min(len(pairs) - 1, max(1, int(len(pairs) * frac)))
-    return pairs[:-n], pairs[-n:]
+NO_B12 = ("no B12 checkpoint at {path}: run `tierkit run B12` first, or pick --size char-0.1M "
+          "(a stand-in trained in seconds)")
 
 
 def run(ctx: Context) -> Output:
+    from tiers import data
     from tiers.runner import Output, RunError
 
     cfg: Config = ctx.config
     try:
-        pairs, source = load_pairs(cfg)
-    except SFTError as e:
+        if cfg.model == "b13":
+            raise SFTError("model b13 is what B13 makes; fine-tune standin, b12 or a Hugging Face model "
+                           "(--set model=smollm2-135m-instruct)")
+        if hf.is_hf(cfg.model):
+            hf.resolve(str(cfg.model))       # the model before the data: a missing one is the line to read first
+        pairs, source = load_pairs(cfg.dataset, cfg.data_file, cfg.dataset_files)
+        pairs = pairs[:cfg.pairs] if cfg.pairs else pairs
+        train_pairs, held_pairs = split_pairs(pairs, cfg.held_out)
+        ctx.log(f"data: {len(pairs):,} pairs from {source}; {len(train_pairs):,} train, {len(held_pairs):,} held out")
+        part = (run_hf if hf.is_hf(cfg.model) else run_char)(ctx, cfg, train_pairs, held_pairs)
+    except (SFTError, hf.HFError, data.DataError) as e:
         raise RunError(str(e)) from None
-    train_pairs, held_pairs = split_pairs(pairs, cfg.held_out)
-    ctx.log(f"data: {len(pairs):,} pairs from {source}; {len(train_pairs):,} train, {len(held_pairs):,} held out")
+    m, hist, lora = part["metrics"], part["hist"], cfg.lora_rank > 0
+    m |= {"data": source, "pairs": len(pairs), "train_pairs": len(train_pairs), "held_out_pairs": len(held_pairs),
+          "lora": {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha} if lora else None, "steps": cfg.steps,
+          "batch_size": cfg.batch_size, "lr": hist["lr_peak"], "min_lr": hist["lr_final"], "loss": hist["loss"],
+          "evals": hist["evals"]}
+    base_loss, after = m["held_out_loss_base"], m["held_out_loss_sft"]
+    loss_plot(ctx.out_dir / "sft_loss.png", hist, base_loss, after)
+    summary = (f"SFT of {m['base']} on {len(train_pairs):,} instruction pairs ({source.split(' (')[0]}): the "
+               f"held-out loss per response token fell from **{base_loss:.3f}** (base) to **{after:.3f}** "
+               f"after {cfg.steps} steps ({'LoRA, ' if lora else ''}{m['trainable_params']:,} trainable parameters). "
+               f"The result is in `{m['checkpoint']}` (B14 starts from it).")
+    return Output(metrics=m, summary=summary, report="\n".join([*part["template"], *report(m)]),
+                  plots=["sft_loss.png: training and held-out loss on response tokens"])
 
+
+def fine_tune(ctx: Context, cfg: Config, model: Any, train_ex: Sequence[Example], held_ex: Sequence[Example],
+              device: torch.device, precision: str) -> dict[str, Any]:
+    """B12's loop on sft_loss, batches drawn from the training examples; the history."""
+    lr = cfg.lr or (1e-3 if not hf.is_hf(cfg.model) else 2e-4 if cfg.lora_rank else 2e-5)
+    tc = common.TrainConfig.pick(cfg, lr=lr, min_lr=lr / 10 if cfg.min_lr is None else cfg.min_lr,
+                                 weight_decay=0.0 if cfg.lora_rank else cfg.weight_decay)
+
+    def batch(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        ix = torch.randint(len(train_ex), (cfg.batch_size,), generator=gen).tolist()
+        return collate([train_ex[i] for i in ix], device)
+
+    with ctx.progress(f"SFT{f' (LoRA r={cfg.lora_rank})' if cfg.lora_rank else ''}", tc.steps) as bar:
+        hist = b12.train(model, tc, batch, device=device, precision=precision, loss_fn=sft_loss,
+                         evaluate=lambda m: {"held_out_loss": response_loss(m, held_ex, precision=precision)},
+                         on_step=lambda s, r: bar.advance(), log=ctx.log)
+    return hist | {"lr_peak": tc.lr, "lr_final": tc.min_lr}
+
+
+def examples(ctx: Context, tok: Any, train_pairs: Sequence[Pair], held_pairs: Sequence[Pair], block: int,
+             eval_pairs: int) -> tuple[list[Example], list[Example], int]:
+    """(training examples, held-out examples, response tokens trained on), rendered by `tok`, cut to `block`."""
+    train_ex, held_ex = encode_pairs(tok, train_pairs, block), encode_pairs(tok, held_pairs[:eval_pairs], block)
+    if not train_ex or not held_ex:
+        raise SFTError(f"no pair fits in {block} tokens with room for its reply; raise block_size "
+                       "(--set block_size=N) or use a data set with shorter prompts")
+    resp = sum(sum(t != -1 for t in y) for _, y in train_ex)
+    ctx.log(f"{len(train_ex):,} training examples ({len(train_pairs) - len(train_ex):,} dropped: too long for "
+            f"{block} tokens), "
+            f"{resp:,} response tokens (prompt tokens masked)")
+    return train_ex, held_ex, resp
+
+
+def char_base(ctx: Context, model: str | None, init: str | None) -> tuple[GPT, Any, Path | None]:
+    """The char GPT the rung names: the stand-in, your B12 model (or the one line saying to train it), or
+    (model None) `init`, else B12's checkpoint when there is one, else the stand-in."""
+    if model == "standin":
+        device, _ = common.device_and_precision(ctx)
+        ctx.log(f"base model: the stand-in char model ({b12.STANDIN['n_layer']} layers, "
+                f"{b12.STANDIN['n_embd']} wide), trained here on Tiny Shakespeare in seconds")
+        gpt, tok = b12.standin(device)
+        return gpt, tok, None
+    if model == "b12":
+        path = b12.checkpoint_path(ctx)
+        if not path.is_file():
+            raise SFTError(NO_B12.format(path=path))
+        init = str(path)
+    return b12.base_model(ctx, init)
+
+
+def run_char(ctx: Context, cfg: Config, train_pairs: list[Pair], held_pairs: list[Pair]) -> dict[str, Any]:
+    """SFT of a char GPT in B13's own template; saved as sft.pt."""
     # the base, its vocabulary grown by the template's markers (and, for a char base, by new characters)
-    base, base_tok, base_path = b12.base_model(ctx, cfg.init)
+    base, base_tok, base_path = char_base(ctx, cfg.model, cfg.init)
     device, precision = common.device_and_precision(ctx)
     extra, replaced = plan_chars(base_tok, (t for pr in train_pairs for t in pr), cfg.min_char_count)
     tok = ChatTokenizer(base_tok, extra)
     base = grow_vocab(base, tok.vocab_size).to(device)
     ctx.log(f"vocabulary: {tok.base_size} base tokens + {len(extra)} new characters {extra!r} + 3 markers; "
             f"{sum(replaced.values()):,} rare characters ({len(replaced)} kinds) become {FALLBACK!r}")
-    train_ex = encode_pairs(tok, train_pairs, base.config.block_size)
-    held_ex = encode_pairs(tok, held_pairs[:cfg.eval_pairs], base.config.block_size)
-    resp_tokens = sum(sum(t != -1 for t in y) for _, y in train_ex)
-    ctx.log(f"{len(train_ex):,} training examples, {resp_tokens:,} response tokens (prompt tokens masked)")
+    train_ex, held_ex, resp_tokens = examples(ctx, tok, train_pairs, held_pairs, base.config.block_size,
+                                              cfg.eval_pairs)
 
     # a copy of the base trained on sft_loss with B12's loop (LoRA: only the updates and the new rows train)
     model = copy.deepcopy(base)
-    base_loss = response_loss(base, held_ex)
+    base_loss = response_loss(base, held_ex, precision=precision)
     lora = cfg.lora_rank > 0
     trainable = add_lora(model, cfg.lora_rank, cfg.lora_alpha, tok.base_size) if lora \
         else [n for n, _ in model.named_parameters()]
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    tc = common.TrainConfig.pick(cfg, weight_decay=0.0 if lora else cfg.weight_decay)
-
-    def batch(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        ix = torch.randint(len(train_ex), (cfg.batch_size,), generator=gen).tolist()
-        return collate([train_ex[i] for i in ix], device)
-
-    with ctx.progress(f"SFT{f' (LoRA r={cfg.lora_rank})' if lora else ''}", tc.steps) as bar:
-        hist = b12.train(model, tc, batch, device=device, precision=precision, loss_fn=sft_loss,
-                         evaluate=lambda m: {"held_out_loss": response_loss(m, held_ex)},
-                         on_step=lambda s, r: bar.advance(), log=ctx.log)
+    hist = fine_tune(ctx, cfg, model, train_ex, held_ex, device, precision)
     if lora:
         merge_lora(model)
-    after = response_loss(model, held_ex)
+    after = response_loss(model, held_ex, precision=precision)
     ctx.log(f"held-out response loss: base {base_loss:.4f} -> SFT {after:.4f}")
 
     gens = [{"prompt": p, "reference": r, "base": chat(base, tok, p), "sft": chat(model, tok, p)}
@@ -575,27 +573,63 @@ def run(ctx: Context) -> Output:
     meta = {"tokenizer": base_tok.meta(), "chat": tok.to_meta(), "template": TEMPLATE,
             "base": str(base_path or "stand-in char model"), "lora_rank": cfg.lora_rank}
     save_checkpoint(ctx.out_dir / CKPT, model, meta=meta)
-    metrics = {"data": source, "pairs": len(pairs), "train_pairs": len(train_pairs), "held_out_pairs": len(held_pairs),
-               "train_examples": len(train_ex), "eval_examples": len(held_ex), "response_tokens": resp_tokens,
+    metrics = {"train_examples": len(train_ex), "eval_examples": len(held_ex), "response_tokens": resp_tokens,
+               "model": cfg.model or ("b12" if base_path else "standin"),
                "base": meta["base"], "vocab": {"base": tok.base_size, "added_chars": extra, "markers": list(SPECIALS),
                                                "replaced": dict(replaced.most_common(20)), "total": tok.vocab_size},
-               "template": TEMPLATE, "lora": {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha} if lora else None,
-               "trainable_params": n_train, "params": model.num_params(), "trainable_names": trainable[:50],
-               "steps": tc.steps, "batch_size": cfg.batch_size, "held_out_loss_base": base_loss,
-               "held_out_loss_sft": after, "loss": hist["loss"], "evals": hist["evals"], "generations": gens,
-               "checkpoint": CKPT}
-    loss_plot(ctx.out_dir / "sft_loss.png", hist, base_loss, after)
-    summary = (f"SFT of {meta['base']} on {len(train_pairs):,} instruction pairs ({source.split(' (')[0]}): the "
-               f"held-out loss per response token fell from **{base_loss:.3f}** (base) to **{after:.3f}** "
-               f"after {tc.steps} steps ({'LoRA, ' if lora else ''}{n_train:,} trainable parameters). "
-               f"The model is in `{CKPT}` (B14 starts from it).")
-    return Output(metrics=metrics, summary=summary,
-                  report=report(metrics, tok, replaced.most_common(12), cfg.min_char_count,
-                                masked_view(tok, train_ex[0])),
-                  plots=["sft_loss.png: training and held-out loss on response tokens"])
+               "template": TEMPLATE, "trainable_params": n_train, "params": model.num_params(),
+               "trainable_names": trainable[:50], "held_out_loss_base": base_loss, "held_out_loss_sft": after,
+               "generations": gens, "checkpoint": CKPT}
+    return {"metrics": metrics, "hist": hist,
+            "template": char_template_report(tok, extra, replaced.most_common(12), cfg.min_char_count,
+                                             masked_view(tok, train_ex[0]))}
 
 
-def masked_view(tok: ChatTokenizer, ex: tuple[list[int], list[int]], limit: int = 240) -> str:
+def run_hf(ctx: Context, cfg: Config, train_pairs: list[Pair], held_pairs: list[Pair]) -> dict[str, Any]:
+    """SFT of a Hugging Face causal LM in its own chat template; the model (or adapter) saved in model/."""
+    device, precision = common.device_and_precision(ctx)
+    folder = hf.resolve(str(cfg.model))
+    tok, model = hf.load_tokenizer(folder), hf.load_model(folder, device, hf.weights_dtype(precision, not cfg.lora_rank))
+    info = hf.describe(str(cfg.model), folder, model)
+    ctx.log(f"base model: {cfg.model} from {folder} ({info['architecture']}, {info['params']:,} parameters); "
+            f"device {device}, {precision}")
+    fmt = hf.ChatFormat(tok)
+    block = min(cfg.block_size or 512, info["context"])
+    train_ex, held_ex, resp_tokens = examples(ctx, fmt, train_pairs, held_pairs, block, cfg.eval_pairs)
+    lm = hf.LM(model)
+    prompts = held_pairs[:cfg.generations]
+    base_loss = response_loss(lm, held_ex, precision=precision)
+    with common.autocast(device, precision):
+        before = [hf.chat(lm, fmt, p, cfg.gen_tokens) for p, _ in prompts]   # before training: no copy kept
+
+    peft_model, trainable = hf.add_lora(model, cfg.lora_rank, cfg.lora_alpha) if cfg.lora_rank > 0 \
+        else (None, [n for n, _ in model.named_parameters()])
+    n_train = sum(p.numel() for p in lm.parameters() if p.requires_grad)
+    ctx.log(f"trainable: {n_train:,} parameters" + (f" (LoRA r={cfg.lora_rank} adapters on the frozen "
+                                                     f"{info['params']:,})" if peft_model is not None
+                                                     else f" of {info['params']:,} (full fine-tuning)"))
+    hist = fine_tune(ctx, cfg, lm, train_ex, held_ex, device, precision)
+    after = response_loss(lm, held_ex, precision=precision)
+    ctx.log(f"held-out response loss: base {base_loss:.4f} -> SFT {after:.4f}")
+    with common.autocast(device, precision):
+        gens = [{"prompt": p, "reference": r, "base": b, "sft": hf.chat(lm, fmt, p, cfg.gen_tokens)}
+                for (p, r), b in zip(prompts, before, strict=True)]
+
+    meta = {"model": cfg.model, "snapshot": str(folder), "lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha,
+            "template": fmt.kind, "end_of_turn": fmt.end_text, "block_size": block}
+    hf.save_sft(ctx.out_dir / hf.SFT_DIR, model, peft_model, tok, meta)
+    metrics = info | {"train_examples": len(train_ex), "eval_examples": len(held_ex), "response_tokens": resp_tokens,
+                      "base": f"{cfg.model} ({folder})", "template": fmt.kind, "end_of_turn": fmt.end_text,
+                      "block_size": block, "trainable_params": n_train, "trainable_names": trainable[:50],
+                      "held_out_loss_base": base_loss, "held_out_loss_sft": after, "generations": gens,
+                      "checkpoint": f"{hf.SFT_DIR}/", "saved": "LoRA adapter" if peft_model is not None else "model"}
+    saved = ("the LoRA adapter (peft) and the tokenizer; B14 merges it into the base" if peft_model is not None
+             else "the fine-tuned model and its tokenizer (save_pretrained)")
+    return {"metrics": metrics, "hist": hist,
+            "template": [*fmt.describe(train_ex[0]), f"Saved in `{hf.SFT_DIR}/`: {saved}.", ""]}
+
+
+def masked_view(tok: ChatTokenizer, ex: Example, limit: int = 240) -> str:
     """The example's targets as text, masked ones as `·`: shows exactly what the loss sees."""
     _, y = ex
     return "".join("·" if t == -1 else tok.decode([t]) for t in y[:limit])
@@ -620,10 +654,9 @@ def loss_plot(path: Path, hist: dict[str, Any], base_loss: float, after: float) 
                        "SFT: loss on responses only (prompt tokens masked)")
 
 
-def report(m: dict[str, Any], tok: ChatTokenizer, replaced: list[tuple[str, int]], min_count: int,
-           example: str) -> str:
-    extra, lora = m["vocab"]["added_chars"], m["lora"]
-    out = [
+def char_template_report(tok: ChatTokenizer, extra: str, replaced: list[tuple[str, int]], min_count: int,
+                         example: str) -> list[str]:
+    return [
         "## The chat template", "", "```", TEMPLATE, "```", "",
         (f"`{USER}`, `{ASSISTANT}` and `{END}` are new tokens (ids {tok.user}, {tok.assistant}, {tok.end}); the loss "
          "is computed on the response and `<|end|>` only. Vocabulary: "
@@ -631,19 +664,22 @@ def report(m: dict[str, Any], tok: ChatTokenizer, replaced: list[tuple[str, int]
          f"= {tok.vocab_size}. Characters replaced by {FALLBACK!r} (fewer than {min_count} uses): "
          + (", ".join(f"{ch!r} x{n}" for ch, n in replaced) or "none") + "."), "",
         "The targets of one training example (`·`: a masked target, one per prompt token):", "",
-        "```", example, "```", "",
-        "## Result", "",
-        md_table(["", "value"],
-                 [["data", m["data"]], ["pairs train / held out", f"{m['train_pairs']:,} / {m['held_out_pairs']:,}"],
-                  ["base", m["base"]],
-                  ["fine-tuning", f"LoRA r={lora['rank']} alpha={lora['alpha']}" if lora else "full"],
-                  ["trainable parameters", f"{m['trainable_params']:,} of {m['params']:,}"],
-                  ["steps x batch", f"{m['steps']} x {m['batch_size']}"],
-                  ["held-out loss per response token, base", f"{m['held_out_loss_base']:.4f}"],
-                  ["held-out loss per response token, SFT", f"{m['held_out_loss_sft']:.4f}"]]), "",
-        "## Base vs SFT on held-out prompts (greedy)", ""]
-    for g in m["generations"]:
-        out += [f"**prompt:** {g['prompt'][:200]!r}", "",
-                md_table(["", "reply"], [["base", repr(g["base"][:200])], ["SFT", repr(g["sft"][:200])],
-                                         ["hh-rlhf reference", repr(g["reference"][:200])]]), ""]
-    return "\n".join(out)
+        "```", example, "```", ""]
+
+
+def report(m: dict[str, Any]) -> list[str]:
+    lora = m["lora"]
+    rows = [["data", m["data"]], ["pairs train / held out", f"{m['train_pairs']:,} / {m['held_out_pairs']:,}"],
+            ["base", m["base"]]]
+    rows += [["architecture, context", f"{m['architecture']}, {m['context']:,} (examples cut to {m['block_size']})"]] \
+        if "architecture" in m else []
+    rows += [["fine-tuning", f"LoRA r={lora['rank']} alpha={lora['alpha']}" if lora else "full"],
+             ["trainable parameters", f"{m['trainable_params']:,} of {m['params']:,}"],
+             ["steps x batch", f"{m['steps']} x {m['batch_size']}"],
+             ["held-out loss per response token, base", f"{m['held_out_loss_base']:.4f}"],
+             ["held-out loss per response token, SFT", f"{m['held_out_loss_sft']:.4f}"]]
+    return ["## Result", "", md_table(["", "value"], rows), "",
+            "## Base vs SFT on held-out prompts (greedy)", "",
+            md_table(["prompt", "base (before)", "SFT (after)", "the data's reply"],
+                     [[repr(g["prompt"][:160]), repr(g["base"][:200]), repr(g["sft"][:200]), repr(g["reference"][:200])]
+                      for g in m["generations"]]), ""]

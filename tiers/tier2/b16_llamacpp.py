@@ -1,17 +1,23 @@
-"""B16: the local inference rig. Your own model in llama.cpp, quantised, timed and scored.
+"""B16: the local inference rig. A real GGUF (or your own model) in llama.cpp, quantised, timed and scored.
 
     GGUF ─► Engine (llama-cpp-python) ─► prompt tokens/s, generation tokens/s, perplexity
-      ▲                                         per quantisation: F32 (as exported), Q8_0, Q4_0
-      └─ models.gguf_export: the B12 model (llama flavour) as a llama-architecture GGUF
+      ▲                                         per quantisation: Q8_0 / Q5_K_M / Q4_K_M as downloaded,
+      │                                         or F32 (as exported), then Q8_0 and Q4_0 made here
+      ├─ the registry: the rung's `model` (e.g. llama-3.2-3b-instruct-q8_0) -> data.require -> its .gguf,
+      │  and its sibling quantisations that are here (the others named, with their fetch line)
+      └─ models.gguf_export: your B12 model (llama flavour) as a llama-architecture GGUF
 
 Which model:
-- `TIERKIT_B16_GGUF=model.gguf` (or `gguf:` in the config): any local GGUF, e.g. a
-  TinyLlama or stories260K. It is timed as it is; when its weights are F32/F16/BF16 it is
-  also quantised to Q8_0 and Q4_0 (quantising an already-quantised file would stack errors,
-  so a Q4_K_M download gets one row).
-- otherwise the learner's B12 checkpoint (`tiers.tier2.b12_pretrain.base_model`), exported with
-  models.gguf_export; with no B12 checkpoint, a small llama-flavour char model trained here
-  in seconds stands in (said so in the README).
+- `--set gguf=PATH` (or `TIERKIT_B16_GGUF=PATH`): any local GGUF, or a registry GGUF name.
+  It is timed as it is; when its weights are F32/F16/BF16 it is also quantised to Q8_0
+  and Q4_0 (quantising an already-quantised file would stack errors).
+- otherwise the rung's `model`: a registry GGUF (`tierkit data fetch NAME` brings it; a
+  missing one stops the run with that line). The same model's other quantisations in the
+  registry (Q4_K_M, Q5_K_M, Q8_0, ...) that are here are timed and scored on the same text,
+  most bits first; those not here are listed with the fetch that brings them.
+- `model: b12`: the learner's B12 checkpoint (`tiers.tier2.b12_pretrain.base_model`),
+  exported with models.gguf_export; `model: standin`: a small llama-flavour char model
+  trained here in seconds (said so in the README). Nothing is substituted for another.
 
 `TIERKIT_B16_THREADS=N` sets llama.cpp's thread count (default: the physical cores).
 
@@ -44,7 +50,11 @@ from tiers.report import md_table, pyplot, save
 if TYPE_CHECKING:
     from tiers.runner import Context, Output
 
-QUANT_FTYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 7}    # llama_ftype values (llama.h)
+QUANT_FTYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 7,     # llama_ftype values (llama.h)
+                "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18}
+# a registry GGUF's name ends in its quantisation; its siblings differ only there (most bits first)
+REGISTRY_QUANTS = ("f16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_0", "q4_k_m", "q4_k_s", "q4_0", "q3_k_m", "q2_k")
+OWN_MODELS = ("b12", "standin")
 KV_TYPES = {"f32": 0, "f16": 1}                                # ggml_type values for the KV cache
 UNQUANTISED = {"F32", "F16", "BF16"}                           # tensor types that quantising does not stack on
 
@@ -58,15 +68,18 @@ class Config:
     n_batch: Annotated[int, Gt(0)] = 512           # prompt tokens per llama_decode call
     n_gpu_layers: int | None = None                # None: all (-1) on a GPU plan when llama.cpp can offload, else 0
     kv_type: Literal["f16", "f32"] = "f16"         # the KV cache's element type
-    quants: list[Literal["F32", "F16", "Q8_0", "Q4_0"]] = field(default_factory=lambda: ["Q8_0", "Q4_0"])
+    quants: list[Literal["F32", "F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0"]] = field(
+        default_factory=lambda: ["Q8_0", "Q4_0"])                 # made here from an unquantised GGUF
     ppl_tokens: Annotated[int, Gt(0)] = 8192       # held-out tokens the perplexity is measured on
     ppl_window: Annotated[int, Gt(0)] | None = None  # None: the model's context, at most 256
     standin_steps: Annotated[int, Gt(0)] = 300     # training steps of the stand-in, when there is no B12 model
     seed: int = 0                                  # the timed prompt's tokens and the stand-in
-    gguf: str | None = None                        # any local GGUF (or $TIERKIT_B16_GGUF); None: your B12 model
+    # a local GGUF or a registry GGUF name, instead of the rung's model; default $TIERKIT_B16_GGUF
+    gguf: str | None = field(default_factory=lambda: os.environ.get("TIERKIT_B16_GGUF") or None)
     init: str | None = None                        # a B12 checkpoint (a path or *.pt); None: B12's build
-    model: str | None = None                       # the planned size's model and quantisation, recorded beside
-    quant: str | None = None                       # what ran (the plan prices that download)
+    model: str | None = None                       # the rung's: a registry GGUF name, b12 or standin
+    quant: str | None = None                       # (None: b12's build if there is one, else the stand-in)
+    siblings: bool = True                          # a registry GGUF: also its other quantisations that are here
 
 
 # ---------------------------------------------------------------- llama.cpp's log, kept off the terminal
@@ -372,9 +385,32 @@ def quantize(src: str | Path, dst: str | Path, quant: str, threads: int = 0) -> 
 
 # ---------------------------------------------------------------- which model
 
-def user_gguf(cfg: Config) -> Path | None:
-    value = cfg.gguf or os.environ.get("TIERKIT_B16_GGUF")
-    return check_gguf(value) if value else None
+@dataclass
+class Source:
+    """The GGUF to time and what it is: a registry name, your file, or our model exported (with its tokenizer)."""
+
+    path: Path
+    what: str                  # for the README: which model, from where
+    name: str | None = None    # the registry name, when it came from the registry
+    model: Any = None          # our torch model (b12 / standin), for its torch perplexity
+    tok: Any = None
+
+
+def resolve_gguf(spec: str) -> tuple[Path, str | None]:
+    """(a GGUF file, its registry name or None) for a path or a registry GGUF name; one-line errors."""
+    from tiers import data
+
+    p = Path(spec).expanduser()
+    if p.exists() or "/" in spec or spec.endswith(".gguf"):
+        return check_gguf(p), None
+    try:
+        entry = data.get(spec)
+    except data.DataError:
+        return check_gguf(p), None         # neither a file nor a registry name: the file's message
+    if entry.kind != "gguf":
+        raise ValueError(f"{spec} is a registry {entry.kind}, not a GGUF file: pick a GGUF name "
+                         "(`tierkit data list`) or a .gguf path")
+    return check_gguf(data.require(entry.name)), entry.name
 
 
 def own_model(ctx: Context, cfg: Config) -> tuple[Any, Any, str]:
@@ -382,13 +418,17 @@ def own_model(ctx: Context, cfg: Config) -> tuple[Any, Any, str]:
 
     B12's stand-in for the other milestones is gpt2-flavour, which llama.cpp's llama architecture
     cannot run; this one is the same size and loop with arch="llama" (RMSNorm, RoPE, SwiGLU)."""
+    from tiers.runner import RunError
     from tiers.tier2 import b12_pretrain as b12
 
-    if cfg.init or b12.checkpoint_path(ctx).is_file():
+    have_b12 = bool(cfg.init) or b12.checkpoint_path(ctx).is_file()
+    if cfg.model == "b12" and not have_b12:
+        raise RunError(f"no B12 checkpoint at {b12.checkpoint_path(ctx)}: run `tierkit run B12` first")
+    if have_b12 and cfg.model != "standin":
         model, tok, path = b12.base_model(ctx, cfg.init)
-        return model.cpu().eval(), tok, f"B12 checkpoint {path}"
-    ctx.log(f"no B12 checkpoint at {b12.checkpoint_path(ctx)}: training a small llama-flavour char model as a "
-            "stand-in; run `tierkit run B12` (arch llama) for your own")
+        return model.cpu().eval(), tok, f"B12 checkpoint {path} (your B12 model)"
+    ctx.log(f"a small llama-flavour char model is trained here as a stand-in (no B12 checkpoint at "
+            f"{b12.checkpoint_path(ctx)}, or model: standin); run `tierkit run B12` (arch llama) for your own")
     with ctx.progress("training a llama-flavour stand-in", cfg.standin_steps) as bar:
         model, tok = b12.standin("cpu", arch="llama", steps=cfg.standin_steps, seed=cfg.seed,
                                  on_step=lambda s, r: bar.advance())
@@ -404,64 +444,112 @@ def held_out_text(max_chars: int) -> tuple[str, str]:
     return text[cut:cut + max_chars], "Tiny Shakespeare, held-out last 10%"
 
 
-def gguf_to_time(ctx: Context, cfg: Config) -> tuple[Path, str, Any, Any]:
-    """(the GGUF to time, what it is, the torch model, its tokenizer): a user GGUF as it is (no model,
-    no tokenizer: llama.cpp's own), or our model exported by models.gguf_export."""
+def gguf_to_time(ctx: Context, cfg: Config) -> Source:
+    """Your GGUF (`gguf`) as it is; else the rung's registry GGUF; else our model exported by models.gguf_export."""
     from models.gguf_export import export_gguf
+    from tiers import data
 
-    gguf_path = user_gguf(cfg)
-    if gguf_path is not None:
-        return gguf_path, f"your GGUF {gguf_path} (TIERKIT_B16_GGUF)", None, None
+    if cfg.gguf:
+        path, name = resolve_gguf(cfg.gguf)
+        how = "TIERKIT_B16_GGUF" if os.environ.get("TIERKIT_B16_GGUF") == cfg.gguf else "--set gguf"
+        return Source(path, f"your GGUF {path} ({how})", name)
+    if cfg.model and cfg.model not in OWN_MODELS:
+        path, name = resolve_gguf(cfg.model)
+        return Source(path, f"{data.get(cfg.model).title} (`{name}` from the registry: {path})", name)
     model, tok, source = own_model(ctx, cfg)
     path = export_gguf(model, tok, Path(ctx.out_dir) / "model-f32.gguf", name="tierkit-b12")
     ctx.log(f"exported {source} to {path.name} ({path.stat().st_size:,} bytes)")
-    return path, source, model, tok
+    return Source(path, source, None, model, tok)
+
+
+def quant_label(name: str) -> str:
+    """'tinyllama-1.1b-chat-q4_k_m' -> 'Q4_K_M'."""
+    return name.rpartition("-")[2].upper()
+
+
+def registry_variants(name: str) -> tuple[list[tuple[str, Path]], list[dict[str, Any]]]:
+    """The registry's quantisations of the model `name` is one of: ([(quantisation, file)] here, most bits
+    first; [{name, size, fetch}] not here)."""
+    from inventory.units import fmt_bytes
+    from tiers import data
+
+    stem = name.rpartition("-")[0]
+    here, missing = [], []
+    for q in REGISTRY_QUANTS:
+        try:
+            entry = data.get(f"{stem}-{q}")
+        except data.DataError:
+            continue
+        path = data.locate(entry.name)
+        if path is not None:
+            here.append((quant_label(entry.name), check_gguf(path)))
+        else:
+            size = f" ({fmt_bytes(entry.size)})" if entry.size else ""
+            missing.append({"name": entry.name, "size": entry.size,
+                            "fetch": f"tierkit data fetch {entry.name}{size}"})
+    return here, missing
+
+
+def variants(ctx: Context, cfg: Config, src: Source, info: dict[str, Any],
+             threads: int) -> tuple[list[tuple[str, Path]], list[dict[str, Any]]]:
+    """What is timed: a registry GGUF and its siblings that are here; else the file as it is, then each
+    quantisation made from it when its weights are unquantised. Also the siblings not here."""
+    if src.name and cfg.siblings:
+        here, missing = registry_variants(src.name)
+        if missing:
+            ctx.log(f"other quantisations of this model in the registry, not here: "
+                    f"{'; '.join(m['fetch'] for m in missing)}")
+        return here, missing
+    kinds = set(info["tensor_types"])
+    if not kinds <= UNQUANTISED:
+        ctx.log(f"{src.path.name} is already quantised ({', '.join(sorted(kinds))}): timed as it is, not requantised")
+        label = quant_label(src.name) if src.name else f"as given ({', '.join(sorted(kinds))})"
+        return [(label, src.path)], []
+    out = [("/".join(sorted(kinds)), src.path)]
+    for q in cfg.quants:
+        with ctx.progress(f"quantising to {q}", None):
+            out.append((q, quantize(src.path, Path(ctx.out_dir) / f"model-{q.lower()}.gguf", q, threads)))
+    return out, []
 
 
 # ---------------------------------------------------------------- the milestone
 
 def run(ctx: Context) -> Output:
     from models.gguf_export import gguf_summary
-    from tiers.runner import Output
+    from tiers import data
+    from tiers.runner import Output, RunError
 
     cfg: Config = ctx.config
-    out = Path(ctx.out_dir)
-    base, source, model, tok = gguf_to_time(ctx, cfg)
-    info = gguf_summary(base)
+    try:
+        src = gguf_to_time(ctx, cfg)
+        info = gguf_summary(src.path)
+        window = cfg.ppl_window or min(int(info["context_length"] or 256), 256)
+        text, text_source = held_out_text(cfg.ppl_tokens * 8)
+    except data.DataError as e:
+        raise RunError(f"B16: {e}") from None
     if info["architecture"] is None:
-        raise ValueError(f"{base}: a GGUF without general.architecture; it is not a model file")
+        raise ValueError(f"{src.path}: a GGUF without general.architecture; it is not a model file")
+    ctx.log(f"model: {src.what}")
 
-    # the held-out tokens: our tokenizer for our model; llama.cpp's own for a user's GGUF
-    window = cfg.ppl_window or min(int(info["context_length"] or 256), 256)
-    text, text_source = held_out_text(cfg.ppl_tokens * 8)
+    # the held-out tokens: our tokenizer for our model; llama.cpp's own for a GGUF (the same for its siblings)
     settings = default_settings(cfg, ctx.device, max(window, cfg.prompt_tokens + cfg.new_tokens))
     torch_ppl = None
-    if tok is not None:
+    if src.tok is not None:
         import torch
 
         from tiers.tier2 import common
 
-        ids = tok.encode(text, errors="drop")[:cfg.ppl_tokens + 1]
-        torch_ppl = common.perplexity(model, torch.tensor(ids), window)
+        ids = src.tok.encode(text, errors="drop")[:cfg.ppl_tokens + 1]
+        torch_ppl = common.perplexity(src.model, torch.tensor(ids), window)
     else:
-        with Engine(base, settings) as eng:
+        with Engine(src.path, settings) as eng:
             ids = eng.tokenize(text)[:cfg.ppl_tokens + 1]
 
-    # the variants: the file as it is, then each quantisation when its weights are unquantised
-    kinds = set(info["tensor_types"])
-    plain = kinds <= UNQUANTISED
-    variants = [("/".join(sorted(kinds)) if plain else f"as given ({', '.join(sorted(kinds))})", base)]
-    if plain:
-        for q in cfg.quants:
-            with ctx.progress(f"quantising to {q}", None):
-                variants.append((q, quantize(base, out / f"model-{q.lower()}.gguf", q, settings.n_threads)))
-    else:
-        ctx.log(f"{base.name} is already quantised ({', '.join(sorted(kinds))}): timed as it is, not requantised")
-
+    timed, missing = variants(ctx, cfg, src, info, settings.n_threads)
     rng = np.random.default_rng(cfg.seed)
     prompt = [int(t) for t in rng.choice(np.asarray(ids), size=cfg.prompt_tokens)] if len(ids) else [0]
     rows = []
-    for name, path in variants:
+    for name, path in timed:
         with ctx.progress(f"{name}: timing", cfg.requests) as bar:
             rows.append(measure(path, name, settings, prompt, ids, window, cfg, bar.advance))
         ctx.log(f"{name}: {rows[-1]['prompt_tokens_per_s']:,.0f} prompt tok/s, "
@@ -469,18 +557,21 @@ def run(ctx: Context) -> Output:
     for r in rows:
         r["perplexity_vs_first"] = r["perplexity"] / rows[0]["perplexity"] - 1
 
-    speed_plot(out / "tokens_per_s.png", rows, cfg.requests)
-    metrics = {"source": source, "gguf": info, "settings": asdict(settings), "window": window,
+    speed_plot(Path(ctx.out_dir) / "tokens_per_s.png", rows, cfg.requests)
+    model_name = src.name or ("your GGUF" if cfg.gguf else cfg.model or "b12 or standin (see source)")
+    metrics = {"source": src.what, "model": model_name, "model_path": str(src.path),
+               "gguf": info, "settings": asdict(settings), "window": window,
                "heldout": {"text": text_source, "tokens": len(ids)}, "torch_perplexity": torch_ppl,
-               "rows": rows, "planned_model": cfg.model, "planned_quant": cfg.quant}
+               "rows": rows, "not_here": missing, "planned_model": cfg.model, "planned_quant": cfg.quant}
     best = max(rows, key=lambda r: r["gen_tokens_per_s"])
-    summary = (f"{source}: {len(rows)} variant(s) in llama.cpp. Fastest generation: {best['quant']} at "
+    summary = (f"{src.what}: {len(rows)} variant(s) in llama.cpp. Fastest generation: {best['quant']} at "
                f"{best['gen_tokens_per_s']:,.0f} tokens/s; perplexity " +
                ", ".join(f"{r['quant']} {r['perplexity']:.3f}" for r in rows) + ".")
-    # the plan prices the size's downloaded model: only a user GGUF (taken to be that file) calibrates it
-    return Output(metrics=metrics, summary=summary, report=report(metrics, cfg, settings, char_model=tok is not None),
+    # the plan prices the size's downloaded model: only a GGUF (taken to be that file) calibrates it
+    return Output(metrics=metrics, summary=summary,
+                  report=report(metrics, cfg, settings, char_model=src.tok is not None),
                   plots=["tokens_per_s.png: prompt and generation tokens/s per quantisation"],
-                  calibrate=model is None)
+                  calibrate=src.model is None)
 
 
 def measure(path: Path, name: str, settings: Settings, prompt: list[int], ids: list[int], window: int,
@@ -521,8 +612,11 @@ def report(m: dict[str, Any], cfg: Config, st: Settings, char_model: bool) -> st
                      [[r["quant"], f"{r['bytes'] / 2**20:.2f}", ", ".join(f"{k} {v}" for k, v in r["tensor_types"].items()),
                        f"{r['prompt_tokens_per_s']:,.0f}", f"{r['gen_tokens_per_s']:,.0f}", f"{r['perplexity']:.4f}",
                        f"{r['perplexity_vs_first']:+.2%}"] for r in rows])
+    fetch = [f"`{x['fetch']}`" for x in m["not_here"]]
     return "\n".join([
-        "## Speed and perplexity per quantisation", "", table, "",
+        "## Speed and perplexity per quantisation", "", f"Model: {m['source']}.", "", table, "",
+        *([(f"Other quantisations of this model in the registry, not here (fetch them and run again to compare "
+           f"them too): {', '.join(fetch)}."), ""] if fetch else []),
         (f"Settings: {st.n_threads} threads (batch {st.n_threads_batch}), n_ctx {st.n_ctx}, n_batch {st.n_batch}, "
          f"n_ubatch {st.n_ubatch}, n_gpu_layers {st.n_gpu_layers}, KV cache {st.kv_type}, flash attention "
          f"{'on' if st.flash_attn else 'off'}. Prompt: {cfg.prompt_tokens} tokens; then {cfg.new_tokens} "

@@ -12,8 +12,9 @@ The peer is the profile's first reachable agent. With none (or `--set peers=loca
 milestone starts an agent of its own on loopback as the second node, which measures
 the protocol's cost but not a real link: the README says which it was.
 
-The model: `--set gguf=PATH` (the ladder names the model the planner sized; any GGUF
-works, e.g. stories260K.gguf from the shared data for a quick run).
+The model: the rung's `model`, a registry GGUF (`tierkit data fetch NAME` brings it), or
+`--set gguf=PATH|NAME`: any GGUF file or registry GGUF name (e.g. stories260K.gguf from
+the shared data for a quick run).
 """
 from __future__ import annotations
 
@@ -34,9 +35,9 @@ if TYPE_CHECKING:
 
 @dataclass
 class Config:
-    gguf: str | None = None                       # the model file (required): any GGUF llama.cpp loads
-    model: str = "any"                            # the rung's model and quantisation: what the planner sized,
-    quant: str = ""                               # named when no file is given
+    gguf: str | None = None                       # any GGUF file llama.cpp loads, or a registry GGUF name
+    model: str = "any"                            # the rung's registry GGUF (what the planner sized), used
+    quant: str = ""                               # when no gguf is given
     peers: Literal["profile", "local"] = "profile"  # local: an agent of B17's own on loopback as the second node
     requests: Annotated[int, Gt(0)] = 8           # prompts, each served on one node and on two
     new_tokens: Annotated[int, Gt(0)] = 256
@@ -66,7 +67,8 @@ def run(ctx: Context) -> Output:
     network = max(0.0, two["ms_per_token"] - one["ms_per_token"])
     bytes_tok = two["stats"]["bytes_per_token_head_workers"]
     metrics = {
-        "model": Path(gguf).name, "layers": layout.n_layer, "model_bytes": layout.total_bytes,
+        "model": Path(gguf).name, "model_path": gguf, "registry_model": _registry_name(cfg),
+        "layers": layout.n_layer, "model_bytes": layout.total_bytes,
         "second_node": two["where"], "plan": two["plan"], "plan_table": two["plan_table"],
         "prompt_tokens": len(prompts[0]), "new_tokens": new_tokens, "requests": len(prompts),
         "greedy_tokens_identical": same,
@@ -89,13 +91,35 @@ def run(ctx: Context) -> Output:
 
 
 def _model_file(cfg: Config) -> str:
+    """The GGUF to serve: `gguf` (a file or a registry name), else the rung's registry model; one line if none."""
     from tiers.runner import RunError
+    from tiers.tier3 import serve as serve_mod
 
-    if not cfg.gguf or not Path(cfg.gguf).is_file():
-        raise RunError(f"B17 needs a GGUF model file ({cfg.model} {cfg.quant} sized by the planner): pass "
-                       f"--set gguf=PATH, e.g. stories260K.gguf from the shared data for a quick run"
-                       + (f" ({cfg.gguf} is not a file)" if cfg.gguf else ""))
-    return str(Path(cfg.gguf).resolve())
+    spec = cfg.gguf or (cfg.model if cfg.model != "any" else None)
+    need = f"B17 needs a GGUF model file ({cfg.model} sized by the planner)"
+    if not spec:
+        raise RunError(f"{need}: pass --set gguf=PATH, e.g. stories260K.gguf from the shared data for a quick run")
+    try:
+        path = Path(serve_mod.resolve_model(spec)).expanduser()
+    except serve_mod.ServeError as exc:
+        raise RunError(f"{need}: {exc}, or pass --set gguf=PATH") from None
+    if not path.is_file():
+        raise RunError(f"{need}: pass --set gguf=PATH, e.g. stories260K.gguf from the shared data for a quick run "
+                       f"({spec} is not a file)")
+    return str(path.absolute())   # not resolved: a cached download is a link whose name is the model's
+
+
+def _registry_name(cfg: Config) -> str | None:
+    """The registry name the model came from, if it came from the registry."""
+    from tiers import data
+
+    spec = cfg.gguf or cfg.model
+    if Path(spec).expanduser().exists():
+        return None
+    try:
+        return data.get(spec).name
+    except data.DataError:
+        return None
 
 
 def _one_node(ctx: Context, cfg: Config, gguf: str, n_layer: int) -> tuple[dict[str, Any], list[list[int]], int]:
@@ -267,15 +291,15 @@ def _report(m: dict[str, Any]) -> str:
         f"Second node: {m['second_node']}. Round trip to its agent: "
         + (f"{m['agent_rtt_ms']:.3g} ms." if m["agent_rtt_ms"] is not None else "not measured."), "",
         "## One node vs two", "", md_table(["", "one node", "two nodes"], rows), "",
-        f"Greedy tokens identical on one and two nodes: **{m['greedy_tokens_identical']}** "
-        f"({m['requests']} requests, {m['prompt_tokens']}-token prompts, {m['new_tokens']} new tokens each).", "",
+        (f"Greedy tokens identical on one and two nodes: **{m['greedy_tokens_identical']}** "
+        f"({m['requests']} requests, {m['prompt_tokens']}-token prompts, {m['new_tokens']} new tokens each)."), "",
         "## Where the time goes", "",
         "Compute per stage is the one-node time per token shared by each stage's bytes of layers: "
         + ", ".join(f"{c:.3g} ms" for c in t["compute_per_stage"])
         + f"; the network and RPC add {t['network_and_rpc']:.3g} ms per token (two-node minus one-node), "
         f"with {m['bytes_per_token'] / 1e3:.3g} kB per token on the head's sockets to the worker (TCP_INFO; "
         "llama.cpp sends the compute graph with every token, not only the hidden state).", "",
-        "llama.cpp serves one request at a time, so requests in flight queue rather than fill the pipeline: "
+        ("llama.cpp serves one request at a time, so requests in flight queue rather than fill the pipeline: "
         "two nodes buy memory (a model that does not fit one node), not speed. The `pipeline` engine fills "
-        "the pipeline with several requests.",
+        "the pipeline with several requests."),
     ])

@@ -1,6 +1,7 @@
 """`tierkit serve`: find the peers, plan, launch the workers through their agents, serve the API.
 
-    the engine's layout(model)  ->  peers (mDNS or --peers)  ->  nodes with free memory
+    a registry name -> its file (data.require)  ->  the engine's layout(model)
+        ->  peers (mDNS or --peers)  ->  nodes with free memory
         ->  placement plan (printed)  ->  the engine's launch(): authenticated launches on each agent
         ->  ENGINE(model, stages).start()  ->  HTTP API (server.py)  ->  every worker stopped
 
@@ -97,6 +98,26 @@ def peer_nodes(found: list[Any], on_gpu: bool) -> list[Node]:
     return nodes
 
 
+def resolve_model(model: str) -> str:
+    """A registry name (`tierkit data list`: a GGUF, or a Hugging Face model) -> its file or snapshot folder
+    here; a path, random:<preset> or any other name as given (the engine says what it takes).
+    ServeError (one line naming the fetch) when the registry's model is not here."""
+    from tiers import data
+
+    if model.startswith("random:") or Path(model).expanduser().exists():
+        return model
+    try:
+        entry = data.get(model)
+    except data.DataError:
+        return model
+    if entry.kind == "data":
+        raise ServeError(f"{model} is a data set, not a model: give a GGUF or a model (`tierkit data list`)")
+    try:
+        return str(data.require(entry.name))
+    except data.DataError as exc:
+        raise ServeError(str(exc)) from None
+
+
 def model_layout(kind: EngineKind, model: str, n_ctx: int) -> ModelLayout:
     """The bytes placement divides, as the engine that serves `model` lays them out; ServeError if it cannot."""
     try:
@@ -146,6 +167,10 @@ def start_session(model: str, engine: str = "llama-rpc", peers_spec: str = "auto
         kind = engines.kind(engine)
     except EngineError as exc:
         raise ServeError(str(exc)) from None
+    path = resolve_model(model)
+    if path != model:
+        log(f"model {model}: {path}")
+    model = path
     layout = model_layout(kind, model, n_ctx)
     found, note = find_peers(peers_spec, mdns_wait)
     others = peer_nodes(found, on_gpu=kind.memory == "gpu")

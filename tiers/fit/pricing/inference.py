@@ -24,7 +24,6 @@ from tiers.fit.rules import fmt_seconds, limit_check, memory_check, pool_check
 from tiers.fit.targets import Target, bandwidth, flops, mixed_dtype
 
 EFF_INFER = 0.50                  # forward passes at batch size ~8 (evaluation, prefill)
-INT8_SPEEDUP = 1.5                # torch dynamic int8 GEMM vs fp32 on AVX2/VNNI CPUs (estimate)
 # LLM decode reaches 50-70% of the bandwidth bound (REFERENCE.md); the profile's bandwidth is
 # already a STREAM figure (70-85% of spec), so ~0.8 of it.
 EFF_DECODE = 0.80
@@ -35,27 +34,42 @@ DISK_BPS = 1.5e9                  # reading a model file: an NVMe SSD (a page-ca
 RPC_TOKEN_S = 1e-3                # llama.cpp RPC: ~1 ms fixed per token per remote hop (REFERENCE.md)
 
 
+# B7 scores held-out text: the last 10% of Tiny Shakespeare, 111,540 characters. A char model reads
+# one token per character; GPT-2's BPE about 0.3.
+HELD_OUT_CHARS = 111_540
+BPE_TOKENS_PER_CHAR = 0.3
+QUANT_SCHEMES = 5                 # fp32, int8 and int4, each per tensor and per channel (int8 per tensor too)
+SENSITIVITY_TOKENS = 20_000
+
+
 def price_quant_lab(r: catalog.QuantLab, t: Target, p: Profile, m: Milestone) -> Priced:
-    """Quantise a GPT to int8 and evaluate both: fp32 weights + int8 copy; two evaluation passes."""
-    shape = costs.GPTShape(r.vocab_size, r.block_size, r.n_layer, r.n_head, r.n_embd, r.bias)
+    """Quantise a GPT by hand, dequantise into the model, score held-out text at each scheme, then one
+    block at a time at int4. Every pass runs in fp32; windows overlap by half, so each token is read twice."""
+    shape = r.shape()
     n = costs.gpt_params(shape)
     q = costs.int8_copy(shape)
     fp32 = 4 * n
     acts = r.batch_size * r.block_size * (4 * r.n_embd) * 4 * 2 + costs.logits_bytes(r.batch_size, r.block_size,
                                                                                     r.vocab_size) / 2
     runtime, rt_lines = runtime_bytes("torch", t)
-    need = fp32 + q.peak_bytes + acts + sum(runtime.values())
-    flop = 2 * costs.gpt_matmul_params(shape) * r.eval_tokens
+    need = 2 * fp32 + q.peak_bytes + acts + sum(runtime.values())   # the model, and its originals kept aside
+    held_out = int(HELD_OUT_CHARS * (1.0 if r.vocab_size <= 256 else BPE_TOKENS_PER_CHAR))
+    tokens = min(r.eval_tokens, held_out)
+    sens = min(tokens, SENSITIVITY_TOKENS)
+    read = 2 * (QUANT_SCHEMES * tokens + (r.n_layer + 3) * sens)
+    flop = 2 * costs.gpt_matmul_params(shape) * read
     rate, line = flops(p, t, "fp32")
-    s_fp32 = flop / (rate * EFF_INFER)
-    s_int8 = flop / (rate * EFF_INFER * INT8_SPEEDUP)
+    secs = flop / (rate * EFF_INFER)
     start, start_line = startup_time("torch", t, True)
-    basis = [costs.gpt_params_basis(shape), f"fp32 weights {fmt_bytes(fp32)}", *q.basis,
-             f"activations of one batch + logits {fmt_bytes(acts)}", *rt_lines, f"peak memory = {fmt_bytes(need)}",
-             line, (f"evaluation: 2*N*{r.eval_tokens:,} tokens = {flop:.3g} FLOP, fp32 at efficiency {EFF_INFER} "
-                   f"({fmt_seconds(s_fp32)}), int8 {INT8_SPEEDUP}x faster ({fmt_seconds(s_int8)})"), start_line]
-    return Priced(need, s_fp32 + s_int8 + start, basis, [pool_check(t, need)], {"params": n},
-                  f"{fmt_count(n)} params, fp32 vs int8 on {fmt_count(r.eval_tokens)} tokens")
+    basis = [costs.gpt_params_basis(shape), f"fp32 weights {fmt_bytes(fp32)}, and a copy of the originals",
+             *q.basis, f"activations of one batch + logits {fmt_bytes(acts)}", *rt_lines,
+             f"peak memory = {fmt_bytes(need)}", line,
+             (f"held-out text: {tokens:,} tokens ({held_out:,} available); {QUANT_SCHEMES} schemes, then "
+              f"{r.n_layer} blocks + embeddings + fp32 at int4 on {sens:,} tokens, each read twice "
+              f"(windows overlap by half): {read:,} tokens"),
+             f"2*N*tokens = {flop:.3g} FLOP at efficiency {EFF_INFER}: {fmt_seconds(secs)}", start_line]
+    return Priced(need, secs + start, basis, [pool_check(t, need)], {"params": n},
+                  f"{fmt_count(n)} params, {QUANT_SCHEMES} schemes + per-block sensitivity on {fmt_count(tokens)} tokens")
 
 
 def _decode(p: Profile, t: Target, per_token_bytes: float, framework: str, layers: int) -> tuple[float, str]:
@@ -69,7 +83,7 @@ def _decode(p: Profile, t: Target, per_token_bytes: float, framework: str, layer
 
 
 def price_gpt_infer(r: catalog.GPTInfer, t: Target, p: Profile, m: Milestone) -> Priced:
-    shape = costs.GPTShape(r.vocab_size, r.block_size, r.n_layer, r.n_head, r.n_embd, r.bias)
+    shape = r.shape()
     dtype = r.dtype if r.dtype != "auto" else mixed_dtype(t)
     cost = costs.gpt_infer(shape, dtype, r.ctx, r.new_tokens, r.prompt_tokens, 1, r.requests)
     runtime, rt_lines = runtime_bytes("torch", t)
@@ -90,8 +104,16 @@ def price_gpt_infer(r: catalog.GPTInfer, t: Target, p: Profile, m: Milestone) ->
                   f"{fmt_count(cost.params)} params {dtype}, {1 / per_tok:.3g} tokens/s", bound="memory")
 
 
+def _file_bytes(r: catalog.GGUF) -> float | None:
+    """The registry's size of the GGUF file, when the rung names one and its size is known."""
+    from tiers import data
+
+    return data.get(r.model).size if r.model in data.REGISTRY else None
+
+
 def price_gguf_decode(r: catalog.GGUF, t: Target, p: Profile, m: Milestone) -> Priced:
-    cost = costs.gguf(r.model, r.quant, r.ctx, r.prompt_tokens, r.new_tokens, r.requests)
+    cost = costs.gguf(r.family, str(r.quant), r.ctx, r.prompt_tokens, r.new_tokens, r.requests,
+                      file_bytes=_file_bytes(r))
     runtime, rt_lines = runtime_bytes("llama.cpp", t)
     need = cost.peak_bytes + sum(runtime.values())
     per_tok, dline = _decode(p, t, cost.extra["bytes_per_token"], "llama.cpp", 0)
@@ -111,12 +133,13 @@ def price_gguf_decode(r: catalog.GGUF, t: Target, p: Profile, m: Milestone) -> P
         checks.append(limit_check("decode speed", 1 / per_tok, r.min_tokens_per_s, True, "tokens/s"))
     return Priced(need, load + prefill + decode + start, basis, checks,
                   {"params": cost.params, "tokens_per_s": round(1 / per_tok, 2)},
-                  f"{r.model} {r.quant}, {1 / per_tok:.3g} tokens/s", bound="memory")
+                  f"{r.model}, {1 / per_tok:.3g} tokens/s", bound="memory")
 
 
 def price_gguf_split(r: catalog.GGUF, t: Target, p: Profile, m: Milestone) -> Priced:
     """llama.cpp over RPC: layers split in proportion to free memory; each token crosses every boundary."""
-    cost = costs.gguf(r.model, r.quant, r.ctx, r.prompt_tokens, r.new_tokens, r.requests)
+    cost = costs.gguf(r.family, str(r.quant), r.ctx, r.prompt_tokens, r.new_tokens, r.requests,
+                      file_bytes=_file_bytes(r))
     nodes = t.nodes
     total_free = sum(n.memory_free for n in nodes)
     model_bytes = cost.memory["weights"] + cost.memory["KV cache"]
@@ -155,4 +178,4 @@ def price_gguf_split(r: catalog.GGUF, t: Target, p: Profile, m: Milestone) -> Pr
     return Priced(max(per_node), load + prefill + decode + STARTUP_S["llama.cpp"], basis, checks,
                   {"params": cost.params, "split": split, "node_bytes": [round(x) for x in per_node],
                    "tokens_per_s": round(1 / per_tok, 2)},
-                  f"{r.model} {r.quant} over {len(nodes)} nodes, {1 / per_tok:.3g} tokens/s", bound="memory")
+                  f"{r.model} over {len(nodes)} nodes, {1 / per_tok:.3g} tokens/s", bound="memory")

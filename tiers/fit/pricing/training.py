@@ -77,12 +77,13 @@ def _train_time(p: Profile, t: Target, flop: float, width: int, dtype: str, fram
 
 
 def price_gpt_train(r: catalog.GPTTrain, t: Target, p: Profile, m: Milestone) -> Priced:
-    shape = costs.GPTShape(r.vocab_size, r.block_size, r.n_layer, r.n_head, r.n_embd, r.bias)
+    """Pretraining or fine-tuning a GPT (the whole model, or LoRA adapters on a frozen base)."""
+    shape = r.shape()
     numpy = r.framework == "numpy"
     dtype = "fp32" if numpy else mixed_dtype(t)
     flash = not numpy and t.kind != "mps"
     tokens = r.steps * r.grad_accum * r.batch_size * r.block_size
-    cost = costs.gpt_train(shape, r.batch_size, tokens, dtype, flash)
+    cost = costs.gpt_train(shape, r.batch_size, tokens, dtype, flash, lora_rank=r.lora_rank or 0)
     runtime, rt_lines = runtime_bytes(r.framework, t)
     if numpy and "matplotlib" in m.needs.packages:   # a numpy milestone plots in the same process (B10)
         runtime["matplotlib"] = costs.MATPLOTLIB_BYTES
@@ -93,28 +94,39 @@ def price_gpt_train(r: catalog.GPTTrain, t: Target, p: Profile, m: Milestone) ->
     start, start_line = startup_time(r.framework, t, "matplotlib" in m.needs.packages)
     basis = [*cost.basis, *rt_lines, f"peak memory = {fmt_bytes(need)}", *lines, over_line, start_line]
     summary = (f"{fmt_count(cost.params)} params, L{r.n_layer} h{r.n_embd} ctx{r.block_size}, "
-               f"{fmt_count(tokens)} tokens, {dtype}")
+               f"{fmt_count(tokens)} tokens, {dtype}{_lora(r.lora_rank, cost)}")
     return Priced(need, compute + over + start, basis, [pool_check(t, need)],
                   {"params": cost.params, "tokens": tokens, "dtype": dtype}, summary)
 
 
+def _lora(rank: int | None, cost: costs.Cost) -> str:
+    return f", LoRA r={rank} ({fmt_count(cost.extra['trainable'])} trained)" if rank else ""
+
+
 def price_dpo(r: catalog.DPO, t: Target, p: Profile, m: Milestone) -> Priced:
-    """DPO: the policy trains on chosen and rejected (2 sequences a pair); a frozen reference scores both."""
-    shape = costs.GPTShape(r.vocab_size, r.block_size, r.n_layer, r.n_head, r.n_embd, r.bias)
+    """DPO: the policy trains on chosen and rejected (2 sequences a pair); a frozen reference scores both.
+
+    Fine-tuning the whole model, the reference is a second, frozen copy in the run's dtype; with
+    LoRA it is the same weights with the adapters disabled (peft's disable_adapter), so it costs
+    its forward passes and no memory.
+    """
+    shape = r.shape()
     dtype = mixed_dtype(t)
     seq_tokens = r.pairs * 2 * r.seq * r.epochs
-    cost = costs.gpt_train(shape, 2 * r.batch_size, seq_tokens, dtype, t.kind != "mps", seq=r.seq)
-    ref_bytes = cost.params * (2 if dtype != "fp32" else 4)
+    cost = costs.gpt_train(shape, 2 * r.batch_size, seq_tokens, dtype, t.kind != "mps", seq=r.seq,
+                           lora_rank=r.lora_rank or 0)
+    ref_bytes = 0 if r.lora_rank else cost.params * costs.BYTES[dtype]
     ref_flops = 2 * cost.extra["matmul_params"] * seq_tokens
     runtime, rt_lines = runtime_bytes("torch", t)
     need = cost.peak_bytes + ref_bytes + sum(runtime.values())
     compute, lines = _train_time(p, t, cost.flops + ref_flops, r.n_embd, dtype, "torch")
     over, over_line = _steps_overhead(ceil(r.pairs * r.epochs / r.batch_size) * 2, r.n_layer, t, "torch")
     start, start_line = startup_time("torch", t, True)
-    basis = [*cost.basis, (f"reference model ({dtype}) {fmt_bytes(ref_bytes)}; its forward passes "
-                          f"2*N per token = {ref_flops:.3g} FLOP"), *rt_lines, f"peak memory = {fmt_bytes(need)}",
-             *lines, over_line, start_line]
-    summary = f"{fmt_count(cost.params)} params, {r.pairs:,} pairs x {r.seq} tokens, {dtype}"
+    ref = ("reference: the base with its LoRA adapters disabled, no copy" if r.lora_rank
+           else f"reference: a frozen copy ({dtype}) {fmt_bytes(ref_bytes)}")
+    basis = [*cost.basis, f"{ref}; its forward passes 2*N per token = {ref_flops:.3g} FLOP", *rt_lines,
+             f"peak memory = {fmt_bytes(need)}", *lines, over_line, start_line]
+    summary = f"{fmt_count(cost.params)} params, {r.pairs:,} pairs x {r.seq} tokens, {dtype}{_lora(r.lora_rank, cost)}"
     return Priced(need, compute + over + start, basis, [pool_check(t, need)],
                   {"params": cost.params, "dtype": dtype}, summary)
 

@@ -1,9 +1,9 @@
-"""B7 quantisation lab, B13 SFT, B14 DPO: run as a user runs them, and their claims checked.
+"""B13 SFT, B14 DPO: run as a user runs them, and their claims checked (B7: tests/test_tier2_b07.py).
 
 Each milestone runs through `tierkit run B<n> --size char-0.1M` on a reference kit (no
 probe, no profile touched). With no B12 checkpoint in the fresh home, the base is the
 stand-in char model b12_pretrain.base_model trains in seconds. The functions are then tested
-directly: the quantiser's error bound and int4 packing, the SFT mask (exactly the prompt
+directly: the SFT mask (exactly the prompt
 and the template's headers), LoRA (only its parameters train), the DPO loss on a hand-made
 example and the sign of its gradient. Bad input gets one line and no build folder.
 """
@@ -13,7 +13,6 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from tests.conftest import SHARED, assert_one_line_error, run_cli
@@ -21,9 +20,9 @@ from tests.test_runner import assert_png
 
 torch = pytest.importorskip("torch", reason="tier-2 milestones need torch (pip install 'tierkit[tier2]')")
 
-from tiers.tier2 import b07_quant as b7
 from tiers.tier2 import b13_sft as b13
 from tiers.tier2 import b14_dpo as b14
+from tiers.tier2 import sft_data
 
 DATA = SHARED / "data"
 HH = DATA / "hh-rlhf" / "harmless-base-test.jsonl.gz"
@@ -43,79 +42,6 @@ def run_milestone(mid: str, home: Path, **env: str) -> tuple[Path, dict]:
     return folder, json.loads((folder / "metrics.json").read_text())["metrics"]
 
 
-# ---------------------------------------------------------------- B7
-
-@pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("per_channel", [False, True])
-def test_roundtrip_error_is_at_most_half_a_step(bits, per_channel):
-    rng = np.random.default_rng(bits)
-    w = (rng.standard_normal((48, 40)) * rng.uniform(0.01, 3, size=(48, 1))).astype(np.float32)
-    w[5] = 0                      # an all-zero row: no division by zero, codes all 0
-    w[7, 3] = 25.0                # an outlier: per-tensor scale grows with it
-    dq, t = b7.roundtrip(w, bits, per_channel)
-    qmax = b7.QMAX[bits]
-    assert t.q.dtype == np.int8 and t.q.min() >= -qmax and t.q.max() <= qmax
-    scale = np.broadcast_to(t.scale, (48, 1)) if per_channel else t.scale
-    assert t.scale.shape == ((48, 1) if per_channel else ())
-    assert np.all(np.abs(w - dq) <= scale / 2 * (1 + 1e-6) + 1e-12)
-    assert np.all(dq[5] == 0)
-    assert np.abs(w).max() == pytest.approx(np.abs(dq).max(), rel=1e-6)   # the largest weight is exact
-    # the bound is tight: some weight is off by nearly half a step
-    assert b7.error_stats(w, t)["max_over_bound"] > 0.9
-    assert t.nbytes() == (w.size if bits == 8 else w.size // 2) + 4 * t.scale.size
-
-
-def test_per_channel_beats_per_tensor_with_an_outlier_row():
-    rng = np.random.default_rng(0)
-    w = rng.standard_normal((32, 64)).astype(np.float32) * 0.02
-    w[0] *= 100
-    err = {pc: np.abs(w - b7.roundtrip(w, 4, pc)[0])[1:].mean() for pc in (False, True)}
-    assert err[True] < err[False] / 5   # per tensor, the small rows all round to 0
-
-
-def test_int4_packing_round_trip_and_size():
-    q = np.arange(-8, 8, dtype=np.int8).repeat(3)[:47]          # odd length: the last byte is half used
-    packed = b7.pack_int4(q)
-    assert packed.dtype == np.uint8 and packed.size == 24
-    assert np.array_equal(b7.unpack_int4(packed, q.size), q)
-    with pytest.raises(ValueError, match="int4"):
-        b7.pack_int4(np.array([9], dtype=np.int8))
-    with pytest.raises(ValueError, match="bits"):
-        b7.quantise(np.ones((2, 2)), 3, False)
-
-
-def test_quantise_model_leaves_the_original_alone():
-    from models.gpt import GPT, GPTConfig
-
-    m = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=16), seed=0)
-    before = {k: v.clone() for k, v in m.state_dict().items()}
-    q, qt = b7.quantise_model(m, 4, True)
-    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
-    assert set(qt) == set(b7.quantisable(m)) and "transformer.wte.weight" in qt   # tied head: once
-    assert q.transformer.wte.weight.data_ptr() == q.lm_head.weight.data_ptr()     # still tied in the copy
-    assert not torch.equal(q.transformer.h["0"].mlp.c_fc.weight, m.transformer.h["0"].mlp.c_fc.weight)
-    assert torch.equal(q.transformer.h["0"].ln_1.weight, m.transformer.h["0"].ln_1.weight)  # norms stay fp32
-    assert b7.model_bytes(m, qt) < b7.model_bytes(m) / 4
-
-
-@needs_data
-def test_b7_cli_perplexity_rises_with_fewer_bits(home):
-    folder, m = run_milestone("B7", home)
-    assert {"perplexity.png", "sensitivity.png", "int4_grid.png"} <= {p.name for p in folder.iterdir()}
-    ppl = {r["scheme"]: r["perplexity"] for r in m["schemes"]}
-    size = {r["scheme"]: r["bytes"] for r in m["schemes"]}
-    fp32, i8, i4 = ppl["fp32"], ppl["int8 per-channel"], ppl["int4 per-channel"]
-    # fp32 <= int8 <= int4. int8's steps are so fine that on an undertrained stand-in model its change
-    # is noise of either sign (measured: -0.013%); it must stay within 0.1% of fp32, and int4 above both.
-    assert fp32 <= i8 * (1 + 1e-3) and abs(i8 / fp32 - 1) < 1e-3
-    assert i8 < i4 and fp32 < i4 < fp32 * 1.2
-    assert ppl["int4 per-channel"] < ppl["int4 per-tensor"]
-    assert size["int4 per-channel"] < size["int8 per-channel"] < size["fp32"] / 3
-    assert all(v["max_error_over_half_step"] <= 1 + 1e-5 for v in m["roundtrip"].values())
-    assert len(m["sensitivity"]) == len([n for n in m["sensitivity"]]) >= 8
-    assert max(r["delta"] for r in m["sensitivity"]) > 0
-
-
 # ---------------------------------------------------------------- B13
 
 def char_base():
@@ -126,15 +52,15 @@ def char_base():
 
 def test_parse_hh_dialogue_into_turns():
     text = "\n\nHuman: Hi there?\n\nAssistant: Hello.\n\nHuman: And?\n\nAssistant:  Bye!"
-    turns = b13.parse_dialogue(text)
+    turns = sft_data.parse_dialogue(text)
     assert turns == [("Human", "Hi there?"), ("Assistant", "Hello."), ("Human", "And?"), ("Assistant", "Bye!")]
-    assert b13.exchanges(turns) == [("Hi there?", "Hello."), ("And?", "Bye!")]
+    assert sft_data.exchanges(turns) == [("Hi there?", "Hello."), ("And?", "Bye!")]
 
 
 @needs_data
 def test_hh_rlhf_pairs_from_the_real_file():
-    rows = b13.read_jsonl(HH)
-    pairs = b13.hh_pairs(rows)
+    rows = sft_data.read_jsonl(HH)
+    pairs = sft_data.hh_pairs(rows)
     assert len(rows) == 2312 and len(pairs) > 2200
     assert all(p and r and "Human:" not in p for p, r in pairs[:200])
     triples = b14.preference_pairs(rows)
@@ -210,13 +136,13 @@ def test_user_jsonl_errors(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "response": "b"}\nnot json\n')
     with pytest.raises(b13.SFTError, match=r"bad.jsonl:2: not JSON"):
-        b13.user_pairs(bad)
+        sft_data.user_pairs(bad)
     bad.write_text('{"prompt": "a"}\n')
     with pytest.raises(b13.SFTError, match="lacks a string 'prompt' and a non-empty string 'response'"):
-        b13.user_pairs(bad)
+        sft_data.user_pairs(bad)
     good = tmp_path / "good.jsonl"
     good.write_text("\n".join(json.dumps({"prompt": f"q{i}", "response": f"a{i}"}) for i in range(3)))
-    assert b13.user_pairs(good)[2] == ("q2", "a2")
+    assert sft_data.user_pairs(good)[2] == ("q2", "a2")
 
 
 def test_b13_cli_bad_data_file_is_one_line(home, tmp_path):

@@ -58,6 +58,11 @@ deb:
 run: setup
 	$(BIN)/tierkit probe
 	$(BIN)/tierkit fit
+	@echo
+	@echo "Next:"
+	@echo "  $(BIN)/tierkit fit --milestone B5 --explain   # the arithmetic behind one plan"
+	@echo "  make setup-dev                                  # install what the milestones marked 'install first' need"
+	@echo "  $(BIN)/tierkit run B5                          # run one, predicted vs actual in builds/B05-roofline/"
 
 test: setup-dev
 	$(BIN)/python -m pytest -q

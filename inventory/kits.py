@@ -31,8 +31,8 @@ def _read_profile(path: Path) -> Profile:
     """inventory.profile.load, with libyaml's parser when present (5-10x faster than pure Python)."""
     try:
         text = path.read_text(encoding="utf-8")
-    except OSError:
-        return prof.load(path)          # its one-line errors for missing, unreadable, ...
+    except (OSError, UnicodeDecodeError):
+        return prof.load(path)          # its one-line errors for missing, unreadable, not text, ...
     loader = getattr(yaml, "CSafeLoader", None)
     if loader is None:
         return prof.loads(text, str(path))

@@ -1,5 +1,9 @@
 """The probe: run every detector in parallel, each with its own timeout.
 
+    profile = assemble(run every detector, each with its deadline)
+    benchmark(profile)                      unless --no-bench
+    keep_earlier(profile, previous file)    calibration history; with --no-bench, the measured figures
+
 A detector that is missing its source, raises, or hangs leaves its field empty
 and says why in `profile.probe.detectors`; the probe itself always finishes and
 always returns a valid Profile. Detectors run in daemon threads so that one
@@ -14,13 +18,14 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from pydantic import ValidationError
 
 from inventory import __version__
 from inventory.detect import MDNS_WAIT, Found, Unavailable
-from inventory.profile import DetectorStatus, Host, ProbeInfo, Profile
+from inventory.profile import DetectorStatus, Figure, Host, ProbeInfo, Profile
 
 Detector = Callable[[], Any]
 
@@ -172,4 +177,47 @@ def probe(*, bench: bool = True, peers: list[str] | tuple[str, ...] = (), mdns_w
         benchmark(profile, timeouts, on_done)
     assert profile.probe is not None
     profile.probe.seconds = round(time.perf_counter() - t, 3)
+    return profile
+
+
+def keep_earlier(profile: Profile, previous: Path, measured: bool) -> Profile:
+    """Carry over what a new probe cannot know from the profile it replaces, in place.
+
+    The calibration records are what this machine's runs taught the planner: a
+    re-probe (after attaching a board, say) keeps them. A probe without benchmarks
+    (`measured=False`) keeps the earlier measured figures too, each marked with when
+    it was measured. An unreadable earlier file is simply replaced.
+    """
+    from inventory.profile import ProfileError, load
+
+    try:
+        old = load(previous) if Path(previous).is_file() else None
+    except ProfileError:
+        old = None
+    if old is None:
+        return profile
+    profile.calibration = [*old.calibration, *profile.calibration]
+    if measured:
+        return profile
+    when = old.probe.when if old.probe else None
+
+    def kept(fig: Figure | None) -> Figure | None:
+        if fig is None or fig.source != "measured":
+            return None
+        return fig.model_copy(update={"when": fig.when or when})
+
+    # the same CPU with the same number usable: figures measured under another affinity mask or quota do not carry
+    if profile.cpu and old.cpu and (profile.cpu.model, profile.cpu.usable_cpus) == (old.cpu.model, old.cpu.usable_cpus):
+        for dtype, fig in old.cpu.matmul_gflops.items():
+            if dtype not in profile.cpu.matmul_gflops and (k := kept(fig)):
+                profile.cpu.matmul_gflops[dtype] = k
+        profile.cpu.memory_bandwidth_gbs = profile.cpu.memory_bandwidth_gbs or kept(old.cpu.memory_bandwidth_gbs)
+    for g in profile.gpus:
+        twin = next((o for o in old.gpus if o.model == g.model and o.index == g.index), None)
+        if twin is None:
+            continue
+        for dtype, fig in twin.matmul_tflops.items():
+            if dtype not in g.matmul_tflops and (k := kept(fig)):
+                g.matmul_tflops[dtype] = k
+        g.memory_bandwidth_gbs = g.memory_bandwidth_gbs or kept(twin.memory_bandwidth_gbs)
     return profile

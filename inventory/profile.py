@@ -34,6 +34,7 @@ class Figure(_Model):
     unit: str
     source: Source
     method: str | None = Field(None, description="how it was obtained: benchmark, formula, datasheet name")
+    when: _dt.datetime | None = Field(None, description="when it was measured, for a figure kept from an earlier probe")
 
 
 class Host(_Model):
@@ -65,13 +66,17 @@ class CPU(_Model):
     peak_fp64_gflops: Figure | None = None
     matmul_gflops: dict[str, Figure] = Field(default_factory=dict, description="measured, by dtype")
     memory_bandwidth_gbs: Figure | None = None
+    usable_cpus: int | None = Field(None, ge=1, description="CPUs this process may use (affinity mask, cgroup quota)")
+    usable_source: str | None = Field(None, description="what limits usable_cpus")
 
 
 class Memory(_Model):
-    total_bytes: int = Field(ge=0)
+    total_bytes: int = Field(ge=0, description="what this process may use: the host's RAM or a lower cgroup limit")
     available_bytes: int = Field(ge=0)
     swap_bytes: int | None = Field(None, ge=0)
     source: Source = "measured"
+    host_total_bytes: int | None = Field(None, ge=0, description="the host's RAM, when a cgroup limit is lower")
+    limit_source: str | None = Field(None, description="the cgroup file that sets total_bytes")
 
 
 class GPU(_Model):
@@ -248,7 +253,7 @@ def load(path: str | os.PathLike) -> Profile:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ProfileError(f"{p}: no such profile; run `tierkit probe` to write one, "
-                           "or pass a reference kit with --profile NAME") from None
+                           "or give a reference kit's name instead of a file") from None
     except IsADirectoryError:
         raise ProfileError(f"{p}: is a directory, not a profile file") from None
     except PermissionError:

@@ -4,8 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from inventory.files import atomic_write
+from inventory.profile import Figure, Memory, Profile, dumps
 from inventory.units import fmt_bytes
-from inventory.profile import Figure, Profile, dumps
 
 
 def _gib(n: float | None) -> str:
@@ -14,6 +14,17 @@ def _gib(n: float | None) -> str:
 
 def fig(f: Figure | None) -> str:
     return "not measured" if f is None else f"{f.value:g} {f.unit} ({f.source})"
+
+
+def confined(m: Memory) -> str:
+    """' (limited by cgroup to 4 GiB; the host has 24 GiB, see ...)' when a cgroup limit is lower than the RAM."""
+    if not m.host_total_bytes:
+        return ""
+    def short(n: int) -> str:
+        return f"{n / 2**30:.3g} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+    return (f" (limited by cgroup to {short(m.total_bytes)}; the host has {short(m.host_total_bytes)}, "
+            f"limit from {m.limit_source})")
 
 
 def tier_lines(p: Profile) -> list[tuple[str, str, str]]:
@@ -40,8 +51,10 @@ def tier_lines(p: Profile) -> list[tuple[str, str, str]]:
             text += f", {c.memory_bandwidth_gbs.value:g} GB/s"
     else:
         text = "CPU not detected (see How this was measured)"
+    if c and c.usable_cpus and c.usable_cpus < c.threads:
+        text += f"; this process may use {c.usable_cpus} of them ({c.usable_source})"
     if m:
-        text += f"; {_gib(m.total_bytes)} RAM, {_gib(m.available_bytes)} free"
+        text += f"; {_gib(m.total_bytes)} RAM, {_gib(m.available_bytes)} free" + confined(m)
     rows.append(("1", "CPU", text))
     if p.gpus:
         text = "; ".join(f"{g.model} ({g.backend}, {_gib(g.memory_bytes)}"
@@ -55,6 +68,9 @@ def tier_lines(p: Profile) -> list[tuple[str, str, str]]:
         text = "; ".join(f"{q.name or q.address} at {q.address}:{q.port}"
                          + (f", {q.rtt_ms.value:g} ms" if q.rtt_ms else "")
                          + (f", {q.bandwidth_mbps.value:g} Mbit/s" if q.bandwidth_mbps else "") for q in ok)
+    elif p.peers:
+        text = (f"no peer reachable: {', '.join(f'{q.address}:{q.port}' for q in p.peers)} "
+                "with a problem (see each peer's `problem` in the profile)")
     else:
         text = "no peers found: run `tierkit agent` on a second machine on the LAN for B17"
     rows.append(("3", "several machines", text))
@@ -72,7 +88,8 @@ def b0_readme(p: Profile) -> str:
     if p.cpu:
         c = p.cpu
         out += ["", "## CPU", "", f"- model: {c.model} ({c.architecture}, {c.vendor or 'vendor ?'})",
-                f"- cores: {c.physical_cores} physical, {c.threads} threads, {c.sockets} socket(s)",
+                f"- cores: {c.physical_cores} physical, {c.threads} threads, {c.sockets} socket(s)"
+                + (f"; usable by this process: {c.usable_cpus} ({c.usable_source})" if c.usable_cpus else ""),
                 f"- clock: {c.clock_mhz:g} MHz" if c.clock_mhz else "- clock: unknown",
                 f"- SIMD: {', '.join(c.simd) or 'none found'}",
                 "- caches: " + ", ".join(f"{k.upper()} {v >> 10} KiB" for k, v in c.caches.model_dump().items() if v),
@@ -84,7 +101,7 @@ def b0_readme(p: Profile) -> str:
             out.append(f"- measured memory bandwidth: {fig(c.memory_bandwidth_gbs)}; {c.memory_bandwidth_gbs.method}")
     if p.memory:
         out += ["", "## Memory", "", f"- total {_gib(p.memory.total_bytes)}, available {_gib(p.memory.available_bytes)}"
-                + (f", swap {_gib(p.memory.swap_bytes)}" if p.memory.swap_bytes is not None else "")]
+                + (f", swap {_gib(p.memory.swap_bytes)}" if p.memory.swap_bytes is not None else "") + confined(p.memory)]
     if p.gpus:
         out += ["", "## GPUs", "", "| # | model | backend | memory | driver | compute cap. | measured |", "|---|---|---|---|---|---|---|"]
         for i, g in enumerate(p.gpus):

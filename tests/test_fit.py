@@ -166,8 +166,10 @@ def _custom(packages: list[str]) -> catalog.Milestone:
 def test_missing_packages_only_count_on_the_live_profile():
     m = _custom(["numpy", "surely_no_such_package_xyz"])
     live = F.fit(ref(LAPTOP), m, check_packages=True)
-    assert live.verdict == "no" and "surely_no_such_package_xyz" in live.reasons[0]
+    # the hardware fits: it fits, with the one install command in its notes
+    assert live.verdict == "fits" and "surely_no_such_package_xyz" in live.reasons[0]
     assert "pip install" in live.reasons[0] and live.size == "n4096"  # sized all the same
+    assert "make setup-dev" in live.reasons[0]
     assert F.fit(ref(LAPTOP), m, check_packages=False).verdict == "fits"
 
 
@@ -412,3 +414,69 @@ def test_gguf_rungs_are_priced_from_their_registry_names():
     assert any(line.endswith(f"(its file) = {fmt_bytes(size)}") for line in p.prediction.basis), p.prediction.basis
     with pytest.raises(catalog.CatalogError, match="'llama-9b-q4_k_m'"):
         _with_rung("B16", "llama-3.1-8b-Q4_K_M", model="llama-9b-q4_k_m")
+
+
+# ---------------------------------------------------------------- run --force, and --set re-pricing
+
+def test_set_reprices_the_rung_it_is_judged_by():
+    p = F.fit(ref(LAPTOP), "B12", size="10.7M", check_packages=False)
+    assert p.verdict == "no" and "over the 12 h box" in p.reasons[0]
+    fast = F.fit(ref(LAPTOP), "B12", size="10.7M", check_packages=False, overrides={"steps": 2})
+    assert fast.verdict in ("fits", "tight") and fast.config["steps"] == 2
+    assert fast.prediction.seconds < p.prediction.seconds / 100
+    forced = F.fit(ref(LAPTOP), "B12", size="10.7M", check_packages=False, waive=frozenset({"time"}))
+    assert forced.verdict == "tight" and any("forced" in r for r in forced.reasons)
+    with pytest.raises(F.FitError, match="--set steps=x"):
+        F.fit(ref(LAPTOP), "B12", size="10.7M", overrides={"steps": "x"})
+
+
+def _slow_kit(tmp_path: Path, factor: float, memory: int | None = None) -> str:
+    """The laptop kit with its CPU `factor` times as fast (and `memory` bytes of RAM): B12 28K refused for
+    time there, while the run itself is as quick as this machine makes it."""
+    p = ref(LAPTOP)
+    for fig in (p.cpu.matmul_gflops["fp32"], p.cpu.matmul_gflops["fp64"], p.cpu.peak_fp32_gflops,
+                p.cpu.peak_fp64_gflops, p.cpu.memory_bandwidth_gbs):
+        fig.value *= factor
+    if memory:
+        p.memory.total_bytes = p.memory.available_bytes = memory
+    path = tmp_path / f"slow-{factor:g}-{memory}.yaml"
+    save(p, path)
+    return str(path)
+
+
+# B12 at its smoke size, a few steps, a tiny evaluation: seconds of real training
+QUICK = ("B12", "--size", "28K", "--set", "eval_iters=1", "--set", "eval_interval=0", "--set", "sample_tokens=8")
+DATA = {"TIERKIT_DATA": str(REPO.parent / "shared" / "data"), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.skipif(not (REPO.parent / "shared" / "data" / "tinyshakespeare.txt").exists(),
+                    reason="needs the shared data folder's tinyshakespeare.txt (offline B12 data)")
+def test_run_force_past_time_never_past_memory(home, tmp_path):
+    slow = _slow_kit(tmp_path, 1e-8)   # even 4 steps are days there
+    args = ("run", *QUICK, "--set", "steps=4", "--profile", slow, "--out", str(tmp_path / "b"))
+    refused = run_cli(*args, home=home, env=DATA)
+    assert refused.returncode == 2 and "over the 12 h box" in refused.stderr and "--force runs it" in refused.stderr
+    forced = run_cli(*args, "--force", home=home, env=DATA, timeout=400)
+    assert forced.returncode == 0, forced.stderr
+    assert "forced: B12 size 28K" in forced.stderr and "predicted" in forced.stderr
+    assert (tmp_path / "b" / "B12-pretraining" / "README.md").exists()
+    # refused for memory: --force alone does not run it, and says which flag would
+    tiny = _slow_kit(tmp_path, 1.0, memory=64 * 2**20)
+    margs = ("run", *QUICK, "--set", "steps=4", "--profile", tiny, "--out", str(tmp_path / "m"))
+    for extra in ((), ("--force",)):
+        p = run_cli(*margs, *extra, home=home, env=DATA)
+        assert p.returncode == 2 and "memory" in p.stderr and "--force-memory" in p.stderr, p.stderr
+        assert not (tmp_path / "m").exists()
+    assert run_cli(*margs, "--force-memory", home=home, env=DATA).returncode == 2  # it goes with --force
+
+
+@pytest.mark.skipif(not (REPO.parent / "shared" / "data" / "tinyshakespeare.txt").exists(),
+                    reason="needs the shared data folder's tinyshakespeare.txt (offline B12 data)")
+def test_run_set_steps_brings_a_rung_within_reach(home, tmp_path):
+    slow = _slow_kit(tmp_path, 3e-6)   # 28K's 200 steps: over the 12 h box; 2 steps: well within it
+    args = ("run", *QUICK, "--profile", slow, "--out", str(tmp_path / "b"))
+    refused = run_cli(*args, home=home, env=DATA)
+    assert refused.returncode == 2 and "over the 12 h box" in refused.stderr
+    ran = run_cli(*args, "--set", "steps=2", home=home, env=DATA, timeout=400)
+    assert ran.returncode == 0, ran.stderr
+    assert "forced" not in ran.stderr

@@ -173,6 +173,11 @@ def test_platformio_build_failure_is_one_line_with_its_last_lines(monkeypatch, t
     monkeypatch.setenv("TIERKIT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
     monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    model = tmp_path / "model"          # PlatformIO stops at the download, before compiling it
+    model.mkdir()
+    (model / "model.c").write_text("")
+    (model / "model.h").write_text("")
+    assert fl.prepare_project(model) == tmp_path / "cache" / "firmware" / "project"
     lines: list[str] = []
     with pytest.raises(fl.BuildFailed) as e:
         fl.pio_build("nano33ble", on_line=lines.append, timeout=300)

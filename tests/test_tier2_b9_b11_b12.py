@@ -174,8 +174,8 @@ def test_train_resume_is_bit_exact_with_dropout(tmp_path):
     assert resumed["evals"] == full["evals"]
     with pytest.raises(c.ResumeError, match="nothing to resume"):
         _toy_run(40, tmp_path / "none.pt", resume=True)
-    with pytest.raises(c.ResumeError, match=r"other settings \(steps\)"):
-        _toy_run(50, tmp_path / "b.pt", resume=True)
+    longer = _toy_run(50, tmp_path / "b.pt", resume=True)   # more steps: the run goes on, no conflict
+    assert len(longer["loss"]) == 50 and longer["resumed_at"][-1] == 40
 
 
 # ---------------------------------------------------------------- B12 through the CLI
@@ -251,9 +251,9 @@ def test_b12_resume_errors_are_one_line(home):
 
     m = GPT(GPTConfig(vocab_size=65, block_size=32, n_layer=2, n_head=2, n_embd=32))
     save_checkpoint(home / "builds" / ".B12-pretraining.resume.pt", m, optimizer={}, step=5, rng={}, history={},
-                    train_config={**c.TrainConfig().__dict__, "steps": 999})
+                    train_config={**c.TrainConfig().__dict__, "lr": 0.5})
     proc = cli(home, "B12", *B12_TINY, "--resume")
-    assert_one_line_error(proc, "other settings", "steps")
+    assert_one_line_error(proc, "other settings", "lr 0.5 in the checkpoint")
     proc = cli(home, "B12", "--size", "28K", "--set", "lr")
     assert_one_line_error(proc, "--set 'lr'", "KEY=VALUE")
 

@@ -123,6 +123,58 @@ def test_plan_splits_the_model_across_both_nodes(cluster):
     assert all(s["bytes"] <= s["usable_bytes"] for s in plan["stages"])
 
 
+def test_layout_auto_splits_what_one_node_cannot_hold_and_says_why(cluster):
+    lay = httpx.get(f"{cluster.url}/metrics").json()["plan"]["layout"]
+    assert lay["requested"] == "auto" and lay["choice"] == "pipeline", lay
+    assert "does not fit the head" in lay["reason"] and lay["model_bytes"] > 1 << 20
+    assert "layout: pipeline (stories260K.gguf" in cluster.serve_log.read_text()
+
+
+def test_layout_auto_serves_on_one_node_what_fits_it(cluster, tmp_path):
+    """The same peer, a head budget the model fits: one node, the peer left alone, the reason in /metrics."""
+    port = free_port()
+    log = tmp_path / "single.log"
+    env = {**os.environ, "TIERKIT_HOME": str(cluster.home), "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "tiers.cli", "serve", str(MODEL), "--peers",
+                             f"127.0.0.1:{cluster.agent_port}", "--memory-budget", "1GiB", "--port", str(port),
+                             "--token-file", str(cluster.home / "agent.token"), "--threads", "1"],
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=REPO, env=env)
+    try:
+        text = wait_for_line(proc, log, "serving stories260K")
+        assert "(llama-rpc, 1 node(s))" in text and "layout: single (stories260K.gguf (1.43 MiB) fits the head" in text
+        lay = httpx.get(f"http://127.0.0.1:{port}/metrics").json()["plan"]["layout"]
+        assert lay["choice"] == "single" and "fits the head" in lay["reason"] and lay["nodes"] == 2, lay
+        assert len(cluster.workers()) == 1          # only the cluster's own worker: nothing launched for this one
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
+                       json={"prompt": "The dog", "max_tokens": 12, "temperature": 0, "return_token_ids": True})
+        assert r.json()["choices"][0]["token_ids"] == reference("The dog", 12)
+    finally:
+        stop_process(proc)
+
+
+def test_port_in_use_is_refused_before_any_load_or_launch(cluster, home):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        t0 = time.monotonic()
+        proc = run_cli("serve", str(MODEL), "--peers", f"127.0.0.1:{cluster.agent_port}", "--port", str(port),
+                       "--token-file", str(cluster.home / "agent.token"), home=home)
+        took = time.monotonic() - t0
+    assert_one_line_error(proc, f"port {port} on 127.0.0.1 is already in use", "--port", code=2)
+    assert "placement" not in proc.stdout + proc.stderr and len(cluster.workers()) == 1
+    assert took < 30, took
+
+
+def test_pipeline_layout_needs_a_peer(home):
+    proc = run_cli("serve", str(MODEL), "--peers", "none", "--layout", "pipeline", home=home)
+    assert_one_line_error(proc, "--layout pipeline needs at least one peer", "--layout single", code=2)
+    proc = run_cli("serve", str(MODEL), "--peers", "none", "--layout", "spread", home=home)
+    assert_one_line_error(proc, "--layout must be one of auto, single, pipeline, not 'spread'", code=2)
+
+
 def test_refused_on_one_node(home):
     from tiers.tier3.placement import layout_from_gguf
 

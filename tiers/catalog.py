@@ -275,6 +275,99 @@ class GGUF(Rung):
         return found[0] if found else self.model
 
 
+class GenTrain(Rung):
+    """A generative image model: a VAE or GAN of MLPs (hidden, latent), or a DDPM U-Net (channels, levels)."""
+
+    kind: Literal["vae", "gan", "ddpm"]
+    in_hw: tuple[int, int] = (28, 28)
+    in_ch: int = Field(1, gt=0)
+    hidden: list[int] = Field(default_factory=lambda: [400])
+    latent: int = Field(20, gt=0)
+    channels: int = Field(32, gt=0)
+    levels: int = Field(3, gt=0)
+    res_blocks: int = Field(2, gt=0)
+    timesteps: int = Field(1000, gt=0)         # DDPM: steps to draw one image
+    draws: int = Field(64, ge=0)               # DDPM: images drawn at the end
+    samples: int = Field(gt=0)
+    epochs: float = Field(gt=0)
+    batch: int = Field(gt=0)
+
+
+class EncoderTrain(Rung):
+    """ViT (image tower), BERT-mini (text tower, MLM head) or CLIP (both, a shared projection)."""
+
+    image: int | None = Field(None, gt=0)
+    patch: int = Field(4, gt=0)
+    in_ch: int = Field(3, gt=0)
+    classes: int = Field(0, ge=0)              # ViT: a classification head
+    text_vocab: int | None = Field(None, gt=0)
+    text_ctx: int = Field(64, gt=0)
+    mlm: bool = False                          # BERT: predict masked tokens over the vocabulary
+    layers: int = Field(gt=0)
+    hidden: int = Field(gt=0)
+    heads: int = Field(gt=0)
+    proj: int = Field(0, ge=0)                 # CLIP: the joint embedding width
+    samples: int = Field(gt=0)
+    epochs: float = Field(gt=0)
+    batch: int = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _a_tower(self) -> EncoderTrain:
+        if self.image is None and self.text_vocab is None:
+            raise ValueError("an encoder needs an image tower (image) or a text tower (text_vocab), or both")
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden {self.hidden} is not divisible by heads {self.heads}")
+        return self
+
+
+class WhisperInfer(Rung):
+    hidden: int = Field(384, gt=0)
+    enc_layers: int = Field(4, gt=0)
+    dec_layers: int = Field(4, gt=0)
+    heads: int = Field(6, gt=0)
+    clips: int = Field(gt=0)                   # 30 s clips transcribed
+    new_tokens: int = Field(gt=0)              # tokens decoded per clip
+    dtype: Literal["auto", "fp32", "fp16"] = "auto"
+
+
+class MoETrain(GPTTrain):
+    experts: int = Field(gt=1)
+    top_k: int = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _k_within(self) -> MoETrain:
+        if self.top_k > self.experts:
+            raise ValueError(f"top_k {self.top_k} is more than the {self.experts} experts")
+        return self
+
+
+class SpecDecode(GPTInfer):
+    draft_layer: int = Field(gt=0)
+    draft_head: int = Field(gt=0)
+    draft_embd: int = Field(gt=0)
+    k: int = Field(4, gt=0)                    # tokens the draft proposes a round
+    accept: float = Field(0.7, ge=0, le=1)     # the chance the target accepts a draft token
+
+
+class RLTrain(Rung):
+    algo: Literal["dqn", "ppo"]
+    env: str
+    widths: list[int] = Field(min_length=2)
+    env_steps: int = Field(gt=0)
+    batch: int = Field(gt=0)                   # DQN: transitions an update; PPO: steps a rollout
+    replay: int = Field(50_000, gt=0)          # DQN's replay buffer
+    epochs: int = Field(4, gt=0)               # PPO: passes over each rollout
+    env_step_us: float = Field(20, gt=0)       # one environment step in Python (gymnasium CartPole ~20 us)
+
+
+class ClassicML(Rung):
+    algo: Literal["tree", "forest", "svm"]
+    samples: int = Field(gt=1)
+    features: int = Field(gt=0)
+    trees: int = Field(1, gt=0)
+    depth: int = Field(10, gt=0)
+
+
 # cost model name -> the rung it prices (tiers/fit/pricing/ has one pricer per name)
 COST_MODELS: dict[str, type[Rung]] = {
     "probe": Probe, "tabular-q": TabularQ, "bpe": BPE, "skipgram": SkipGram, "mlp-train": MLPTrain,
@@ -282,6 +375,8 @@ COST_MODELS: dict[str, type[Rung]] = {
     "dpo": DPO, "quant-lab": QuantLab, "gpt-infer": GPTInfer, "vector-search": VectorSearch,
     "gguf-decode": GGUF, "gguf-split": GGUF,
     "embeddings": VectorSearch,    # B3: priced as vector search, calibrated apart from B15 (the key is the name)
+    "gen-train": GenTrain, "encoder-train": EncoderTrain, "whisper-infer": WhisperInfer, "moe-train": MoETrain,
+    "spec-decode": SpecDecode, "rl-train": RLTrain, "classic-ml": ClassicML,
 }
 
 
@@ -335,25 +430,36 @@ class _MilestoneIn(_M):
     title: str
     phase: str
     time_box: TimeBox
-    tiers: list[Literal[0, 1, 2, 3]] = Field(min_length=1)
+    tiers: list[Literal[0, 1, 2, 3]] | None = Field(None, min_length=1)   # required unless runs_as
     needs: Needs = Field(default_factory=Needs)
-    cost: str
+    cost: str | None = None            # required unless runs_as names the build milestone it inherits from
     module: str | None = Field(None, pattern=r"^tiers\.tier[0-3]\.[a-z][a-z0-9_]*$")
     defaults: dict[str, Any] = Field(default_factory=dict)
-    ladder: list[dict[str, Any]] = Field(min_length=1)
+    ladder: list[dict[str, Any]] = Field(default_factory=list)
     notes: str | None = None
+    # a build-track milestone this entry is: its cost, needs, ladder and runner, so it plans and runs as that one
+    runs_as: str | None = Field(None, pattern=r"^B[0-9]{1,2}$")
+
+    @model_validator(mode="after")
+    def _priced(self) -> _MilestoneIn:
+        if self.runs_as is None and (self.cost is None or not self.ladder or not self.tiers):
+            raise ValueError("tiers, cost and ladder are required (or runs_as: a build milestone to run as)")
+        if self.runs_as is not None and (self.ladder or self.module or self.defaults or self.tiers):
+            raise ValueError(f"runs_as {self.runs_as} takes its tiers, ladder and module from "
+                             f"{self.runs_as}")
+        return self
 
     @field_validator("cost")
     @classmethod
-    def _known_cost(cls, v: str) -> str:
-        if v not in COST_MODELS:
+    def _known_cost(cls, v: str | None) -> str | None:
+        if v is not None and v not in COST_MODELS:
             raise ValueError(f"unknown cost model {v!r}; known: {', '.join(COST_MODELS)}")
         return v
 
     @field_validator("tiers")
     @classmethod
-    def _unique(cls, v: list[int]) -> list[int]:
-        if len(set(v)) != len(v):
+    def _unique(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and len(set(v)) != len(v):
             raise ValueError("a tier is listed twice")
         return v
 
@@ -385,6 +491,7 @@ class Milestone:
     ladder: tuple[Rung, ...]          # smallest to largest
     notes: str | None = None
     module: str | None = None         # the file `tierkit run` imports (Config + run); None: planned only
+    runs_as: str | None = None        # the build milestone it is (`tierkit run` that one); None: its own
 
     def packages(self, gpu: bool) -> list[str]:
         """The import names it needs: its packages, plus its GPU packages when it runs on a GPU."""
@@ -471,7 +578,10 @@ def parse(data: Any, origin: str = "milestones.yaml") -> Catalog:
             if m.id in seen:
                 raise CatalogError(f"{origin}: {field_path(where)}: milestone {m.id} is listed twice; {fix}")
             seen.add(m.id)
-            kind = COST_MODELS[m.cost]
+            if m.runs_as is not None:
+                milestones.append(_runs_as(m, tracks, where, origin, tname))
+                continue
+            kind = COST_MODELS[str(m.cost)]
             rungs = []
             for j, entry in enumerate(m.ladder):
                 try:
@@ -482,15 +592,32 @@ def parse(data: Any, origin: str = "milestones.yaml") -> Catalog:
             sizes = [r.size for r in rungs]
             if len(set(sizes)) != len(sizes):
                 raise CatalogError(f"{origin}: {field_path(where)}: {m.id} has a size label twice; {fix}")
-            if 0 in m.tiers and m.needs.board is None:
+            tiers = m.tiers or []        # set: _priced checked it
+            if 0 in tiers and m.needs.board is None:
                 raise CatalogError(f"{origin}: {field_path(where)}: {m.id} runs on tier 0 but needs no board; {fix}")
             milestones.append(Milestone(id=m.id, slug=m.slug, title=m.title, phase=m.phase, track=tname,
-                                        time_box=m.time_box, tiers=tuple(m.tiers), needs=m.needs, cost=m.cost,
+                                        time_box=m.time_box, tiers=tuple(tiers), needs=m.needs, cost=str(m.cost),
                                         ladder=tuple(rungs), notes=m.notes, module=m.module))
         tracks[tname] = Track(tname, t.title, tuple(milestones))
     if DEFAULT_TRACK not in tracks:
         raise CatalogError(f"{origin}: tracks: the default track {DEFAULT_TRACK!r} is missing; {fix}")
     return Catalog(tracks=tracks, extras=dict(raw.extras))
+
+
+def _runs_as(m: _MilestoneIn, tracks: dict[str, Track], where: tuple, origin: str, tname: str) -> Milestone:
+    """An entry that is a build milestone: its cost, tiers, needs and ladder, under this track's title and time box.
+
+    The build track comes first in the file, so the milestone it names is already read.
+    """
+    build = {b.id: b for b in tracks[DEFAULT_TRACK].milestones} if DEFAULT_TRACK in tracks else {}
+    b = build.get(str(m.runs_as))
+    if b is None or (m.cost is not None and m.cost != b.cost):
+        why = "is not a build milestone" if b is None else f"is priced by {b.cost}, not {m.cost}"
+        raise CatalogError(f"{origin}: {field_path(where)}: runs_as {m.runs_as} {why}; "
+                           "fix the file (see the comments at its top)")
+    return Milestone(id=m.id, slug=m.slug, title=m.title, phase=m.phase, track=tname, time_box=m.time_box,
+                     tiers=b.tiers, needs=b.needs, cost=b.cost, ladder=b.ladder, notes=m.notes, module=b.module,
+                     runs_as=b.id)
 
 
 def load(path: str | Path | None = None) -> Catalog:

@@ -65,3 +65,4 @@ class Result:
     summary: str = ""                 # a paragraph for the build README
     config: dict[str, Any] = field(default_factory=dict)  # the milestone's Config as it ran (size + --set)
     calibrated_in: Path | None = None  # the profile that recorded this run's predicted vs actual
+    not_calibrated: str | None = None  # else why this run recorded nothing ("--set changed the workload", ...)

@@ -137,6 +137,7 @@ class Output:
     # False when what ran is not what was planned (fallback data, a stand-in model): its time and
     # memory say nothing about the planned workload, so they must not calibrate later plans
     calibrate: bool = True
+    calibrate_why: str = ""   # when `calibrate` is False: what ran instead of the planned workload
 
 
 # ---------------------------------------------------------------- measuring
@@ -406,8 +407,6 @@ def run(plan: Plan, profile: Profile, out_root: Path, progress: Any = None, *,
     `fetch(name)` brings a missing registry artifact (`run --fetch`); None: a missing one stops the run.
     """
     fn, config = prepare(plan, out_root, overrides, fetch)
-    if overrides:
-        calibrate = False
     out_root = Path(out_root)
     final = out_root / plan.folder
     try:
@@ -442,10 +441,11 @@ def run(plan: Plan, profile: Profile, out_root: Path, progress: Any = None, *,
                         metrics=out.metrics, plots=[final / p for p, _ in plots], summary=out.summary,
                         config=dataclasses.asdict(config))
         live = out.profile or profile
+        result.not_calibrated = calibration_refusal(plan, out, profile_path, calibrate, overrides)
         # Plain writes: the whole folder is swapped in at once below, so nobody sees it half-written.
         (tmp / "metrics.json").write_text(json.dumps(_metrics_doc(result, actual, live, ctx.lines), indent=2,
                                                      default=_json_default) + "\n", encoding="utf-8")
-        (tmp / "README.md").write_text(readme(result, actual, live, out, plots, saved=profile_path is not None),
+        (tmp / "README.md").write_text(readme(result, actual, live, out, plots),
                                        encoding="utf-8")
         _swap_in(tmp, final)
     except RunError:
@@ -460,12 +460,29 @@ def run(plan: Plan, profile: Profile, out_root: Path, progress: Any = None, *,
         raise RunError(f"{plan.milestone} failed: {type(exc).__name__}" + (f": {msg}" if msg else "") + kept
                        + " (set TIERKIT_DEBUG=1 for the traceback)", code=2) from exc
 
-    if not (calibrate and out.calibrate):
-        profile_path = None   # a changed workload (--set, fallback data, a stand-in) calibrates nothing
-    if profile_path is not None:  # B0's fresh profile replaces the live one, keeping its calibration history
+    if profile_path is not None and result.not_calibrated is None:  # B0's fresh profile replaces the live one, keeping its calibration history
         record_calibration(live, plan, result, profile_path, history=profile.calibration if out.profile else None)
         result.calibrated_in = profile_path
     return result
+
+
+def calibration_refusal(plan: Plan, out: Output, profile_path: Path | None, calibrate: bool,
+                        overrides: dict[str, Any] | None) -> str | None:
+    """Why this run must not calibrate later plans, or None: only the planned workload, exactly, records."""
+    from tiers.fit.calibration import mismatch
+
+    if profile_path is None:
+        return "the profile is a reference kit (or not read from your file), so it was not modified"
+    if overrides:
+        return ("--set changed the workload (" + ", ".join(f"{k}={v}" for k, v in overrides.items())
+                + "), so it is not the one the plan priced")
+    if (why := mismatch(plan.config, out.metrics)) is not None:
+        return why
+    if not out.calibrate:
+        return out.calibrate_why or "a stand-in ran instead of the planned model or data"
+    if not calibrate:
+        return "calibration was turned off for this run"
+    return None
 
 
 def _swap_in(tmp: Path, final: Path) -> None:
@@ -613,7 +630,7 @@ def _artifact_lines(plan: Plan) -> list[str]:
 
 
 def readme(result: Result, actual: dict[str, Any], profile: Profile, out: Output,
-           plots: list[tuple[str, str]], saved: bool) -> str:
+           plots: list[tuple[str, str]]) -> str:
     plan, pred = result.plan, result.plan.prediction
     hw = _hardware(profile)
     when = actual["started"].replace("T", " ").replace("+00:00", " UTC")
@@ -653,11 +670,10 @@ def readme(result: Result, actual: dict[str, Any], profile: Profile, out: Output
                     f"{_mem(actual['rss_baseline_bytes'])}; increase during it: {_mem(actual['rss_increase_bytes'])}.", ""]
         if pred.basis:
             lines += ["Basis of the prediction:", ""] + [f"- {b}" for b in pred.basis] + [""]
-        if saved:
+        if result.not_calibrated is None:
             lines.append("This run was appended to the profile's calibration; later plans are corrected by it.")
         else:
-            lines.append("The profile is a reference kit (or was not read from your file): it was not modified, "
-                         "so this run is not part of any calibration.")
+            lines.append(f"This run was not recorded in any calibration: {result.not_calibrated}.")
     if plan.reasons:
         lines += ["", "Planner's notes: " + "; ".join(plan.reasons)]
     if out.report:

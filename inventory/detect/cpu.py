@@ -13,7 +13,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from inventory.detect import Unavailable, read_text
+from inventory.detect import Unavailable, confine, read_text
 from inventory.profile import CPU, Caches, Figure
 
 # x86 /proc/cpuinfo flags and ARM "Features" words -> the names people use.
@@ -198,13 +198,17 @@ def detect(root: Path = Path("/"), lscpu: str | None = "lscpu", fallback: bool =
     clock, clock_src = _clock_mhz(cpu_dir / "cpu0", blocks, ls, model)
     fpc, why = flops_per_cycle(simd, model)
     peak32 = peak64 = None
+    usable, usable_why = confine.usable_cpus(threads) if root == Path("/") else (None, None)
     if clock:
-        g = cores * clock / 1000 * fpc
-        basis = f"formula: {cores} cores x {clock / 1000:.2f} GHz x {fpc} FLOP/cycle ({why}; {clock_src})"
+        n = min(cores, usable or cores)  # a process confined to fewer CPUs can only reach their peak
+        g = n * clock / 1000 * fpc
+        basis = (f"formula: {n} cores x {clock / 1000:.2f} GHz x {fpc} FLOP/cycle ({why}; {clock_src}"
+                 + (f"; limited by {usable_why})" if n < cores else ")"))
         peak32 = Figure(value=round(g, 1), unit="GFLOP/s", source="datasheet", method=basis)
         peak64 = Figure(value=round(g / 2, 1), unit="GFLOP/s", source="datasheet", method=basis + ", FP64 = half")
     return CPU(model=model, vendor=first.get("vendor_id") or ls.get("Vendor ID") or None,
                architecture=ls.get("Architecture") or _arch(first) or platform.machine() or "unknown",
                physical_cores=cores, threads=threads, sockets=sockets, simd=simd,
                caches=_caches(cpu_dir / "cpu0"), clock_mhz=clock,
-               peak_fp32_gflops=peak32, peak_fp64_gflops=peak64)
+               peak_fp32_gflops=peak32, peak_fp64_gflops=peak64,
+               usable_cpus=usable, usable_source=usable_why)

@@ -18,6 +18,9 @@ __all__ = ["app", "main"]
 
 
 def main() -> None:
+    from tiers.cli import quiet
+
+    quiet.quiet(quiet.wanted())
     try:
         app()
     except Fail as exc:
@@ -29,6 +32,7 @@ def main() -> None:
     except Exception as exc:  # last resort: one line, not a traceback
         if os.environ.get("TIERKIT_DEBUG"):
             raise
-        print(f"tierkit: internal error: {type(exc).__name__}: {exc} (set TIERKIT_DEBUG=1 for the traceback)",
+        said = f" (the library said: {quiet.last()})" if quiet.last() else ""
+        print(f"tierkit: internal error: {type(exc).__name__}: {exc}{said} (set TIERKIT_DEBUG=1 for the traceback)",
               file=sys.stderr)
         sys.exit(1)

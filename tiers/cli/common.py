@@ -25,11 +25,13 @@ def console(stderr: bool = False):
 
 
 def wide_console():
-    """A console for tables: piped, wide enough that a table does not fold every cell."""
+    """A console for tables: the terminal's width, or COLUMNS when set; piped without it, 200."""
+    import os
+
     from rich.console import Console
 
     con = Console(highlight=False)
-    if not con.is_terminal:
+    if not con.is_terminal and not os.environ.get("COLUMNS", "").strip().isdigit():
         con = Console(highlight=False, width=200)
     return con
 

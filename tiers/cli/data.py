@@ -16,7 +16,8 @@ app.add_typer(data_app, name="data")
 @data_app.command("list")
 def data_list(path: Optional[Path] = typer.Option(None, "--path", help="Also look here first."),
               as_json: bool = typer.Option(False, "--json", help="One JSON array: every entry, its source, size, "
-                                                                "licence, and where it is here.")) -> None:
+                                                                "licence, and where it is here."),
+              wide: bool = typer.Option(False, "--wide", help="Also the source address and the checksum.")) -> None:
     """Every model and data set the registry knows: kind, source, size, licence, checksum, and where it is here."""
     from tiers import data
 
@@ -25,17 +26,24 @@ def data_list(path: Optional[Path] = typer.Option(None, "--path", help="Also loo
 
         print(json.dumps([_row(e, path) for e in data.REGISTRY.values()], indent=1))
         return
+    from rich import box
     from rich.table import Table
 
     table = Table(title=f"models and data sets (Hugging Face cache: {data.hub_cache()}; other data: "
-                        f"{data.data_root()})", show_lines=True)
-    for col in ("name", "kind", "what", "size", "licence", "checked by", "here"):
-        table.add_column(col, overflow="fold")
+                        f"{data.data_root()})", show_lines=True, box=box.SQUARE if wide else box.HORIZONTALS)
+    # the name is what `data fetch` takes: never wrapped; the rest wraps, and --wide adds the long ones
+    table.add_column("name", no_wrap=True)
+    table.add_column("kind, size", no_wrap=True)
+    table.add_column("what, licence", ratio=3, min_width=16)
+    if wide:
+        table.add_column("checked by", overflow="fold", ratio=2)
+    table.add_column("here", overflow="fold", ratio=2, min_width=10)
     for e in data.REGISTRY.values():
         row = _row(e, path)
         source = f"{e.url}{' [yellow](gated)[/]' if e.gated else ''}" if isinstance(e, data.HubArtifact) \
             else e.homepage
-        table.add_row(e.name, e.kind, f"{e.title}\n[dim]{source}[/]", _size(e), e.licence, e.checksum,
+        table.add_row(e.name, f"{e.kind}\n{_size(e)}", f"{e.title}\n[dim]{e.licence}[/]"
+                      + (f"\n[dim]{source}[/]" if wide else ""), *((e.checksum,) if wide else ()),
                       row["path"] or _partly(e, path))
     wide_console().print(table)
 

@@ -41,6 +41,30 @@ def _profile(arg: Optional[str]):
     return profile_arg(arg)[0]
 
 
+def _writable_folder(out: Path, flag: str = "--out") -> None:
+    """Fail with one line unless `out` can be a folder we write into; leaves nothing behind.
+
+    Checked before any work starts: a training run of minutes must not end on
+    a folder it cannot write.
+    """
+    import tempfile
+
+    if out.exists() and not out.is_dir():
+        raise Fail(f"{flag} {out}: is a file, not a folder; pass {flag} a new or existing folder")
+    made = [p for p in (out, *out.parents) if not p.exists()]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as exc:
+        raise Fail(f"{flag} {out}: cannot write there ({exc.strerror}); pass {flag} a folder you can write") from None
+    finally:
+        for p in made:                      # deepest first
+            try:
+                p.rmdir()
+            except OSError:
+                break
+
+
 def _errors():
     from tiers.tier0.data import DataError
     from tiers.tier0.export import ExportError
@@ -65,6 +89,7 @@ def kws_train(
     """Train the DS-CNN, quantise it to int8, check it on TFLite Micro, export C."""
     from tiers.tier0 import b06_kws
 
+    _writable_folder(out)
     chosen = size or b06_kws.planned_size(_profile(profile))
     bar, cb = _progress()
     try:
@@ -79,20 +104,25 @@ def kws_train(
 @kws_app.command("export")
 def kws_export(
     model: Path = typer.Argument(..., help="An int8 .tflite file."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Folder for model.c / model.h [default: firmware/lib/model]."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for model.c / model.h [default: c/ beside the .tflite]."),
 ) -> None:
     """Compile an int8 .tflite into C (model.c, model.h) calling the project's int8 kernels."""
     from tiers.tier0 import export
-    from tiers.tier0.firmware import DEFAULT_MODEL_DIR
+    from tiers.tier0.flash import remember_export
 
+    out = out or model.parent / "c"   # beside the model by default, never the source tree
     try:
         blob = model.read_bytes()
     except OSError as exc:
         raise Fail(f"cannot read {model}: {exc.strerror}") from None
+    _writable_folder(out)
     try:
-        r = export.export_c(blob, out or DEFAULT_MODEL_DIR, source_name=model.name)
+        r = export.export_c(blob, out, source_name=model.name)
     except export.ExportError as exc:
         raise Fail(f"{model.name}: {exc}") from None
+    except OSError as exc:
+        raise Fail(f"cannot write {exc.filename or out}: {exc.strerror}; pass --out a folder you can write") from None
+    remember_export(out)   # `kws flash` and `kws eval` use it without --model-dir
     print(f"{r.summary()}\nwrote {r.c_path} and {r.h_path}")
 
 
@@ -100,7 +130,7 @@ def kws_export(
 def kws_flash(
     board: Optional[str] = typer.Option(None, "--board", help="nano33ble | esp32s3 | pico [default: from the profile]."),
     port: Optional[str] = typer.Option(None, "--port", help="Serial port [default: the board's, from the profile]."),
-    model_dir: Optional[Path] = typer.Option(None, "--model-dir", help="Exported model (model.c/.h) [default: firmware/lib/model]."),
+    model_dir: Optional[Path] = typer.Option(None, "--model-dir", help="Exported model (model.c/.h) [default: the last `kws export`]."),
     profile: Optional[str] = typer.Option(None, "--profile", help="Profile FILE or NAME [default: the probed one]."),
     upload: bool = typer.Option(True, "--upload/--no-upload", help="--no-upload: build and check the size only."),
     verbose: bool = typer.Option(False, "--verbose", help="Show every PlatformIO line."),
@@ -130,8 +160,10 @@ def kws_flash(
                 else:
                     print(text, flush=True)
 
+            from tiers.tier0.firmware import local_build
+
             r = fl.flash(_profile(profile), board, port, model_dir=model_dir, upload=upload,
-                         on_line=on_line, on_step=on_step)
+                         on_line=on_line, on_step=on_step, offline_builder=local_build)
     except (*_errors(),) as exc:
         raise Fail(str(exc)) from None
     print(r.line())
@@ -170,7 +202,7 @@ def kws_monitor(
 @kws_app.command("eval")
 def kws_eval(
     port: Optional[str] = typer.Option(None, "--port", help="A flashed board's serial port [default: the emulated Cortex-M4 under QEMU]."),
-    model_dir: Optional[Path] = typer.Option(None, "--model-dir", help="Exported model for the QEMU build [default: firmware/lib/model]."),
+    model_dir: Optional[Path] = typer.Option(None, "--model-dir", help="Exported model for the QEMU build [default: the last `kws export`]."),
     tflite: Optional[Path] = typer.Option(None, "--tflite", help="The .tflite it came from: scores are compared with TFLite Micro's."),
     data: Optional[Path] = typer.Option(None, "--data", help="Speech Commands-style folder [default: the synthetic keywords]."),
     limit: int = typer.Option(100, "--limit", min=1, help="Held-out clips to stream to the device."),
@@ -179,7 +211,7 @@ def kws_eval(
 ) -> None:
     """Accuracy measured on the device itself: held-out clips streamed over serial, scores read back."""
     from tiers.tier0 import b06_kws
-    from tiers.tier0.firmware import DEFAULT_MODEL_DIR
+    from tiers.tier0.flash import last_export
 
     try:
         ref = tflite.read_bytes() if tflite else None
@@ -189,7 +221,7 @@ def kws_eval(
     try:
         audio, labels, source = b06_kws.held_out_clips(data, limit, synth_speakers=synth_speakers)
         with bar:
-            ev = b06_kws.evaluate(model_dir or DEFAULT_MODEL_DIR, audio, labels, port=port, tflite=ref, progress=cb)
+            ev = b06_kws.evaluate(model_dir or last_export(), audio, labels, port=port, tflite=ref, progress=cb)
     except (*_errors(),) as exc:
         raise Fail(str(exc)) from None
     if as_json:

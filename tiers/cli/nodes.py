@@ -52,6 +52,8 @@ def serve(
     mdns_wait: float = typer.Option(2.0, "--mdns-wait", min=0.0, max=30.0, help="Seconds to listen for agents with --peers auto."),
     head_address: Optional[str] = typer.Option(None, "--head-address", help="This machine's address as the workers see it [default: the route to the first peer]."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, max=1024, help="Compute threads on the head and on each llama-rpc worker [default: llama.cpp's]."),
+    layout: str = typer.Option("auto", "--layout", help="auto (one node when the model fits it and pipelining does not pay), single, or pipeline (every node >= 1 layer)."),
+    expected_load: int = typer.Option(1, "--expected-load", min=1, max=4096, help="Requests you expect in flight at once: what --layout auto weighs against the network cost."),
 ) -> None:
     """Serve one model across this machine and its peers: plan, launch workers, OpenAI-compatible API."""
     from tiers.tier3 import serve as serve_mod
@@ -60,9 +62,9 @@ def serve(
     try:
         serve_mod.serve(model, engine=engine, peers=peers, host=host, port=port, token_file=token_file,
                         memory_budget=budget, n_ctx=ctx, mdns_wait=mdns_wait, head_address=head_address,
-                        threads=threads)
+                        threads=threads, layout=layout, expected_load=expected_load)
     except serve_mod.ServeError as exc:
-        raise Fail(str(exc), 1) from None
+        raise Fail(str(exc), exc.code) from None
 
 
 # --- fit command ---

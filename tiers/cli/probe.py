@@ -24,6 +24,7 @@ def probe(
     discover: bool = typer.Option(True, "--discover/--no-discover", help="Look for peers over mDNS."),
     builds: Path = typer.Option(Path("builds"), "--builds", help="Where the B0 inventory report goes."),
     report: bool = typer.Option(True, "--report/--no-report", help="Write builds/B00-inventory/README.md."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log each probe as it finishes (on stderr)."),
 ) -> None:
     """Inventory this machine and its kit; write the hardware profile."""
     from inventory.detect import peers as peers_mod
@@ -35,13 +36,19 @@ def probe(
 
     err = console(stderr=True)
     target = out or default_path()
+    if target.is_dir():
+        raise Fail(f"--out {target}: is a folder; pass --out a file path such as {target / 'profile.yaml'}")
     quiet = as_json or not err.is_terminal
     with err.status("probing...", spinner="dots") if not quiet else null():
         def done(name, status):
-            if not quiet:
-                err.log(f"{name}: {status.status} in {status.seconds:.2f} s" + (f" ({status.reason})" if status.reason and status.status != "ok" else ""))
+            if verbose and not as_json:
+                err.print(f"{name}: {status.status} in {status.seconds:.2f} s" + (f" ({status.reason})" if status.reason and status.status != "ok" else ""))
         prof = probe_mod.probe(bench=bench, peers=peer, mdns_wait=mdns_wait, discover=discover,
                                detectors=early, on_done=done)
+    for q in prof.peers:                # on stderr, even with --json: the cause, not "no peers"
+        if q.problem:
+            err.print(f"[yellow]warning:[/] peer {q.address}:{q.port}: {q.problem}", soft_wrap=True)
+    probe_mod.keep_earlier(prof, target, measured=bench)  # calibration history; without --bench, the figures
     try:
         save(prof, target)
         if report:
@@ -73,9 +80,9 @@ def probe(
 
 
 @profile_app.command("validate")
-def profile_validate(file: Path = typer.Argument(..., help="A profile YAML file.")) -> None:
+def profile_validate(file: str = typer.Argument(..., help="A profile YAML file, or a reference kit's name.")) -> None:
     """Check a profile file against the schema; one line either way."""
-    p = load_profile(file)
+    p = _file_or_kit(file)
     parts = [f"cpu {p.cpu.model}" if p.cpu else "no cpu", f"{len(p.gpus)} GPU(s)", f"{len(p.boards)} board(s)",
              f"{len(p.peers)} peer(s)"]
     print(f"{file}: valid {p.schema_} ({', '.join(parts)})")
@@ -90,8 +97,23 @@ def profile_schema() -> None:
 
 
 @profile_app.command("show")
-def profile_show(file: Optional[Path] = typer.Argument(None, help="Profile file [default: the probed one].")) -> None:
-    """Print a profile as YAML."""
-    from inventory.profile import dumps
+def profile_show(file: Optional[str] = typer.Argument(None, help="Profile file or reference kit name [default: the probed one].")) -> None:
+    """Print a profile as YAML, its long strings folded to the terminal's width (the same YAML)."""
+    import yaml
 
-    print(dumps(load_profile(file)), end="")
+    prof = _file_or_kit(file) if file else load_profile(None)
+    # the terminal's width, or COLUMNS (80 when piped without it); PyYAML breaks at the first space past
+    # its width, so it is given some room
+    width = max(console().width - 20, 40)
+    print(yaml.safe_dump(prof.to_dict(), sort_keys=False, allow_unicode=True, width=width), end="")
+
+
+def _file_or_kit(arg: str):
+    """The profile in file `arg`, or the reference kit named `arg`; a one-line Fail otherwise."""
+    from inventory.kits import resolve_profile
+    from inventory.profile import ProfileError
+
+    try:
+        return resolve_profile(arg)[0]
+    except ProfileError as exc:
+        raise Fail(str(exc)) from None

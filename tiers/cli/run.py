@@ -68,6 +68,8 @@ def run_milestone(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its checkpoint (milestones that train: B12)."),
     settings: list[str] = typer.Option([], "--set", help="Override one setting of the sized config, KEY=VALUE (repeatable; VALUE is YAML: 3e-4, true, [1, 2])."),
     fetch: bool = typer.Option(False, "--fetch", help="Download the models and data sets this size needs that are not here yet (as `tierkit data fetch`), then run."),
+    force: bool = typer.Option(False, "--force", help="Run a size the planner refuses for time (or a latency/speed limit), after showing its prediction."),
+    force_memory: bool = typer.Option(False, "--force-memory", help="With --force: also a size refused for memory (it may be killed for want of it)."),
 ) -> None:
     """Run one milestone at its planned size; write builds/B<nn>-<slug>/ with predicted vs actual.
 
@@ -75,17 +77,20 @@ def run_milestone(
     one stops the run before it starts, naming the `tierkit data fetch` that brings it."""
     from tiers import runner
     from tiers.cli.common import fetch_with_progress
-    from tiers.fit import FitError, fit
 
     mid = _milestone_id(milestone)
     overrides = _settings(settings)
     prof, prof_path = _profile(profile, mid)
-    try:  # packages are judged on this machine, where the run happens, whatever the profile
-        plan = fit(prof, mid, size=size, tier=tier, check_packages=True)
-    except FitError as exc:
-        raise Fail(str(exc)) from None
+    if overrides.get("peers") == "local":  # B17 for learning: a second node of its own on loopback
+        from tiers.fit.targets import with_loopback_node
+
+        prof = with_loopback_node(prof)
+    if force_memory and not force:
+        raise Fail("--force-memory goes with --force: add --force to run a size refused for memory")
+    plan = _judged(prof, mid, size, tier, overrides, force, force_memory)
     if resume:
         plan.config["resume"] = True
+        plan.config["resume_given"] = sorted(overrides)   # the settings the user gives; the rest: the checkpoint's
     err = console(stderr=True)
     try:
         if fetch:  # before the run's own progress display: the downloads draw theirs
@@ -101,6 +106,54 @@ def run_milestone(
     except runner.RunError as exc:
         raise Fail(str(exc), exc.code) from None
     _print_result(result, prof_path)
+
+
+_TIME = frozenset({"time", "limit"})            # what --force waives
+_MEMORY = _TIME | {"pool", "memory"}            # and --force --force-memory
+
+
+def _judged(prof, mid: str, size: Optional[str], tier: Optional[int], overrides: dict, force: bool,
+            force_memory: bool):
+    """The plan to run, priced with the --set overrides; forced past time (and memory) when asked.
+
+        plan = fit(..., overrides)              refused?  --force waives time and limits,
+        forced: the prediction goes to stderr   --force-memory memory too; without them the
+        first, then the run                     refusal names the flag that would run it
+    """
+    from tiers.fit import FitError, fit
+
+    def judge(waive=frozenset()):
+        # packages are judged on this machine, where the run happens, whatever the profile
+        return fit(prof, mid, size=size, tier=tier, check_packages=True, overrides=overrides, waive=waive,
+                   suggest=not waive)
+
+    try:
+        plan = judge()
+        if plan.verdict != "no":
+            return plan
+        forced = judge(_MEMORY if force_memory else _TIME) if force else None
+        if forced is None or forced.verdict == "no":
+            hint = ""
+            if not force and (past_time := judge(_TIME)).verdict != "no":
+                hint = f"; --force runs it anyway (predicted {_predicted(past_time)})"
+            elif not force_memory and judge(_MEMORY).verdict != "no":
+                hint = "; --force --force-memory runs it anyway (it may be killed for want of memory)"
+            why = "; ".join(plan.reasons) or "the planner found no size that fits"
+            raise Fail(f"{mid} does not fit this profile ({plan.profile or 'unnamed'}): {why}{hint}")
+    except FitError as exc:
+        raise Fail(str(exc)) from None
+    console(stderr=True).print(f"forced: {mid} size {forced.size} on {forced.device}, predicted "
+                               f"{_predicted(forced)}; " + "; ".join(r for r in forced.reasons if "forced" in r),
+                               markup=False, highlight=False)
+    return forced
+
+
+def _predicted(plan) -> str:
+    from inventory.units import fmt_bytes
+    from tiers.fit import fmt_seconds
+
+    pred = plan.prediction
+    return "?" if pred is None else f"{fmt_bytes(pred.peak_bytes)} peak, {fmt_seconds(pred.seconds)}"
 
 
 def _print_result(result, prof_path: Optional[Path]) -> None:
@@ -123,9 +176,10 @@ def _print_result(result, prof_path: Optional[Path]) -> None:
         table.add_row("wall time", secs(pred.seconds), secs(result.actual_seconds),
                       f"{result.actual_seconds / pred.seconds:.2f}" if pred.seconds else "?")
     con.print(table)
-    if result.summary:
-        con.print(result.summary)
+    if result.summary:          # markdown, as in the build's README: rendered, never shown as **asterisks**
+        from rich.markdown import Markdown
+
+        con.print(Markdown(result.summary))
     con.print(f"build: {result.out_dir}/README.md"
               + (f"\ncalibration recorded in {result.calibrated_in}" if result.calibrated_in else
-                 "\nreference kit: calibration not recorded" if prof_path is None else
-                 "\nno calibration recorded: not the planned workload (--set, or a stand-in for the planned model or data)"))
+                 f"\nno calibration recorded: {result.not_calibrated or 'not the planned workload'}"))

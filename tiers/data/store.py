@@ -110,6 +110,13 @@ def missing_message(name: str, explicit: Path | str | None = None) -> str:
         return hub.missing_message(ds)
     where = ", ".join(str(r) for r in roots(explicit))
     size = f" ({fmt_bytes(ds.size)})" if ds.size else ""
+    have = {} if ds.extract else {f.name: find_file(name, f.name, explicit) for f in ds.files}
+    if any(have.values()):      # part of it is here: say which part, as `tierkit data list` counts it
+        here = [n for n, p in have.items() if p]
+        gone = [n for n, p in have.items() if not p]
+        folder = have[here[0]].parent  # type: ignore[union-attr]
+        return (f"{ds.title}: {len(here)} of {len(have)} files in {folder} ({', '.join(here)}); missing "
+                f"{', '.join(gone)}; run `tierkit data fetch {ds.name}` to fetch the rest")
     return f"{ds.title} not found (looked in {where}); run `tierkit data fetch {ds.name}`{size}"
 
 

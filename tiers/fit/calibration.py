@@ -8,10 +8,16 @@
 Every run records its prediction and what it measured (tiers/runner.py writes
 them into the profile), so the planner's error on this machine shrinks run by
 run, and `--explain` shows the factor in force and how many runs it rests on.
+
+A record is only as good as its workload: a run that trained on other data, or
+timed another model, than the plan priced would poison the factor, so
+`mismatch(plan config, what the run reports)` names the difference and the
+runner records nothing for it.
 """
 from __future__ import annotations
 
 import statistics
+from typing import Any
 
 from inventory.profile import Profile
 
@@ -50,3 +56,38 @@ def calibration(p: Profile, workload: str, device: str) -> tuple[float, float, l
         lines.append(f"calibration: {nm} earlier run(s) of {workload} on {device}: median actual/model memory "
                      f"x{fm:.3g}")
     return ft, fm, lines
+
+
+PARAMS_SLACK = 1.5    # a model's parameter count against the plan's: formulas are close, other models are not
+SAMPLES_SLACK = 0.9   # at least 90% of the planned training examples (a ragged last batch is the same workload)
+
+
+def mismatch(planned: dict[str, Any], ran: dict[str, Any]) -> str | None:
+    """Why what ran is not the planned workload (data set, amount of data, model), or None.
+
+    `planned` is the plan's config; `ran` the milestone's metrics. Only what both
+    sides state is compared: a milestone that reports nothing is taken at its word
+    (it refuses calibration itself, through `Output.calibrate`, when it knows better).
+    """
+    want, got = planned.get("dataset"), ran.get("dataset")
+    if isinstance(want, str) and isinstance(got, str) and want.lower() != got.lower():
+        return f"it ran on {got} while the plan priced {want}"
+    want, got = planned.get("samples"), ran.get("n_train")
+    if isinstance(want, (int, float)) and isinstance(got, (int, float)) and want > 0 \
+            and not SAMPLES_SLACK * want <= got <= want / SAMPLES_SLACK:
+        return f"it trained on {int(got):,} examples while the plan priced {int(want):,}"
+    want = planned.get("params")
+    gguf = ran.get("gguf")
+    got = gguf.get("params") if isinstance(gguf, dict) and gguf.get("params") else ran.get("params")
+    if isinstance(want, (int, float)) and isinstance(got, (int, float)) and want > 0 and got > 0 \
+            and not 1 / PARAMS_SLACK <= got / want <= PARAMS_SLACK:
+        what = f" ({ran['model']})" if isinstance(ran.get("model"), str) else ""
+        return f"its model{what} has {_count(got)} parameters while the plan priced {_count(want)}"
+    return None
+
+
+def _count(n: float) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:.0f}"

@@ -7,6 +7,7 @@
                 check memory with headroom, limits and the time box (rules.py)
         choose: a device where something fits > one whose packages are installed
                 > the largest size > the tiers' order of preference
+        packages missing here: it fits all the same, with "install first: ..." in its notes
         nothing fits: say what does not, and which reference kit it would fit on
         the chosen size's artifacts (artifacts.py): the registry models and data sets it
         needs, whether they are here, and "fetch first: ..." when not (it fits all the same)
@@ -21,6 +22,8 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+from pydantic import ValidationError
+
 from inventory.kits import reference_names, reference_profile
 from inventory.profile import Profile
 from tiers import catalog
@@ -28,7 +31,7 @@ from tiers.catalog import Milestone, Rung
 from tiers.fit.artifacts import fetch_line, needs
 from tiers.fit.calibration import calibration
 from tiers.fit.pricing import PRICERS, Priced
-from tiers.fit.rules import Check, pool_check, time_check
+from tiers.fit.rules import Check, install_note, pool_check, time_check
 from tiers.fit.targets import Target, targets
 from tiers.plan import Plan, Prediction
 
@@ -57,8 +60,12 @@ class Sized:
         return [c for c in self.checks if not c.ok]
 
 
-def size_on(p: Profile, m: Milestone, t: Target, rung: Rung) -> Sized:
-    """Price one rung on one device, correct it by calibration, and check every limit."""
+def size_on(p: Profile, m: Milestone, t: Target, rung: Rung, waive: frozenset[str] = frozenset()) -> Sized:
+    """Price one rung on one device, correct it by calibration, and check every limit.
+
+    waive: the kinds of check to pass all the same (`run --force`: "time", "limit"; with
+    --force-memory also "pool", "memory"): such a check stays in the plan, marked tight.
+    """
     priced = PRICERS[m.cost](rung, t, p, m)
     ft, fm, lines = calibration(p, m.cost, t.device)
     if fm != 1.0:
@@ -68,7 +75,25 @@ def size_on(p: Profile, m: Milestone, t: Target, rung: Rung) -> Sized:
     priced.seconds *= ft
     priced.basis += lines
     checks = [*priced.checks, time_check(priced.seconds, m)]
+    checks = [Check(c.what, True, True, f"{c.text}: run all the same (forced)", c.kind)
+              if not c.ok and c.kind in waive else c for c in checks]
     return Sized(rung, priced, checks)
+
+
+def with_settings(rung: Rung, overrides: dict | None) -> Rung:
+    """The rung with the settings it prices by replaced (`run --set steps=2`); others are the runner's own.
+
+    Only the cost model's parameters (a Rung subclass's fields) are priced: the label, and the
+    model and data names a run may replace by a local stand-in, stay as the ladder has them.
+    """
+    known = {k: v for k, v in (overrides or {}).items()
+             if k in type(rung).model_fields and k not in Rung.model_fields}
+    if not known:
+        return rung
+    try:
+        return type(rung).model_validate({**rung.model_dump(), **known})
+    except ValidationError:
+        return rung   # priced as planned; the milestone's typed Config refuses the value in one line before the run
 
 
 @dataclass
@@ -116,21 +141,23 @@ def _rungs(m: Milestone, size: str | None, tier: int | None) -> tuple[Rung, ...]
 
 def fit(profile: Profile, milestone: Milestone | str, *, track: str = catalog.DEFAULT_TRACK,
         check_packages: bool = True, size: str | None = None, tier: int | None = None,
-        suggest: bool = True) -> Plan:
+        suggest: bool = True, overrides: dict | None = None, waive: frozenset[str] = frozenset()) -> Plan:
     """Plan one milestone on one profile.
 
     check_packages: judge the milestone's Python packages by this machine (True for
     the live, probed profile; False for a reference kit, which is not this machine).
     size / tier: force a rung of the ladder / a tier (FitError if the milestone has none such).
     suggest: when nothing fits, name the reference kits on which it would.
+    overrides: settings that change what is priced (`run --set steps=2`), applied to every rung tried.
+    waive: the kinds of check a forced run passes all the same (size_on).
     """
     m = _milestone(milestone, track)
-    rungs = _rungs(m, size, tier)
+    rungs = tuple(with_settings(r, overrides) for r in _rungs(m, size, tier))
     found, blocked = targets(profile, m)
     if tier is not None:
         found = [t for t in found if t.tier == tier]
-    options = [_Option(t, m.missing(t.gpu) if check_packages else [], [size_on(profile, m, t, r) for r in rungs])
-               for t in found]
+    options = [_Option(t, m.missing(t.gpu) if check_packages else [],
+                       [size_on(profile, m, t, r, waive) for r in rungs]) for t in found]
     # Prefer a device where something fits, then one whose packages are installed, then the
     # largest size, then the tiers' order of preference.
     ranked = sorted(enumerate(options), key=lambda io: (io[1].best >= 0, not io[1].missing, io[1].best, -io[0]),
@@ -168,10 +195,8 @@ def _fitting(profile: Profile, m: Milestone, opt: _Option) -> Plan:
         nxt = opt.sized[opt.best + 1]
         reasons.append(f"next size up ({nxt.rung.size}) does not fit: "
                        + "; ".join(c.text for c in nxt.failing()))
-    if opt.missing:
-        hints = catalog.load().install_hints(opt.missing)
-        return _plan(profile, m, opt.target, chosen, "no",
-                     [f"needs {', '.join(opt.missing)} (not installed here): {hints}", *reasons], True)
+    if opt.missing:  # it fits the hardware: the note says what to install before running it
+        reasons = [install_note(opt.missing, catalog.load().extras), *reasons]
     return _plan(profile, m, opt.target, chosen, "tight" if chosen.tight else "fits", reasons, True)
 
 

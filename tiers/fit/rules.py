@@ -4,12 +4,17 @@
     pool_check(target, need)                       the same, on the target's own pool: kind "pool"
     limit_check("decode speed", 12, 5, True, ...)  a latency under / a speed over a limit
     time_check(seconds, milestone)                 within the milestone's time box?
+    install_note(["torch"], extras)                "install first: make setup-dev (or ...)"
 
 A check passes or fails; a pass is *tight* when it leaves little room (under 20%
 of the memory free, over 70% of the time box or of a limit), which the table
 shows with a `~`. Each check carries its kind, so the planner can find the one it
 must redo (the pool check, after calibration corrects the memory figure) without
 matching label text.
+
+Missing Python packages are not a check: a plan that fits the hardware fits, and
+its note names the one command that installs what it lacks (a newcomer after the
+base install must read "fits, install first", not "nothing fits this machine").
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from tiers.fit.targets import Target
 TIGHT_HEADROOM = 0.20    # under 20% left: the plan fits, but tightly
 TIGHT_TIME = 0.70        # over 70% of the time box: tight
 TIGHT_LIMIT = 0.70       # within 70% of a latency / speed limit: tight
+TORCH_PIN = "torch==2.13.0"  # the CPU build the Makefile's setup-dev installs before the tier-2 extra
 
 CheckKind = Literal["pool", "memory", "limit", "time"]
 
@@ -66,9 +72,11 @@ def time_check(seconds: float, m: Milestone) -> Check:
     box = m.time_box.budget_seconds
     ok = seconds <= box
     tight = ok and seconds > TIGHT_TIME * box
+    if not ok:      # by how much: rounding can make a plan just over the box read as equal to it
+        return Check("time", ok, tight, f"time: {fmt_seconds(seconds)}, over the {fmt_seconds(box)} box by "
+                     f"{fmt_seconds(seconds - box)}", "time")
     text = f"time: {fmt_seconds(seconds)} of the {fmt_seconds(box)} box ({seconds / box:.0%})"
-    return Check("time", ok, tight, text + (", over it" if not ok else f", over {TIGHT_TIME:.0%}" if tight else ""),
-                 "time")
+    return Check("time", ok, tight, text + (f", over {TIGHT_TIME:.0%}" if tight else ""), "time")
 
 
 def limit_check(what: str, value: float, limit: float, at_least: bool, unit: str) -> Check:
@@ -88,3 +96,18 @@ def fmt_seconds(s: float) -> str:
     if s < 2 * 3600:
         return f"{s / 60:.3g} min"
     return f"{s / 3600:.3g} h"
+
+
+def install_note(missing: list[str], extras: dict[str, str]) -> str:
+    """The note on a plan that fits but lacks packages: `make setup-dev`, or the pip line for just these.
+
+    extras maps an import name to the pip extra that installs it (the catalog's); a
+    package with none is installed by its own name. Torch goes first, pinned: an
+    unpinned torch pulls gigabytes of CUDA wheels.
+    """
+    wanted = sorted({extras[p] for p in missing if extras.get(p) not in (None, "base")})
+    own = [p for p in missing if p not in extras]
+    parts = ([TORCH_PIN] if "tier2" in wanted else []) + own
+    pip = " && ".join(filter(None, [f"pip install {' '.join(parts)}" if parts else "",
+                                    "pip install -e " + (f"'.[{','.join(wanted)}]'" if wanted else ".")]))
+    return f"install first ({', '.join(missing)} missing): make setup-dev, or {pip}"

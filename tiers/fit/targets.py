@@ -220,6 +220,21 @@ def cluster_nodes(p: Profile) -> list[Node]:
     return nodes
 
 
+def with_loopback_node(p: Profile) -> Profile:
+    """The profile with a second node on loopback (`--set peers=local`): a local agent for learning.
+
+    Both nodes share this machine, so each is given half of its free memory; the link is
+    loopback's (no real network). The profile's own peers are left out: they are not used.
+    """
+    free, _ = free_memory(p)
+    s = p.model_dump(mode="python")
+    s["peers"] = [{"name": "local agent (loopback)", "address": "127.0.0.1", "port": 50052, "found_by": "manual",
+                   "summary": {"memory_available_bytes": free // 2}}]
+    if s.get("memory"):
+        s["memory"]["available_bytes"] = int(free // 2)
+    return Profile.model_validate(s)
+
+
 def cluster_target(p: Profile, nodes_needed: int) -> tuple[Target | None, str | None]:
     nodes = cluster_nodes(p)
     if len(nodes) < nodes_needed:

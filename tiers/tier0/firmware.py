@@ -24,6 +24,7 @@ import threading
 import time
 import weakref
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
@@ -31,10 +32,9 @@ from typing import Self
 import numpy as np
 
 from inventory.files import atomic_path, atomic_write
-from tiers.tier0.flash import FIRMWARE_DIR, MODEL_LIB, ImageSize, cache_root, image_size
+from tiers.tier0.flash import FIRMWARE_DIR, BuildFailed, ImageSize, cache_root, image_size, offline_line, project_dir
 from tiers.tier0.monitor import Classification, DeviceError, DeviceInfo, Link, StreamStep
 
-DEFAULT_MODEL_DIR = MODEL_LIB
 QEMU_MACHINE = "mps2-an386"
 GCC = "arm-none-eabi-gcc"
 QEMU = "qemu-system-arm"
@@ -108,7 +108,7 @@ class Build:
     warnings: str = ""      # the compiler's stderr, when it said anything
 
 
-def build_qemu(model_dir: str | Path = DEFAULT_MODEL_DIR, *, cache_dir: str | Path | None = None,
+def build_qemu(model_dir: str | Path, *, cache_dir: str | Path | None = None,
                extra_cflags: tuple[str, ...] = (), force: bool = False) -> Build:
     """Build the firmware for QEMU mps2-an386, or find it built: the cache is keyed by the sources' hash.
 
@@ -137,6 +137,17 @@ def build_qemu(model_dir: str | Path = DEFAULT_MODEL_DIR, *, cache_dir: str | Pa
         atomic_write(warnings, proc.stderr)
         atomic_write(final / "command.txt", " ".join(cmd) + "\n")
     return Build(elf, key, False, image_size(elf), time.perf_counter() - t0, proc.stderr)
+
+
+def local_build(env: str, on_line: Callable[[str], None] | None = None) -> Path:
+    """Offline, for `kws flash --no-upload`: the work project's firmware and model built for a Cortex-M4 here.
+
+    Its size is the model, kernels and front end without the board's framework: the part the
+    model decides, checked against the board before PlatformIO has fetched its platform."""
+    try:
+        return Path(build_qemu(project_dir() / "lib" / "model").elf)
+    except FirmwareError as exc:
+        raise BuildFailed(f"{offline_line(env)}; the local build failed too: {exc}") from None
 
 
 def _first_errors(stderr: str, most: int = 3) -> str:

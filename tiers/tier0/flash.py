@@ -15,6 +15,7 @@ The emulated board's build (firmware.py) reads images with the same
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -31,7 +32,6 @@ from typing import Any
 from inventory.files import atomic_path
 
 FIRMWARE_DIR = Path(__file__).resolve().parents[2] / "firmware"
-MODEL_LIB = FIRMWARE_DIR / "lib" / "model"      # where PlatformIO (and the QEMU build by default) finds the model
 
 
 def cache_root() -> Path:
@@ -321,7 +321,7 @@ def _run_pio(args: list[str], what: str, on_line: Callable[[str], None] | None, 
     lines: list[str] = []
     t0 = time.monotonic()
     try:
-        proc = subprocess.Popen(cmd, cwd=FIRMWARE_DIR, env=pio_env(), stdout=subprocess.PIPE,
+        proc = subprocess.Popen(cmd, cwd=project_dir(), env=pio_env(), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, errors="replace")
     except OSError as exc:
         raise FlashError(f"cannot run PlatformIO ({cmd[0]}): {exc.strerror}") from None
@@ -352,9 +352,102 @@ def _run_pio(args: list[str], what: str, on_line: Callable[[str], None] | None, 
 
 
 def require_model() -> None:
-    """The PlatformIO build takes its model from firmware/lib/model; FlashError if nothing is there."""
-    if not (MODEL_LIB / "model.c").is_file() or not (MODEL_LIB / "model.h").is_file():
-        raise FlashError(f"no exported model in {MODEL_LIB}: run `tierkit kws export MODEL.tflite` first")
+    """The PlatformIO build takes its model from the work project's lib/model; FlashError if nothing is there."""
+    lib = project_dir() / "lib" / "model"
+    if not (lib / "model.c").is_file() or not (lib / "model.h").is_file():
+        raise FlashError(f"no exported model in {lib}: run `tierkit kws export MODEL.tflite` first")
+
+
+def project_dir() -> Path:
+    """The PlatformIO project that is built: a copy of firmware/ in the cache, never the source tree."""
+    return cache_root() / "project"
+
+
+def prepare_project(model_dir: str | Path) -> Path:
+    """Copy firmware/ (sources, boards, platformio.ini) into project_dir(), then the exported model into its lib/model.
+
+    copy2 keeps modification times, so PlatformIO rebuilds only what changed.
+    """
+    src = Path(model_dir)
+    for name in ("model.c", "model.h"):
+        if not (src / name).is_file():
+            raise FlashError(f"no {name} in {src}: export the model there first (`tierkit kws export MODEL.tflite "
+                             f"--out {src}`)")
+    dst = project_dir()
+    try:
+        shutil.copytree(FIRMWARE_DIR, dst, dirs_exist_ok=True,
+                        ignore=lambda d, names: [n for n in names if n in (".pio", "__pycache__")
+                                                 or (Path(d) == FIRMWARE_DIR / "lib" and n == "model")])
+        (dst / "lib" / "model").mkdir(parents=True, exist_ok=True)
+        for name in ("model.h", "model.c"):
+            with atomic_path(dst / "lib" / "model" / name) as tmp:
+                shutil.copy2(src / name, tmp)
+    except OSError as exc:
+        raise FlashError(f"cannot write the build folder {dst}: {exc.strerror}; set TIERKIT_CACHE to a writable "
+                         "folder") from None
+    return dst
+
+
+# where a `kws export` is remembered, so flash and eval find it without --model-dir
+LAST_EXPORT = "kws-last-export.txt"
+
+
+def _state_file() -> Path:
+    from inventory.profile import default_path
+
+    return default_path().parent / LAST_EXPORT
+
+
+def remember_export(folder: str | Path) -> None:
+    """Record `folder` as the last exported model (next to the profile: $TIERKIT_HOME or ~/.config/tierkit)."""
+    from inventory.files import atomic_write
+
+    with contextlib.suppress(OSError):     # remembering is a convenience; the export itself succeeded
+        _state_file().parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(_state_file(), str(Path(folder).resolve()) + "\n")
+
+
+def last_export() -> Path:
+    """The folder of the last `kws export`; FlashError (one line) when there is none."""
+    try:
+        folder = Path(_state_file().read_text(encoding="utf-8").strip())
+    except (OSError, UnicodeDecodeError):
+        raise FlashError("no exported model: run `tierkit kws export MODEL.tflite` first, or pass --model-dir FOLDER")
+    if not (folder / "model.c").is_file():
+        raise FlashError(f"the last export, {folder}, has no model.c any more: export again "
+                         "(`tierkit kws export MODEL.tflite`) or pass --model-dir FOLDER")
+    return folder
+
+
+def platform_of(env: str) -> str:
+    """The PlatformIO platform an environment of firmware/platformio.ini builds with (nordicnrf52, ...)."""
+    import configparser
+
+    ini = configparser.ConfigParser(interpolation=None)
+    ini.read(FIRMWARE_DIR / "platformio.ini")
+    return ini.get(f"env:{env}", "platform", fallback="?")
+
+
+def platform_installed(platform: str) -> bool:
+    core = Path(os.environ.get("PLATFORMIO_CORE_DIR") or Path.home() / ".platformio")
+    return (core / "platforms" / platform).is_dir()
+
+
+def online(host: str = "api.registry.platformio.org", timeout: float = 3.0) -> bool:
+    """Can PlatformIO's registry be reached? (a name lookup and a TCP connect, within `timeout`)"""
+    import socket
+
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def offline_line(env: str) -> str:
+    p = platform_of(env)
+    return (f"PlatformIO must fetch the {p} platform and its toolchain for {env} from the internet (once), and "
+            "there is no network here: connect once and re-run; `--no-upload` checks the size offline")
 
 
 def pio_build(env: str, on_line: Callable[[str], None] | None = None, timeout: float = 1800) -> Path:
@@ -384,36 +477,27 @@ class FlashResult:
     elf: Path
     uploaded: bool
     seconds: float
+    note: str = ""          # how the size was found, when not by PlatformIO
 
     def line(self) -> str:
         return (f"{self.target.name} on {self.port or '?'}: flash {self.size.flash:,} / {self.budget.flash_bytes:,} B "
                 f"({self.size.flash / self.budget.flash_bytes:.0%}), RAM {self.size.ram:,} / "
                 f"{self.budget.sram_bytes:,} B ({self.size.ram / self.budget.sram_bytes:.0%})"
-                + ("; uploaded" if self.uploaded else "; not uploaded"))
-
-
-def install_model(model_dir: str | Path) -> None:
-    """Copy an exported model (model.c, model.h) into firmware/lib/model, where PlatformIO finds it."""
-    src = Path(model_dir)
-    if src.resolve() == MODEL_LIB.resolve():
-        return
-    for name in ("model.c", "model.h"):
-        if not (src / name).is_file():
-            raise FlashError(f"no {name} in {src}: export the model there first (`tierkit kws export`)")
-    for name in ("model.h", "model.c"):
-        with atomic_path(MODEL_LIB / name) as tmp:
-            shutil.copyfile(src / name, tmp)
+                + ("; uploaded" if self.uploaded else "; not uploaded") + (f" ({self.note})" if self.note else ""))
 
 
 def flash(profile: Any | None, board: str | None = None, port: str | None = None, *,
           model_dir: str | Path | None = None, upload: bool = True,
           on_line: Callable[[str], None] | None = None, on_step: Callable[[str], None] | None = None,
-          builder: Callable[..., Path] = pio_build, uploader: Callable[..., None] = pio_upload) -> FlashResult:
+          builder: Callable[..., Path] = pio_build, uploader: Callable[..., None] = pio_upload,
+          offline_builder: Callable[..., Path] | None = None) -> FlashResult:
     """Resolve the board, check the port, build, check the image against the budget, then upload.
 
     `builder(env, on_line)` returns the ELF and `uploader(env, port, on_line)`
     uploads it; tests pass their own to check that an oversized image is never
-    uploaded. Nothing is uploaded unless every check before it passed.
+    uploaded. Nothing is uploaded unless every check before it passed. Offline, before PlatformIO
+    has fetched the board's platform, `offline_builder(env, on_line)` (firmware.local_build: the
+    local arm-none-eabi-gcc) builds for the size check of --no-upload; without one, FlashError.
     """
     t0 = time.perf_counter()
     step = on_step or (lambda s: None)
@@ -426,11 +510,17 @@ def flash(profile: Any | None, board: str | None = None, port: str | None = None
                              "(or run `tierkit probe`)")
         step(f"checking {r.port}")
         check_port(r.port)
-    if model_dir is not None:
-        install_model(model_dir)
+    if builder is pio_build or model_dir is not None:
+        prepare_project(model_dir if model_dir is not None else last_export())
     if builder is pio_build:
         require_model()
-    step(f"building for {r.target.name} (PlatformIO env {r.target.env})")
+        if not platform_installed(platform_of(r.target.env)) and not online():
+            if upload or offline_builder is None:
+                raise FlashError(offline_line(r.target.env))
+            builder = offline_builder
+    local = builder is offline_builder
+    step(f"building for {r.target.name}'s Cortex-M with the local arm-none-eabi-gcc (PlatformIO offline)" if local
+         else f"building for {r.target.name} (PlatformIO env {r.target.env})")
     elf = builder(r.target.env, on_line)
     size = image_size(elf)
     step(f"checking the image: flash {size.flash:,} B, RAM {size.ram:,} B")
@@ -438,4 +528,6 @@ def flash(profile: Any | None, board: str | None = None, port: str | None = None
     if upload:
         step(f"uploading to {r.port}")
         uploader(r.target.env, r.port, on_line)
-    return FlashResult(r.target, r.port, r.budget, size, Path(elf), upload, time.perf_counter() - t0)
+    note = "sizes from the local Cortex-M4 build, without the board's framework: PlatformIO is not fetched yet" \
+        if local else ""
+    return FlashResult(r.target, r.port, r.budget, size, Path(elf), upload, time.perf_counter() - t0, note)

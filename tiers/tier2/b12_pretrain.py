@@ -172,41 +172,57 @@ def train(model: GPT, tc: c.TrainConfig, get_batch: Callable[[torch.Generator], 
     params = [p for p in model.parameters() if p.requires_grad]
     clip = tc.grad_clip if tc.grad_clip > 0 else float("inf")
 
-    for step in range(start, tc.steps):
-        _observe(model, step, tc, hist, evaluate, sample, log)
-        t0 = time.perf_counter()
-        lr = c.lr_at(step, tc)                           # warmup, then cosine decay
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        total = 0.0
-        for _ in range(tc.grad_accum):
-            batch = get_batch(data_gen)
-            with c.autocast(device, precision):
-                loss = loss_fn(model, batch) / tc.grad_accum     # forward and loss (next_token_loss, above)
-            (scaler.scale(loss) if scaler is not None else loss).backward()   # backward: gradients add up
-            total += float(loss.detach())
-        if scaler is not None:
-            scaler.unscale_(opt)                         # clip the true gradients, not the scaled ones
-        norm = float(torch.nn.utils.clip_grad_norm_(params, clip))   # the global norm, scaled down to grad_clip
-        if scaler is not None:
-            scaler.step(opt)                             # skipped when fp16 overflowed (inf or nan gradients)
-            scaler.update()
-        else:
-            opt.step()                                   # AdamW: the update
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)               # so the step's time is its own
-        rec = {"loss": total, "lr": lr, "grad_norm": norm, "seconds": time.perf_counter() - t0}
-        for k, v in rec.items():
-            hist[k].append(v)
-        if on_step is not None:
-            on_step(step, rec)
-        if ckpt_path is not None and tc.ckpt_interval and (step + 1) % tc.ckpt_interval == 0 and step + 1 < tc.steps:
-            c.save_state(ckpt_path, model, opt, scaler, step + 1, data_gen, hist, tc, meta)
+    with c.stop_on_sigint() as stop:   # Ctrl-C: finish the step, checkpoint it, then stop (c.Interrupted)
+        for step in range(start, tc.steps):
+            if stop:
+                if ckpt_path is not None:
+                    c.save_state(ckpt_path, model, opt, scaler, step, data_gen, hist, tc, meta)
+                raise c.Interrupted(step, tc.steps, ckpt_path)
+            _step(model, opt, scaler, step, tc, hist, get_batch, data_gen, device, precision, loss_fn, params, clip,
+                  evaluate, sample, log)
+            if on_step is not None:
+                on_step(step, {k: hist[k][-1] for k in ("loss", "lr", "grad_norm", "seconds")})
+            if ckpt_path is not None and tc.ckpt_interval and (step + 1) % tc.ckpt_interval == 0 \
+                    and step + 1 < tc.steps:
+                c.save_state(ckpt_path, model, opt, scaler, step + 1, data_gen, hist, tc, meta)
     _observe(model, tc.steps, tc, hist, evaluate, sample, log)
     if ckpt_path is not None:
         c.save_state(ckpt_path, model, opt, scaler, tc.steps, data_gen, hist, tc, meta)
     return hist
+
+
+def _step(model: GPT, opt: Any, scaler: Any, step: int, tc: c.TrainConfig, hist: dict[str, Any],
+          get_batch: Callable[[torch.Generator], Any], data_gen: torch.Generator, device: torch.device,
+          precision: str, loss_fn: Callable[[GPT, Any], torch.Tensor], params: list[torch.Tensor], clip: float,
+          evaluate: Callable[[GPT], dict[str, float]] | None, sample: Callable[[GPT, int], str] | None,
+          log: Callable[..., None]) -> None:
+    """One optimiser step: observe if due, then forward, backward, clip, update; its record goes into hist."""
+    _observe(model, step, tc, hist, evaluate, sample, log)
+    t0 = time.perf_counter()
+    lr = c.lr_at(step, tc)                           # warmup, then cosine decay
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    total = 0.0
+    for _ in range(tc.grad_accum):
+        batch = get_batch(data_gen)
+        with c.autocast(device, precision):
+            loss = loss_fn(model, batch) / tc.grad_accum     # forward and loss (next_token_loss, above)
+        (scaler.scale(loss) if scaler is not None else loss).backward()   # backward: gradients add up
+        total += float(loss.detach())
+    if scaler is not None:
+        scaler.unscale_(opt)                         # clip the true gradients, not the scaled ones
+    norm = float(torch.nn.utils.clip_grad_norm_(params, clip))   # the global norm, scaled down to grad_clip
+    if scaler is not None:
+        scaler.step(opt)                             # skipped when fp16 overflowed (inf or nan gradients)
+        scaler.update()
+    else:
+        opt.step()                                   # AdamW: the update
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)               # so the step's time is its own
+    rec = {"loss": total, "lr": lr, "grad_norm": norm, "seconds": time.perf_counter() - t0}
+    for k, v in rec.items():
+        hist[k].append(v)
 
 
 def _observe(model: GPT, step: int, tc: c.TrainConfig, hist: dict[str, Any],
@@ -351,6 +367,12 @@ def run(ctx: Context) -> Output:
 
     cfg: Config = ctx.config
     device, precision = c.device_and_precision(ctx)
+    resume_path = Path(ctx.out_dir).parent / RESUME_NAME
+    if cfg.resume:  # the interrupted run's settings, unless --set gives one (a real conflict names both)
+        try:
+            cfg = ctx.config = c.resume_settings(resume_path, cfg, set(ctx.plan.config.get("resume_given", ())))
+        except c.ResumeError as e:
+            raise RunError(f"B12: {e}") from None
 
     # the data: the text as tokens, the first 90% to train on, the rest held out
     corpus = load_corpus(ctx, cfg)
@@ -366,7 +388,6 @@ def run(ctx: Context) -> Output:
             f"({precision})")
 
     # from the start, or from where the interrupted run's checkpoint left it (--resume)
-    resume_path = Path(ctx.out_dir).parent / RESUME_NAME
     resume_from = None
     if cfg.resume:
         try:
@@ -378,15 +399,29 @@ def run(ctx: Context) -> Output:
 
     splits = {"train": train_ids, "val": val_ids}
     meta = {"tokenizer": tok.meta(), "milestone": "B12", "data": corpus.name, "config": asdict(cfg)}
+    start = resume_from["step"] if resume_from else 0
+    # no terminal (a log file): plain step lines every few seconds instead of the bar
+    lines = c.StepLines(lambda line: print(line, flush=True), tc.steps, B * T * tc.grad_accum, start) \
+        if ctx.progress_display is None else None
+
+    def on_step(step: int, rec: dict[str, Any]) -> None:
+        bar.advance()
+        if lines is not None:
+            lines(step, rec["loss"], rec["seconds"])
+
     with ctx.progress(f"pretraining {model.num_params() / 1e6:.2f}M", tc.steps) as bar:
-        bar.advance(resume_from["step"] if resume_from else 0)
+        bar.advance(start)
         t_train = time.perf_counter()
-        hist = train(model, tc, lambda g: c.random_batch(train_ids, T, B, g, device), device=device,
-                     precision=precision, ckpt_path=resume_path, resume_from=resume_from, meta=meta,
-                     evaluate=lambda m: c.estimate_loss(m, splits, T, B, cfg.eval_iters, tc.seed, device, precision),
-                     sample=lambda m, step: c.sample_text(m, tok, cfg.prompt, cfg.sample_tokens, cfg.temperature,
-                                                          cfg.top_k, cfg.top_p, seed=step, device=device),
-                     on_step=lambda step, rec: bar.advance(), log=ctx.log)
+        try:
+            hist = train(model, tc, lambda g: c.random_batch(train_ids, T, B, g, device), device=device,
+                         precision=precision, ckpt_path=resume_path, resume_from=resume_from, meta=meta,
+                         evaluate=lambda m: c.estimate_loss(m, splits, T, B, cfg.eval_iters, tc.seed, device,
+                                                            precision),
+                         sample=lambda m, step: c.sample_text(m, tok, cfg.prompt, cfg.sample_tokens, cfg.temperature,
+                                                              cfg.top_k, cfg.top_p, seed=step, device=device),
+                         on_step=on_step, log=ctx.log)
+        except c.Interrupted as e:
+            raise RunError(f"{e}: checkpoint saved in {e.path}; continue with `{resume_command(ctx)}`", 130) from None
         train_seconds = time.perf_counter() - t_train
 
     final = Path(ctx.out_dir) / "ckpt.pt"
@@ -403,6 +438,14 @@ def run(ctx: Context) -> Output:
                f"{train_seconds:.1f} s on {device} ({m['tokens_per_second']:,.0f} tokens/s)"
                + (f"; resumed at step {', '.join(map(str, hist['resumed_at']))}" if hist["resumed_at"] else "") + ".")
     return Output(metrics=m, summary=summary, report=report(m), plots=plots(ctx.out_dir, hist, m, tc))
+
+
+def resume_command(ctx: Context) -> str:
+    """The command that continues this run: `tierkit run B12 --resume`, with --out when not the default.
+
+    The settings come from the checkpoint, so no --size or --set is needed."""
+    out = Path(ctx.out_dir).parent
+    return "tierkit run B12 --resume" + ("" if out.resolve() == Path("builds").resolve() else f" --out {out}")
 
 
 def measure(model: GPT, tok: Tokenizer, kind: str, n_tokens: int, splits: dict[str, Any],

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -195,12 +195,114 @@ def read_resume(path: Path, cfg: TrainConfig, model_config: GPTConfig) -> dict[s
     if not isinstance(ckpt, dict) or not {"optimizer", "step", "rng", "train_config"} <= set(ckpt):
         raise ResumeError(f"{path}: a model checkpoint without training state; it cannot be resumed")
     theirs = ckpt["train_config"]
-    diff = [k for k, v in asdict(cfg).items() if k not in ("ckpt_interval",) and theirs.get(k) != v]
-    diff += [f"model.{k}" for k, v in model_config.to_dict().items() if ckpt["config"].get(k) != v]
+    diff = [f"{k} {theirs.get(k)!r} in the checkpoint, {v!r} now" for k, v in asdict(cfg).items()
+            if k not in FREE_ON_RESUME and theirs.get(k) != v]
+    diff += [f"model.{k} {ckpt['config'].get(k)!r} in the checkpoint, {v!r} now"
+             for k, v in model_config.to_dict().items() if ckpt["config"].get(k) != v]
     if diff:
-        raise ResumeError(f"{path} was written with other settings ({', '.join(diff[:6])}); "
+        raise ResumeError(f"{path} was written with other settings ({'; '.join(diff[:4])}); "
                           "resume with the same size and settings, or start afresh without --resume")
     return ckpt
+
+
+# the settings a resumed run may change: how long it goes on, and what it observes on the way
+FREE_ON_RESUME = frozenset({"steps", "resume", "ckpt_interval", "eval_interval", "eval_iters", "sample_interval",
+                            "sample_tokens", "prompt", "temperature", "top_k", "top_p", "heldout_tokens"})
+
+
+def resume_settings(path: Path, cfg: Any, given: set[str]) -> Any:
+    """The Config to resume with: the checkpoint's settings, except those the user set (`given`: --set keys).
+
+    A given value that differs from the checkpoint's is a conflict (ResumeError naming both),
+    unless it is one of FREE_ON_RESUME (more steps, other sampling).
+    """
+    if not path.is_file():
+        raise ResumeError(f"nothing to resume: no checkpoint at {path}; run without --resume to start afresh")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file
+        raise ResumeError(f"{path}: not a readable checkpoint ({type(e).__name__}); delete it and start afresh") from None
+    saved = (ckpt.get("meta") or {}).get("config") if isinstance(ckpt, dict) else None
+    if not isinstance(saved, dict):   # no settings recorded: read_resume compares what it can
+        return cfg
+    names = {f.name for f in fields(cfg)}
+    clash = [f"{k} {saved[k]!r} in the checkpoint, {getattr(cfg, k)!r} given" for k in sorted(given)
+             if k in saved and k not in FREE_ON_RESUME and saved[k] != getattr(cfg, k)]
+    if clash:
+        raise ResumeError(f"{path} was written with other settings ({'; '.join(clash)}); drop those --set values "
+                          "to resume with the checkpoint's, or start afresh without --resume")
+    return replace(cfg, **{k: v for k, v in saved.items() if k in names and k not in given and k != "resume"})
+
+
+class Interrupted(Exception):
+    """Ctrl-C during training: the loop stopped at a step boundary and saved a checkpoint there."""
+
+    def __init__(self, step: int, steps: int, path: Path | None):
+        super().__init__(f"interrupted at step {step} of {steps}")
+        self.step, self.steps, self.path = step, steps, path
+
+
+@contextlib.contextmanager
+def stop_on_sigint():
+    """`with stop_on_sigint() as stop:` ... `if stop: save, raise Interrupted`: Ctrl-C ends the step first.
+
+    A second Ctrl-C stops at once, as usual. Outside the main thread it changes nothing.
+    """
+    import signal
+    import threading
+
+    flag = _Flag()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        flag.set = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)   # the next one interrupts at once
+
+    before = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+class _Flag:
+    set = False
+
+    def __bool__(self) -> bool:
+        return self.set
+
+
+class StepLines:
+    """Plain progress lines for a log file (no terminal): step, loss, tokens/s, ETA, every `every` seconds.
+
+        StepLines(print, steps=3000, tokens_per_step=B*T*accum, start=resumed_step)(step, loss, seconds)
+    """
+
+    def __init__(self, out: Any, steps: int, tokens_per_step: int, start: int = 0, every: float | None = None):
+        import os
+        import time
+
+        self.out, self.steps, self.tps, self.start = out, steps, tokens_per_step, start
+        self.every = float(os.environ.get("TIERKIT_PROGRESS_SECONDS", "10")) if every is None else every
+        self.t0 = self.last = time.perf_counter()
+        self._time = time.perf_counter
+
+    def __call__(self, step: int, loss: float, seconds: float) -> None:
+        now, done = self._time(), step + 1
+        if now - self.last < self.every and done not in (self.start + 1, self.steps):
+            return
+        self.last = now
+        rate = (done - self.start) / max(now - self.t0, 1e-9)
+        eta = (self.steps - done) / rate if rate else 0.0
+        self.out(f"step {done}/{self.steps}  loss {loss:.4f}  {self.tps / max(seconds, 1e-9):,.0f} tokens/s  "
+                 f"ETA {_hms(eta)}")
+
+
+def _hms(s: float) -> str:
+    s = round(s)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 def restore_state(ckpt: dict[str, Any], model: GPT, opt: torch.optim.Optimizer, scaler: Any,

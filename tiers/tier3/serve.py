@@ -1,7 +1,8 @@
 """`tierkit serve`: find the peers, plan, launch the workers through their agents, serve the API.
 
-    a registry name -> its file (data.require)  ->  the engine's layout(model)
-        ->  peers (mDNS or --peers)  ->  nodes with free memory
+    --port free? (else exit 2, nothing loaded)  ->  a registry name -> its file (data.require)
+        ->  the engine's layout(model)  ->  peers (mDNS or --peers)  ->  nodes with free memory
+        ->  choose_layout (auto | single | pipeline; the choice and its numbers printed and in /metrics)
         ->  placement plan (printed)  ->  the engine's launch(): authenticated launches on each agent
         ->  ENGINE(model, stages).start()  ->  HTTP API (server.py)  ->  every worker stopped
 
@@ -22,11 +23,29 @@ from tiers.tier3 import engines, net
 from tiers.tier3.client import AgentClientError, Workers, read_token
 from tiers.tier3.engine import Engine, EngineError
 from tiers.tier3.engines import EngineKind
-from tiers.tier3.placement import ModelLayout, Node, PlacementError, Plan, place, render
+from tiers.tier3.placement import ModelLayout, Node, PlacementError, Plan, choose_layout, hop_seconds, render
 
 
 class ServeError(Exception):
-    """`tierkit serve` cannot go on; str() is one line naming the fix."""
+    """`tierkit serve` cannot go on; str() is one line naming the fix; `code` the exit status (2: bad input)."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def check_port(host: str, port: int) -> None:
+    """ServeError (exit 2) when host:port cannot be bound, before any model loads or worker starts."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as the server binds it
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            what = "already in use" if exc.errno == 98 else (exc.strerror or str(exc)).lower()
+            raise ServeError(f"port {port} on {host} is {what}: choose another with --port", 2) from None
 
 
 # ---------------------------------------------------------------- nodes and the plan
@@ -126,12 +145,38 @@ def model_layout(kind: EngineKind, model: str, n_ctx: int) -> ModelLayout:
         raise ServeError(str(exc)) from None
 
 
-def plan_for(layout: ModelLayout, kind: EngineKind, head: Node, others: list[Node],
-             headroom: float = HEADROOM) -> Plan:
+def link_cost(layout: ModelLayout, found: list[Any]) -> float | None:
+    """Seconds per token per hop over the slowest measured peer link; None when no link was measured."""
+    costs = []
+    for p in found:
+        rtt = getattr(p, "rtt_ms", None)
+        bw = getattr(p, "bandwidth_mbps", None)
+        h = hop_seconds(layout, rtt.value / 1e3 if rtt else None, bw.value * 1e6 / 8 if bw else None)
+        if h is not None:
+            costs.append(h)
+    return max(costs) if costs else None
+
+
+def decode_bandwidth() -> float:
+    """Bytes/s one decode step streams on the head: the probed CPU memory bandwidth, else 10 GB/s."""
+    from inventory.profile import ProfileError, default_path, load
+
     try:
-        plan = place(layout, [head, *others], headroom=headroom, last_on=kind.output_on)
+        fig = load(default_path()).cpu.memory_bandwidth_gbs
+    except (ProfileError, OSError, AttributeError):
+        return 10e9
+    return float(fig.value) * 1e9 if fig else 10e9
+
+
+def plan_for(layout: ModelLayout, kind: EngineKind, head: Node, others: list[Node],
+             headroom: float = HEADROOM, requested: str = "auto", hop_s: float | None = None,
+             expected_load: int = 1, decode_bps: float | None = None) -> Plan:
+    """The placement (choose_layout: the one function `tierkit fit` prices with too); ServeError with the numbers."""
+    try:
+        plan = choose_layout(layout, head, others, requested, headroom=headroom, last_on=kind.output_on,
+                             hop_s=hop_s, expected_load=expected_load, decode_bps=decode_bps or decode_bandwidth())
     except PlacementError as exc:
-        raise ServeError(str(exc)) from None
+        raise ServeError(str(exc), 2 if requested != "auto" else 1) from None
     if kind.output_on == "first" and plan.stages[0].layers[1] == 0 and len(plan.stages) > 1:
         plan.notes.append("note: the head keeps the embeddings and output on its CPU; all blocks are remote")
     return plan
@@ -158,9 +203,11 @@ def start_session(model: str, engine: str = "llama-rpc", peers_spec: str = "auto
                   mdns_wait: float = 2.0, head_address: str | None = None, headroom: float = HEADROOM,
                   log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
                   engine_opts: dict[str, Any] | None = None, threads: int | None = None,
-                  token: str | None = None) -> Session:
+                  token: str | None = None, layout: str = "pipeline", expected_load: int = 1) -> Session:
     """Plan (printed through `log`), launch the workers, start the engine; ServeError (one line) when it cannot.
 
+    `layout` (placement.choose_layout) is "pipeline" here, for callers that name their peers to measure a
+    split; `tierkit serve` passes its --layout (auto by default).
     A refusal before the launch starts nothing; after it, every worker launched is stopped again.
     """
     try:
@@ -171,15 +218,16 @@ def start_session(model: str, engine: str = "llama-rpc", peers_spec: str = "auto
     if path != model:
         log(f"model {model}: {path}")
     model = path
-    layout = model_layout(kind, model, n_ctx)
+    sizes = model_layout(kind, model, n_ctx)
     found, note = find_peers(peers_spec, mdns_wait)
     others = peer_nodes(found, on_gpu=kind.memory == "gpu")
     head = head_node(memory_budget, head_address or net.route_to(others[0].host if others else "127.0.0.1"),
                      on_gpu=kind.memory == "gpu")
-    plan = plan_for(layout, kind, head, others, headroom)
+    plan = plan_for(sizes, kind, head, others, headroom, layout, link_cost(sizes, found), expected_load)
     if note:
         log(f"peers: {note}")
     log(render(plan))
+    found = found[: len(plan.stages) - 1]     # the peers the plan uses (node order is kept)
     try:
         token = token or (read_token(token_file) if found else None)
     except AgentClientError as exc:
@@ -220,12 +268,18 @@ def _started(kind: EngineKind, model: str, stages: list[dict[str, Any]], n_ctx: 
 
 def serve(model: str, *, engine: str = "llama-rpc", peers: str = "auto", host: str = "127.0.0.1", port: int = 8000,
           token_file: Path | None = None, memory_budget: int | None = None, n_ctx: int = 512,
-          mdns_wait: float = 2.0, head_address: str | None = None, threads: int | None = None) -> None:
+          mdns_wait: float = 2.0, head_address: str | None = None, threads: int | None = None,
+          layout: str = "auto", expected_load: int = 1) -> None:
     """Run until SIGINT/SIGTERM; raises ServeError (one line) when it cannot start."""
     from tiers.tier3 import server
+    from tiers.tier3.placement import LAYOUTS
 
+    if layout not in LAYOUTS:
+        raise ServeError(f"--layout must be one of {', '.join(LAYOUTS)}, not {layout!r}", 2)
+    check_port(host, port)
     session = start_session(model, engine, peers, token_file=token_file, memory_budget=memory_budget, n_ctx=n_ctx,
-                            mdns_wait=mdns_wait, head_address=head_address, threads=threads)
+                            mdns_wait=mdns_wait, head_address=head_address, threads=threads, layout=layout,
+                            expected_load=expected_load)
     try:
         app = server.create_app(session.engine, plan=session.plan.to_dict())
         where = f"http://{host}:{port}/v1"

@@ -13,6 +13,8 @@ when the model fits on one.
 """
 from __future__ import annotations
 
+from typing import Any
+
 from inventory.profile import Profile
 from inventory.units import fmt_bytes
 from models import costs
@@ -136,18 +138,35 @@ def price_gguf_decode(r: catalog.GGUF, t: Target, p: Profile, m: Milestone) -> P
                   f"{r.model}, {1 / per_tok:.3g} tokens/s", bound="memory")
 
 
+def _split_shares(r: catalog.GGUF, cost: Any, nodes: list[Any]) -> list[float]:
+    """Each node's fraction of the layers as `tierkit serve --layout pipeline` places them (the same function);
+    in proportion to free memory when placement refuses (the memory checks then say why)."""
+    from tiers.placement import ModelLayout, Node, PlacementError, choose_layout
+
+    n = int(cost.extra["n_layer"])
+    per_layer = int((cost.memory["weights"] + cost.memory["KV cache"]) / n)
+    layout = ModelLayout(str(r.model), [per_layer] * n, n_embd=int(cost.extra["hidden"]))
+    hosts = [Node(x.name, x.name, 0, int(x.memory_free)) for x in nodes]
+    try:
+        plan = choose_layout(layout, hosts[0], hosts[1:], "pipeline")
+        return [(s.layers[1] - s.layers[0]) / n for s in plan.stages]
+    except PlacementError:
+        total = sum(x.memory_free for x in nodes) or 1
+        return [x.memory_free / total for x in nodes]
+
+
 def price_gguf_split(r: catalog.GGUF, t: Target, p: Profile, m: Milestone) -> Priced:
     """llama.cpp over RPC: layers split in proportion to free memory; each token crosses every boundary."""
     cost = costs.gguf(r.family, str(r.quant), r.ctx, r.prompt_tokens, r.new_tokens, r.requests,
                       file_bytes=_file_bytes(r))
     nodes = t.nodes
-    total_free = sum(n.memory_free for n in nodes)
     model_bytes = cost.memory["weights"] + cost.memory["KV cache"]
     rtt, link = t.link
     checks, basis, per_node = [], [*cost.basis], []
     per_tok = 0.0
+    shares = _split_shares(r, cost, nodes)
     for i, n in enumerate(nodes):
-        share = n.memory_free / total_free
+        share = shares[i]
         need = share * model_bytes + (cost.memory["compute buffers"] + costs.LLAMA_CPP_BYTES if i == 0
                                       else costs.PYTHON_NUMPY_BYTES)
         checks.append(memory_check(f"memory on {n.name}", need, n.memory_free))
@@ -161,7 +180,7 @@ def price_gguf_split(r: catalog.GGUF, t: Target, p: Profile, m: Milestone) -> Pr
     hidden_bytes = cost.extra["hidden"] * 4
     hop_s = hops * (rtt + 2 * hidden_bytes / link + RPC_TOKEN_S)
     per_tok += hop_s + TOKEN_OVERHEAD_S["llama.cpp"]
-    remote = (1 - nodes[0].memory_free / total_free) * cost.memory["weights"]
+    remote = (1 - shares[0]) * cost.memory["weights"]
     load = cost.memory["weights"] / DISK_BPS + remote / link
     flop_rate = sum(n.flops for n in nodes)
     prefill = 2 * cost.params * cost.extra["prefill_tokens"] / (flop_rate * EFF_PREFILL_LLAMA) \
@@ -174,7 +193,7 @@ def price_gguf_split(r: catalog.GGUF, t: Target, p: Profile, m: Milestone) -> Pr
               f"{fmt_seconds(load)}"), f"prefill {fmt_seconds(prefill)}, decode {fmt_seconds(decode)}"]
     if r.min_tokens_per_s:
         checks.append(limit_check("decode speed", 1 / per_tok, r.min_tokens_per_s, True, "tokens/s"))
-    split = {n.name: round(n.memory_free / total_free, 3) for n in nodes}
+    split = {n.name: round(x, 3) for n, x in zip(nodes, shares)}
     return Priced(max(per_node), load + prefill + decode + STARTUP_S["llama.cpp"], basis, checks,
                   {"params": cost.params, "split": split, "node_bytes": [round(x) for x in per_node],
                    "tokens_per_s": round(1 / per_tok, 2)},

@@ -165,13 +165,27 @@ def op_name(code: int, custom: str = "") -> str:
 
 
 def read_model(data: bytes) -> Model:
-    """Parse the parts of a .tflite flatbuffer that inference needs (first subgraph)."""
-    from flatbuffers import number_types as N
+    """Parse the parts of a .tflite flatbuffer that inference needs (first subgraph).
+
+    A file cut short (a copy interrupted, a download not finished) points past its
+    end; that is one ExportError naming the size, not a struct error.
+    """
+    import struct
 
     data = bytes(data)
     if len(data) < 8 or data[4:8] != b"TFL3":
         raise ExportError("not a TFLite model (no 'TFL3' flatbuffer identifier): give the .tflite the "
                           "quantiser wrote")
+    try:
+        return _parse(data)
+    except (struct.error, IndexError, UnicodeDecodeError):
+        raise ExportError(f"the file is truncated or damaged ({len(data)} bytes, and its tables point past "
+                          "them): copy or export the .tflite again") from None
+
+
+def _parse(data: bytes) -> Model:
+    from flatbuffers import number_types as N
+
     root = _Table(data, int.from_bytes(data[0:4], "little"))
     codes = []
     for oc in root.tables(6):

@@ -3,10 +3,10 @@
     head (stage 0, in the serving process)      worker r (stage r, started by an agent)
     PipelineEngine(spec, stages)                python -m tiers.tier3.pipeline worker --rank r ...
       embedding + blocks [0, b0)                  blocks [a_r, b_r) (+ final norm, output, sampling if last)
-         | hidden state (1, T, n_embd) --gloo-->  ... --> last stage --(sampled token)--> head
+         | a micro-batch's hidden states (1, N, n_embd) --gloo-->  ... --> last stage --(sampled tokens)--> head
 
     source.py   what a model spec names; a stage's layers; the tokenizer; the layout placement divides
-    stage.py    one stage's computation (a KV cache per request) and how to split the layers
+    stage.py    one stage's computation (a ragged batch, a KV cache per request) and how to split the layers
     wire.py     the messages between stages, over torch.distributed point-to-point
     launch.py   a worker's launch arguments, checked into its argv; the launch through agents
     worker.py   the worker process: epoch after epoch
@@ -15,11 +15,14 @@
 
 Why it is built this way:
 
-- One request is one sequence with its own KV cache on every stage (models.gpt.KVCache
-  has one position per cache, so requests are not batched together). Several requests
-  fill the pipeline instead: while stage 1 computes request A's token, the head computes
-  request B's. Stages process messages in order, so the head matches replies to the
-  requests it sent first-in, first-out.
+- Continuous batching: one request is one sequence with its own KV cache on every
+  stage; a step runs a micro-batch of requests (each decoding request's next token,
+  chunks of new prompts) through a stage as one ragged batch: every matmul over all
+  their rows at once (the weights read once per step, what CPU decode is bound by),
+  attention per request against its own cache. Requests join and leave between steps.
+  With several stages the requests are cut into micro-batches that fill the pipeline:
+  while stage 1 computes batch A, the head computes batch B. Stages process messages
+  in order, so the head matches replies to the batches it sent first-in, first-out.
 - The last stage samples (per request, from a generator seeded by the head) and sends
   back one token, not 200 KB of logits. Greedy and seeded sampling give exactly the
   tokens of single-node ``GPT.generate``.

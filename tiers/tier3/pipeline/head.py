@@ -3,14 +3,20 @@
     generate(ids) -> a request in the inbox -> _Stream (pieces as its tokens arrive)
     the scheduler thread, one epoch at a time:
         connect: every worker idle at the rendezvous -> a fresh process group (epoch N)
-        serve:   admit requests -> run stage 0 for ready ones and send (up to `depth` in the pipe)
-                 -> the oldest reply (first in, first out) -> its token delivered -> ready again or finished
+        serve:   admit new requests (between steps)
+                 -> take a micro-batch from the ready ones: each decoding request's next token,
+                    prompt chunks up to `prefill_chunk` positions, at most 1/W of the active requests
+                 -> stage 0 on it, send it on (up to `depth` micro-batches in the pipe)
+                 -> the oldest reply (first in, first out) -> its tokens delivered -> ready again or finished
         a lost stage ends the epoch: every request in flight gets EngineUnavailable (HTTP 503),
         and connect waits for every worker to be back (their agents restart them)
 
-One request is one sequence with its own KV cache on every stage (several are
-not batched together): several requests fill the pipeline instead, the head
-computing request B's step while stage 1 computes A's.
+Continuous batching: a decode step reads every weight once for all the requests in
+it, which is what CPU decode is bound by. Each request keeps its own KV cache on
+every stage (stage.py's ragged batch), so requests join and leave between steps.
+With W stages the active requests are cut into W or more micro-batches: stage 1
+computes one while the head computes the next. A long prompt goes in chunks, each
+riding along with the other requests' decode tokens, so they keep streaming.
 """
 from __future__ import annotations
 
@@ -33,11 +39,11 @@ from tiers.tier3.pipeline.stats import PipelineStats
 from tiers.tier3.pipeline.wire import (
     H_OP,
     H_RID,
+    H_T,
     HDR,
     OP_CLOSE,
     OP_FREE,
     OP_PING,
-    OP_STEP,
     REPLY,
     Link,
     LinkDown,
@@ -66,13 +72,13 @@ class _Request:
 
 @dataclass
 class _Flight:
-    """A message in the pipe: the request it steps (None for FREE/PING/CLOSE) and its posted reply."""
+    """A message in the pipe: the micro-batch it steps (None for FREE/PING/CLOSE) and its posted reply."""
 
-    req: _Request | None
+    batch: list[tuple[_Request, list[int]]] | None
     work: Any
     reply: Any
     t: float
-    T: int
+    shape: Any       # (positions per entry, decoding entries): what the stats count
     sent: int
 
 
@@ -172,14 +178,18 @@ class PipelineEngine(Engine):
     own address and status port. With one stage the head runs the whole model (the 1-node case).
     opts: seed (random:<preset> weights), dtype, device, backend ("gloo" | "nccl"), timeout
     (seconds for any wait on a peer), connect_timeout (how long start() waits for the workers),
-    ping_interval (idle heartbeat), max_inflight (steps in the pipeline; default 2 per stage).
+    ping_interval (idle heartbeat), max_inflight (micro-batches in the pipeline; default 2 per stage),
+    max_batch (requests in one micro-batch; 1 serves them one at a time, unbatched), prefill_chunk
+    (prompt positions per micro-batch while other requests are active, so a long prompt does not
+    stall their decoding).
     """
 
     name = NAME
 
     def __init__(self, model_spec: str, stages: list[dict[str, Any]], *, seed: int = 0, dtype: str = "float32",
                  device: str = "cpu", backend: str = "gloo", timeout: float = 30.0, connect_timeout: float = 60.0,
-                 ping_interval: float = 1.0, max_inflight: int | None = None, **_ignored: Any):
+                 ping_interval: float = 1.0, max_inflight: int | None = None, max_batch: int = 32,
+                 prefill_chunk: int = 64, **_ignored: Any):
         self.stages = _check_stages(stages)
         self.src = resolve(model_spec)
         self.model_spec, self.model_id = model_spec, Path(model_spec).name if self.src.kind != "random" else model_spec
@@ -193,7 +203,9 @@ class PipelineEngine(Engine):
         torch_dtype(dtype)
         self.seed, self.dtype, self.device, self.backend = seed, dtype, device, backend
         self.timeout, self.connect_timeout, self.ping_interval = float(timeout), float(connect_timeout), ping_interval
-        self.depth = max_inflight or 2 * self.W
+        self.depth = checks.whole(max_inflight or 2 * self.W, "max_inflight", 1, 1024)
+        self.max_batch = checks.whole(max_batch, "max_batch", 1, 4096)
+        self.prefill_chunk = checks.whole(prefill_chunk, "prefill_chunk", 1, 1 << 20)
         self.tokenizer: Any = None
         self.eos_ids: frozenset[int] = frozenset()
         self.runner: StageRunner | None = None
@@ -389,7 +401,7 @@ class PipelineEngine(Engine):
             if inflight:
                 f = inflight.popleft()
                 link.wait(f.work, f"reply from stage {W - 1} ({self.stages[W - 1]['host']})")
-                if f.req is not None:
+                if f.batch is not None:
                     self._reply(f, ready, inflight)
                 continue
             if ready:
@@ -425,51 +437,106 @@ class PipelineEngine(Engine):
             ready.append(req)
 
     def _fill(self, ready: deque, inflight: deque) -> bool:
-        """Run stage 0 for one round of the ready requests and pass each on; True if anything was sent."""
-        import torch
-
-        W, sent_any = self.W, False
-        for _ in range(len(ready)):
-            if len(inflight) >= self.depth:
+        """Form micro-batches from the ready requests, run stage 0 on each and pass it on, while the
+        pipe has room; True if anything was sent. One stage: one batch, computed and delivered here."""
+        sent_any = False
+        while ready and len(inflight) < self.depth:
+            batch = self._take(ready, inflight)
+            if not batch:
                 break
+            self._run(batch, ready, inflight)
+            sent_any = True
+            if self.W == 1:
+                break
+        n = sum(f.batch is not None for f in inflight)
+        if n:
+            with self._lock:
+                self._stats.in_flight(n)
+        return sent_any
+
+    def _take(self, ready: deque, inflight: deque) -> list[tuple[_Request, list[int]]]:
+        """The next micro-batch: every decoding request's next token, and prompt chunks of at most
+        ``prefill_chunk`` positions in all (a whole prompt when nothing else is active). With W stages
+        a batch holds at most 1/W of the active requests, so W micro-batches keep every stage busy."""
+        cap = self.max_batch
+        if self.W > 1:
+            cap = min(cap, max(1, -(-len(self._active) // self.W)))
+        budget = self.prefill_chunk if len(self._active) > 1 else 1 << 30
+        batch: list[tuple[_Request, list[int]]] = []
+        waiting: list[_Request] = []
+        while ready and len(batch) < cap:
             req = ready.popleft()
             if req.cancelled:
                 self._finish(req, inflight)
                 continue
-            inp = torch.tensor([req.prompt if req.pos == 0 else [req.last]], device=self._dev)
-            T, start = inp.shape[1], req.pos
-            t = time.perf_counter()
-            y = self.runner.step(req.rid, inp, start, req.max_len)
-            ms0 = (time.perf_counter() - t) * 1e3
-            req.pos += T
-            s = req.sampling
-            if W == 1:
-                tok = self.runner.sample(req.rid, y, s.temperature, s.top_k or 0, s.top_p, req.seed)
-                with self._lock:
-                    self._stats.step(T, [ms0])
-                self._deliver(req, tok, ready, inflight)
-                continue
-            hdr = torch.zeros(HDR + W, dtype=torch.float64)
-            hdr[:HDR - 1] = torch.tensor([OP_STEP, req.rid, T, start, req.max_len, s.temperature,
-                                          s.top_k or 0, s.top_p, req.seed], dtype=torch.float64)
-            hdr[HDR] = ms0
-            y = y.to(self._cdev)
-            sent = self._link.send(1, self._wire.pack(hdr.to(self._cdev), y))
-            if T > 1:
-                sent += self._link.send(1, y)
-            reply = torch.zeros(REPLY + W, dtype=torch.float64, device=self._cdev)
-            inflight.append(_Flight(req, self._link.post_recv(W - 1, reply), reply, time.perf_counter(), T, sent))
-            sent_any = True
-        return sent_any
+            left = len(req.prompt) - req.pos
+            if left <= 0:
+                batch.append((req, [req.last]))
+            elif budget > 0:
+                take = min(left, budget)
+                budget -= take
+                batch.append((req, req.prompt[req.pos:req.pos + take]))
+            else:
+                waiting.append(req)
+        ready.extendleft(reversed(waiting))   # first in line for the next batch's prompt budget
+        return batch
+
+    def _run(self, batch: list[tuple[_Request, list[int]]], ready: deque, inflight: deque) -> None:
+        """Stage 0 on one micro-batch; with one stage sample here, else send it down the pipe."""
+        import torch
+
+        from tiers.tier3.pipeline.wire import OP_BATCH, pack_batch
+
+        W = self.W
+        starts = [req.pos for req, _ in batch]
+        entries = [(req.rid, len(ids), req.pos, req.max_len) for req, ids in batch]
+        inp = torch.tensor([[t for _, ids in batch for t in ids]], device=self._dev)
+        t = time.perf_counter()
+        y = self.runner.step_batch(entries, inp)
+        ms0 = (time.perf_counter() - t) * 1e3
+        for req, ids in batch:
+            req.pos += len(ids)
+        final = [req.pos >= len(req.prompt) for req, _ in batch]
+        shape = ([T for _, T, _, _ in entries], sum(s >= len(r.prompt) for s, (r, _) in zip(starts, batch)))
+        if W == 1:
+            toks = [self.runner.sample(req.rid, y[i:i + 1, None, :], req.sampling.temperature,
+                                       req.sampling.top_k or 0, req.sampling.top_p, req.seed) if final[i] else -1
+                    for i, (req, _) in enumerate(batch)]
+            with self._lock:
+                self._stats.batch(*shape, [ms0])
+            self._land(batch, toks, ready, inflight)
+            return
+        hdr = torch.zeros(HDR + W, dtype=torch.float64)
+        hdr[H_OP], hdr[H_RID], hdr[H_T], hdr[HDR] = OP_BATCH, len(batch), inp.shape[1], ms0
+        table = torch.tensor([[req.rid, len(ids), s, req.max_len, req.sampling.temperature, req.sampling.top_k or 0,
+                               req.sampling.top_p, req.seed, f] for (req, ids), s, f in zip(batch, starts, final)],
+                             dtype=torch.float64)
+        sent = self._link.send(1, self._wire.pack(hdr.to(self._cdev), None))
+        sent += self._link.send(1, pack_batch(table.to(self._cdev), y.to(self._cdev)))
+        reply = torch.zeros(REPLY + W + len(batch), dtype=torch.float64, device=self._cdev)
+        inflight.append(_Flight(batch, self._link.post_recv(W - 1, reply), reply, time.perf_counter(), shape, sent))
 
     def _reply(self, f: _Flight, ready: deque, inflight: deque) -> None:
-        """The last stage's answer to a step: its stages' compute times, and the token it sampled."""
-        r = f.reply.tolist()
-        if int(r[1]) != f.req.rid:
-            raise LinkDown(f"protocol: a reply for request {int(r[1])}, expected {f.req.rid}")
+        """The last stage's answer to a micro-batch: its stages' compute times, and the tokens it sampled."""
+        from tiers.tier3.pipeline.wire import OP_BATCH
+
+        r, W, B = f.reply.tolist(), self.W, len(f.batch)
+        if r[0] != OP_BATCH or int(r[1]) != B:
+            raise LinkDown(f"protocol: a reply for a batch of {int(r[1])}, expected {B}")
         with self._lock:
-            self._stats.step(f.T, r[REPLY:], f.sent, (REPLY + self.W) * 8, (time.perf_counter() - f.t) * 1e3)
-        self._deliver(f.req, int(r[2]), ready, inflight)
+            self._stats.batch(*f.shape, r[REPLY:REPLY + W], f.sent, (REPLY + W + B) * 8,
+                              (time.perf_counter() - f.t) * 1e3)
+        self._land(f.batch, [int(x) for x in r[REPLY + W:]], ready, inflight)
+
+    def _land(self, batch: list[tuple[_Request, list[int]]], toks: list[int], ready: deque, inflight: deque) -> None:
+        """A micro-batch is back: deliver each sampled token; a request still in its prompt is ready again."""
+        for (req, _), tok in zip(batch, toks):
+            if tok >= 0:
+                self._deliver(req, tok, ready, inflight)
+            elif req.cancelled:
+                self._finish(req, inflight)
+            else:
+                ready.append(req)
 
     def _send_op(self, op: float, rid: int, inflight: deque) -> None:
         import torch
@@ -479,7 +546,7 @@ class PipelineEngine(Engine):
         hdr[H_OP], hdr[H_RID] = op, rid
         link.send(1, self._wire.pack(hdr, None))
         reply = torch.zeros(REPLY + W, dtype=torch.float64, device=self._cdev)
-        inflight.append(_Flight(None, link.post_recv(W - 1, reply), reply, time.perf_counter(), 0, 0))
+        inflight.append(_Flight(None, link.post_recv(W - 1, reply), reply, time.perf_counter(), None, 0))
 
     def _deliver(self, req: _Request, tok: int, ready: deque, inflight: deque) -> None:
         req.produced += 1

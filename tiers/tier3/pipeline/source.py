@@ -25,6 +25,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpt-tiny": {"arch": "gpt2", "n_layer": 4, "n_head": 4, "n_embd": 64, "vocab_size": 256, "block_size": 256},
     "llama-tiny": {"arch": "llama", "n_layer": 4, "n_head": 4, "n_kv_head": 2, "n_embd": 64, "vocab_size": 256,
                    "block_size": 256},
+    "gpt-30m": {"arch": "gpt2", "n_layer": 8, "n_head": 8, "n_embd": 512, "vocab_size": 8192, "block_size": 1024},
     "gpt-124m": {"arch": "gpt2", "n_layer": 12, "n_head": 12, "n_embd": 768, "vocab_size": 50304,
                  "block_size": 1024},
     "gpt-300m": {"arch": "gpt2", "n_layer": 24, "n_head": 16, "n_embd": 1024, "vocab_size": 50304,

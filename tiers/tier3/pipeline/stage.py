@@ -2,6 +2,10 @@
 
     StageRunner(model).step(rid, x, start, max_len)   one request's positions through this stage's blocks,
                                                       each request with its own KV cache (models.gpt.KVCache)
+    StageRunner.step_batch([(rid, T, start, max_len), ...], x)
+                                                      several requests' positions as one ragged batch:
+        x (1, N = sum T, C) -- norms, q/k/v, projections, MLP: one matmul over all N rows (weights read once)
+                            -- attention: per request, its T rows against its own cache (0 .. start+T)
     StageRunner.sample(rid, logits, ...)              the last stage samples: one token goes back, not the logits
     split_layers(cfg, n)                              contiguous ranges that balance decode compute
 """
@@ -23,6 +27,44 @@ class StageRunner:
         """Run this stage for one request; hidden states out, or the last position's logits on the last stage."""
         import torch
 
+        cache = self._cache(rid, start, max_len)
+        with torch.no_grad():
+            return self.model.forward_stage(inp, cache)
+
+    def step_batch(self, entries: list[tuple[int, int, int, int]], x: Any) -> Any:
+        """Run this stage for several requests at once: ``entries`` are (rid, T, start, max_len) in the
+        order of their rows in ``x`` (token ids (1, N) on the first stage, hidden states (1, N, C) after).
+        Hidden states (1, N, C) out, or on the last stage each entry's last-position logits (B, vocab).
+
+        Ragged, not padded: the rows of all requests go through every matmul together, and only
+        attention is split per request, so no position is computed twice and no mask hides padding."""
+        import torch
+
+        from models.gpt import rope_cos_sin
+
+        m, cfg = self.model, self.model.config
+        caches = [self._cache(rid, start, max_len) for rid, _, start, max_len in entries]
+        sizes = [e[1] for e in entries]
+        with torch.no_grad():
+            if m.has_embed:
+                h = torch.cat([m.embed(ids, e[2]) for ids, e in zip(torch.split(x, sizes, dim=1), entries)], dim=1)
+            else:
+                h = x
+            rope = None
+            if cfg.arch == "llama":
+                where = torch.cat([torch.arange(s, s + T) for _, T, s, _ in entries]).to(h.device)
+                rope = rope_cos_sin(cfg, where, h.dtype)
+            for block in m.transformer.h.values():
+                h = h + _ragged_attention(block.attn, block.ln_1(h), entries, caches, rope)
+                h = h + block.mlp(block.ln_2(h))
+            for cache, (_, T, start, _) in zip(caches, entries):
+                cache.pos = start + T
+            if not m.has_head:
+                return h
+            last = torch.tensor(sizes, device=h.device).cumsum(0) - 1
+            return m.head(h[0, last, :])
+
+    def _cache(self, rid: int, start: int, max_len: int) -> Any:
         from models.gpt import KVCache
 
         if start == 0:
@@ -31,8 +73,7 @@ class StageRunner:
         if cache is None or cache.pos != start:
             raise RuntimeError(f"request {rid}: stage has position {None if cache is None else cache.pos}, "
                                f"message says {start}")
-        with torch.no_grad():
-            return self.model.forward_stage(inp, cache)
+        return cache
 
     def sample(self, rid: int, logits: Any, temperature: float, top_k: int, top_p: float, seed: int) -> int:
         import torch
@@ -51,6 +92,48 @@ class StageRunner:
     def clear(self) -> None:
         self.caches.clear()
         self.gens.clear()
+
+
+def _ragged_attention(attn: Any, x: Any, entries: list[tuple[int, int, int, int]], caches: list[Any],
+                      rope: tuple[Any, Any] | None) -> Any:
+    """One attention layer over the ragged rows of several requests: q/k/v and the output projection
+    for all rows at once; each request's rows attend to its own cache (what models.gpt's layer does
+    for one request, so each request's numbers are those of a single-request step)."""
+    import torch
+    import torch.nn.functional as F
+
+    from models.gpt import apply_rope
+
+    cfg, layer = attn.cfg, attn.layer
+    hd, nh, nkv = cfg.head_dim, cfg.n_head, cfg.kv_heads
+    q_all, k_all, v_all = attn.c_attn(x)[0].split((nh * hd, nkv * hd, nkv * hd), dim=1)
+    outs, row = [], 0
+    for (_, T, start, _), cache in zip(entries, caches):
+        rows = slice(row, row + T)
+        q = q_all[rows].view(1, T, nh, hd).transpose(1, 2)
+        k = k_all[rows].view(1, T, nkv, hd).transpose(1, 2)
+        v = v_all[rows].view(1, T, nkv, hd).transpose(1, 2)
+        if rope is not None:
+            cos, sin = rope[0][rows], rope[1][rows]
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        end = start + T
+        if end > cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} positions; {end} asked")
+        cache.k[layer][:, :, start:end] = k
+        cache.v[layer][:, :, start:end] = v
+        keys, vals = cache.k[layer][:, :, :end], cache.v[layer][:, :, :end]
+        if nkv != nh:
+            keys, vals = keys.repeat_interleave(nh // nkv, dim=1), vals.repeat_interleave(nh // nkv, dim=1)
+        if T == 1:
+            y = F.scaled_dot_product_attention(q, keys, vals)
+        elif start == 0:
+            y = F.scaled_dot_product_attention(q, keys, vals, is_causal=True)
+        else:   # a prompt chunk after cached positions: row i sees 0 .. start + i
+            seen = torch.arange(end, device=x.device)[None, :] <= (start + torch.arange(T, device=x.device))[:, None]
+            y = F.scaled_dot_product_attention(q, keys, vals, attn_mask=seen)
+        outs.append(y.transpose(1, 2).reshape(T, cfg.n_embd))
+        row += T
+    return attn.c_proj(torch.cat(outs)[None])
 
 
 def split_layers(cfg: Any, n_stages: int, head_blocks: float | None = None) -> list[tuple[int, int]]:

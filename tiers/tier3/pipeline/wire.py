@@ -6,6 +6,10 @@
                       then one compute-ms slot per stage (each stage fills its own on the way)
     reply  (float64): op, request id, sampled token, spare, then the stages' compute-ms slots
 
+    a batch (OP_BATCH): header with request id = B entries and T = N positions in all, then one payload
+        [table (B x 9 float64: rid, T, start, max_len, temperature, top_k, top_p, seed, sample?) | (N, C) states]
+    its reply: op, B, -1, spare, the compute-ms slots, then B sampled tokens (-1 where not sampled)
+
 A decode step (T == 1) is one message per hop: the header and the one hidden
 state share a buffer, so the receiver wakes once. Messages are float64 so ids
 and seeds up to 2**53 travel exactly. Transport is torch.distributed
@@ -23,10 +27,11 @@ from typing import Any
 
 from tiers.tier3.engine import EngineError
 
-OP_STEP, OP_FREE, OP_PING, OP_CLOSE = 1.0, 2.0, 3.0, 4.0
+OP_STEP, OP_FREE, OP_PING, OP_CLOSE, OP_BATCH = 1.0, 2.0, 3.0, 4.0, 5.0
 H_OP, H_RID, H_T, H_START, H_MAXLEN, H_TEMP, H_TOPK, H_TOPP, H_SEED = range(9)
 HDR = 10        # header: the fields above + one spare, then one compute-ms slot per stage
 REPLY = 4       # reply: op, rid, token, spare, then one compute-ms slot per stage
+ROW = 9         # a batch table's row: rid, T, start, max_len, temperature, top_k, top_p, seed, sample
 
 
 class LinkDown(Exception):
@@ -127,6 +132,27 @@ class Wire:
         if y is not None and y.shape[1] == 1:
             self.inline(buf).copy_(y)
         return buf
+
+
+def pack_batch(table: Any, y: Any) -> Any:
+    """A batch's payload: its table (B, ROW) float64 and its hidden states (1, N, C), as one byte message."""
+    import torch
+
+    return torch.cat([table.contiguous().view(-1).view(torch.uint8), y.contiguous().view(-1).view(torch.uint8)])
+
+
+def unpack_batch(buf: Any, B: int, N: int, C: int, dtype: Any) -> tuple[Any, Any]:
+    """(table (B, ROW) float64, hidden states (1, N, C)) of a batch payload."""
+    import torch
+
+    tb = 8 * ROW * B
+    return buf[:tb].view(torch.float64).view(B, ROW), buf[tb:].view(dtype).view(1, N, C)
+
+
+def batch_bytes(B: int, N: int, C: int, dtype: Any) -> int:
+    import torch
+
+    return 8 * ROW * B + N * C * torch.empty(0, dtype=dtype).element_size()
 
 
 def make_group(store: Any, prefix: str, rank: int, world: int, host: str, timeout: float,

@@ -41,6 +41,7 @@ from tiers.tier3.pipeline.wire import (
     H_TOPK,
     H_TOPP,
     HDR,
+    OP_BATCH,
     OP_CLOSE,
     OP_FREE,
     OP_STEP,
@@ -48,9 +49,12 @@ from tiers.tier3.pipeline.wire import (
     Link,
     LinkDown,
     Wire,
+    batch_bytes,
     connect_store,
     make_group,
+    pack_batch,
     short_error,
+    unpack_batch,
 )
 
 
@@ -183,6 +187,13 @@ def _serve_epoch(link: Link, runner: StageRunner, a: dict[str, Any]) -> None:
         h = hdr.tolist()
         op, rid, T = h[H_OP], int(h[H_RID]), int(h[H_T])
         x = None
+        if op == OP_BATCH:
+            payload = link.recv(rank - 1, torch.empty(batch_bytes(rid, T, wire.C, dtype), dtype=torch.uint8,
+                                                      device=wire.device), f"a batch from rank {rank - 1}")
+            cur ^= 1
+            pending = link.post_recv(rank - 1, bufs[cur])
+            _batch(link, runner, wire, hdr, unpack_batch(payload, rid, T, wire.C, dtype), dev, a)
+            continue
         if op == OP_STEP:
             x = wire.inline(buf).clone() if T == 1 else link.recv(
                 rank - 1, torch.empty(1, T, wire.C, dtype=dtype, device=wire.device),
@@ -213,6 +224,34 @@ def _serve_epoch(link: Link, runner: StageRunner, a: dict[str, Any]) -> None:
         if op == OP_CLOSE:
             link.reap(block=True)
             return
+
+
+def _batch(link: Link, runner: StageRunner, wire: Wire, hdr: Any, payload: tuple[Any, Any], dev: Any,
+           a: dict[str, Any]) -> None:
+    """One micro-batch: run the stage on all its rows, pass it on (or, from the last stage, reply
+    with a token for every entry that asked for one)."""
+    import torch
+
+    rank, world = a["rank"], a["world_size"]
+    table, x = payload
+    B = table.shape[0]
+    rows = table.tolist()
+    entries = [(int(r[0]), int(r[1]), int(r[2]), int(r[3])) for r in rows]
+    t = time.perf_counter()
+    y = runner.step_batch(entries, x.to(dev))
+    if rank < world - 1:
+        hdr[HDR + rank] = (time.perf_counter() - t) * 1e3
+        link.send(rank + 1, wire.pack(hdr, None))
+        link.send(rank + 1, pack_batch(table, y.to(wire.device)))
+        return
+    toks = [runner.sample(int(r[0]), y[i:i + 1, None, :], r[4], int(r[5]), r[6], int(r[7])) if r[8] else -1
+            for i, r in enumerate(rows)]
+    hdr[HDR + rank] = (time.perf_counter() - t) * 1e3
+    reply = torch.zeros(REPLY + world + B, dtype=torch.float64)
+    reply[0], reply[1], reply[2] = OP_BATCH, B, -1
+    reply[REPLY:REPLY + world] = hdr[HDR:].cpu()
+    reply[REPLY + world:] = torch.tensor(toks, dtype=torch.float64)
+    link.send(0, reply.to(wire.device))
 
 
 def worker_main(argv: list[str]) -> int:

@@ -196,6 +196,7 @@ def test_agent_command_port_in_use_prints_one_line(agent, tmp_path):
                           env={"TIERKIT_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 1
     assert proc.stderr.strip() == f"tierkit agent: port {agent.port} on 127.0.0.1 is in use: pass --port"
+    assert not list(tmp_path.rglob("agent.token"))   # no new token that nobody was shown
 
 
 def test_agent_command_serves_and_stops_on_sigterm(tmp_path):

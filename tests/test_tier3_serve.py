@@ -242,6 +242,22 @@ def test_openai_client_completes_chats_and_streams(cluster):
     assert a.choices[0].text == b.choices[0].text
 
 
+def test_streamed_usage_when_asked(cluster):
+    """stream_options.include_usage: one last chunk with no choices and the token counts (as OpenAI's API)."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="unused", max_retries=0)
+    chunks = list(client.chat.completions.create(
+        model="stories260K", messages=[{"role": "user", "content": "Tell a story"}], max_tokens=9, temperature=0,
+        stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 9
+    assert chunks[-1].usage.total_tokens == chunks[-1].usage.prompt_tokens + 9
+    assert all(ch.usage is None for ch in chunks[:-1])
+    plain = list(client.completions.create(model="stories260K", prompt="Once", max_tokens=5, temperature=0,
+                                           stream=True))
+    assert all(ch.choices for ch in plain)   # not asked: no usage chunk
+
+
 # ---------------------------------------------------------------- 32 concurrent streams
 
 @pytest.mark.parametrize("clients", [32, 48])  # 48: more than the server's default 40 worker threads
@@ -330,6 +346,8 @@ def test_vllm_engine_proxies_an_openai_server(cluster):
     ("/v1/completions", {"prompt": "x", "top_p": "high"}, "top_p"),
     ("/v1/completions", {"prompt": "x", "stream": "yes"}, "stream"),
     ("/v1/completions", {"prompt": "x", "n": 2}, "n"),
+    ("/v1/completions", {"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
+    ("/v1/completions", {"prompt": "x", "stream": True, "stream_options": [1]}, "stream_options"),
     ("/v1/completions", {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ("/v1/completions", {"prompt": "x", "model": 7}, "model"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 100000}, None),   # beyond the context: the engine says so

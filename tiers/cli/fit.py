@@ -129,7 +129,7 @@ def _explain(con, plans) -> None:
 def fit_cmd(
     profile: Optional[str] = typer.Option(None, "--profile", help="Profile FILE, or a reference kit NAME from profiles/ [default: the probed one]."),
     all_profiles: bool = typer.Option(False, "--all-profiles", help="A matrix: every milestone on every reference kit."),
-    track: str = typer.Option("build", "--track", help="build | g2c | mentor100m."),
+    track: str = typer.Option("build", "--track", help="build | g2c | mentor100m | checklist | scratchtoprod."),
     milestone: Optional[str] = typer.Option(None, "--milestone", "-m", help="Only this milestone, e.g. B12."),
     as_json: bool = typer.Option(False, "--json", help="Print the plans as JSON on stdout, nothing else."),
     explain: bool = typer.Option(False, "--explain", help="Show each plan's basis: the arithmetic behind every number."),

@@ -92,8 +92,11 @@ def with_settings(rung: Rung, overrides: dict | None) -> Rung:
         return rung
     try:
         return type(rung).model_validate({**rung.model_dump(), **known})
-    except ValidationError:
-        return rung   # priced as planned; the milestone's typed Config refuses the value in one line before the run
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = str(err["loc"][0]) if err["loc"] else "?"
+        raise FitError(f"--set {key}={known.get(key)}: {err['msg'].lower()} "
+                       f"(the {type(rung).__name__} field {key!r})") from None
 
 
 @dataclass

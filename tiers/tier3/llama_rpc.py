@@ -335,8 +335,9 @@ class LlamaRpcEngine(Engine):
         down = [f"{ep} ({p})" for ep, p in self._down(timeout=1.0).items()]
         tail = next((l for l in reversed(self._stderr) if "rpc" in l.lower() or "abort" in l.lower()), "")
         who = f"worker {', '.join(down)} is down" if down else "a worker connection failed"
-        msg = f"lost a llama-rpc peer while {what}: {who}" + (f" [{tail[:160]}]" if tail else "") + \
-              f" (head process exit {code}); the agent restarts workers: retry shortly"
+        msg = f"lost a llama-rpc peer while {what}: {who}" + (f" [{tail[:160]}]" if tail else "") \
+              + (f" (the head's llama.cpp process exited with code {code})" if code is not None else "") \
+              + "; the agent restarts workers: retry shortly"
         self._stats["errors"] += 1
         self._stats["last_error"] = msg
         return EngineUnavailable(msg)

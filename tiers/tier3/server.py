@@ -94,6 +94,18 @@ def _bool(body: dict, key: str) -> bool:
     return v
 
 
+def _include_usage(body: dict) -> bool:
+    """stream_options.include_usage: a last streamed chunk with no choices and the token counts."""
+    opts = body.get("stream_options")
+    if opts is None:
+        return False
+    if not isinstance(opts, dict):
+        raise BadRequest(f"stream_options must be an object, got {opts!r}", "stream_options")
+    if not _bool(body, "stream"):
+        raise BadRequest("stream_options is only allowed with stream: true", "stream_options")
+    return _bool(opts, "include_usage")
+
+
 def prompt_ids(engine: Engine, body: dict[str, Any]) -> list[int]:
     """prompt: a string, a list of token ids, or a one-element list of either."""
     p = body.get("prompt")
@@ -265,6 +277,7 @@ class _Api:
             sampling = sampling_from(body, "max_completion_tokens" if chat else "max_tokens")
             stream = _bool(body, "stream")
             want_ids = _bool(body, "return_token_ids")
+            include_usage = _include_usage(body)
             if chat:
                 prompt = await to_thread(self.engine.chat_prompt, chat_messages(body))
                 ids = await to_thread(self.engine.tokenize, prompt)
@@ -280,6 +293,7 @@ class _Api:
             return self.refuse(exc)
         self.counters.count("chat" if chat else "completions")
         reply = _Reply(self, _Pieces(gen, first, sampling.stop), chat, ids, want_ids)
+        reply.include_usage = include_usage
         if not stream:
             return await reply.whole()
         return self.StreamingResponse(reply.events(), media_type="text/event-stream",
@@ -333,6 +347,7 @@ class _Reply:
         self.api, self.pieces, self.chat, self.ids, self.want_ids = api, pieces, chat, ids, want_ids
         self.rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         self.model = api.engine.model_id
+        self.include_usage = False
 
     def _begin(self) -> None:
         with self.api.counters.lock:
@@ -412,6 +427,10 @@ class _Reply:
                     yield self._chunk(created, text, None, tokens=new)
                 if done:
                     yield self._chunk(created, None if self.chat else "", pieces.finish)
+                    if self.include_usage:
+                        yield _event({"id": self.rid, "created": created, "model": self.model, "choices": [],
+                                      "object": "chat.completion.chunk" if self.chat else "text_completion",
+                                      "usage": self._usage()})
                     yield b"data: [DONE]\n\n"
                     return
         finally:

@@ -23,7 +23,7 @@ from inventory.profile import Profile
 from tiers.tier3.agent.errors import AgentError, PortInUse
 from tiers.tier3.agent.mdns import Advertiser
 from tiers.tier3.agent.routes import Server
-from tiers.tier3.agent.secret import load_or_create_token, token_path
+from tiers.tier3.agent.secret import load_or_create_token, save_token, token_path
 from tiers.tier3.agent.summary import summarize
 from tiers.tier3.agent.workers import Supervisor
 
@@ -156,11 +156,14 @@ def serve(host: str, port: int, profile: Profile, name: str | None = None,
     Raises AgentError (one line) when it cannot start, e.g. PortInUse.
     """
     stop = stop or threading.Event()
-    token, created = load_or_create_token(token_file)
+    # A new token is written and shown only once the agent holds its port: an agent that cannot start
+    # leaves no token behind that nobody was shown.
+    token, created = load_or_create_token(token_file, save=False)
     agent = Agent(host, port, profile, name, verbose=verbose, advertise=advertise, token=token,
                   memory_budget=memory_budget)
     if created:
-        where = token_file or token_path()
+        where = Path(token_file) if token_file else token_path()
+        save_token(where, token)
         agent.log(f"new launch token (shown once; also in {where}, mode 0600): {token}")
     restore = None
     if threading.current_thread() is threading.main_thread():

@@ -24,7 +24,7 @@ def token_path() -> Path:
     return default_path().parent / TOKEN_FILE
 
 
-def load_or_create_token(path: Path | None = None) -> tuple[str, bool]:
+def load_or_create_token(path: Path | None = None, *, save: bool = True) -> tuple[str, bool]:
     """(token, created): $TIERKIT_AGENT_TOKEN, else the token file, else a new one written 0600.
 
     A token file others can read is refused: anyone who reads it can start
@@ -39,13 +39,19 @@ def load_or_create_token(path: Path | None = None) -> tuple[str, bool]:
     if path.exists():
         return read_token_file(path), False
     token = secrets.token_urlsafe(32)
+    if save:
+        save_token(path, token)
+    return token, True
+
+
+def save_token(path: Path, token: str) -> None:
+    """Write a new token readable by its owner only."""
     # atomic_write leaves the file as public as the umask allows: narrow it to the owner while it writes.
     umask = os.umask(0o077)
     try:
         atomic_write(path, token + "\n")
     finally:
         os.umask(umask)
-    return token, True
 
 
 def read_token_file(path: Path) -> str:
@@ -59,5 +65,7 @@ def read_token_file(path: Path) -> str:
     if mode & 0o077:
         raise AgentError(f"token file {path} is readable by other users: chmod 600 {path}")
     if len(text) < 16:
-        raise AgentError(f"token file {path} holds no usable token: delete it and restart the agent")
+        raise AgentError(f"token file {path} holds no usable token: copy agent.token again from the agent's "
+                         f"machine (on that machine: delete it and restart `tierkit agent` for a new one), "
+                         f"or set ${TOKEN_ENV}")
     return text

@@ -356,9 +356,11 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, n_tokens: int | None = None) -> torch.Tensor:
         """Append ``max_new_tokens`` tokens; temperature 0 is greedy. With the KV cache each new
-        token costs one position; without it (or past block_size) the cropped sequence is re-run."""
+        token costs one position; without it (or past block_size) the cropped sequence is re-run.
+        n_tokens: sample only ids below it (a vocabulary padded to a multiple of 64 has rows no
+        tokenizer can decode)."""
         cache = None
         if use_cache and idx.shape[1] + max_new_tokens <= self.config.block_size:
             cache = KVCache(self, batch_size=idx.shape[0], max_len=idx.shape[1] + max_new_tokens)
@@ -367,7 +369,7 @@ class GPT(nn.Module):
             if cache is None:
                 inp = idx[:, -self.config.block_size:]
             logits, _ = self(inp, cache=cache)
-            nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
+            nxt = sample_next(logits[:, -1, :n_tokens], temperature, top_k, top_p, generator)
             idx = torch.cat((idx, nxt), dim=1)
             inp = nxt
         return idx

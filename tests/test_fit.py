@@ -426,7 +426,7 @@ def test_set_reprices_the_rung_it_is_judged_by():
     assert fast.prediction.seconds < p.prediction.seconds / 100
     forced = F.fit(ref(LAPTOP), "B12", size="10.7M", check_packages=False, waive=frozenset({"time"}))
     assert forced.verdict == "tight" and any("forced" in r for r in forced.reasons)
-    with pytest.raises(F.FitError, match="--set steps=x"):
+    with pytest.raises(F.FitError, match="--set steps='x'"):
         F.fit(ref(LAPTOP), "B12", size="10.7M", overrides={"steps": "x"})
 
 

@@ -208,3 +208,34 @@ def test_b12_on_the_web_text_sample_reads_one_page_per_file(home, roomy_profile,
     folder = Path(m["tokenised"]["folder"])
     ids = np.concatenate([np.fromfile(folder / "train.bin", np.uint16), np.fromfile(folder / "val.bin", np.uint16)])
     assert (ids == 50256).sum() == 300 and ids[-1] == 50256 and m["tokens"] == len(ids)
+
+
+def test_gpt2_tokens_on_the_char_rung_report_the_model_that_ran(home, tmp_path):
+    """`--set tokenizer=gpt2` on a character rung: the model's vocabulary is GPT-2's (padded to 50,304),
+    its samples never hold a padding id that the tokenizer cannot decode, and the build README's config
+    says what ran while its prediction says which planned setting it was made for."""
+    proc = run_cli("run", "B12", "--size", "28K", "--set", "tokenizer=gpt2", "--set", "steps=3",
+                   "--set", "eval_iters=2", "--set", "sample_tokens=400", "--set", "temperature=1.0",
+                   "--set", "top_k=null", "--profile", "laptop-8gb-cpu", "--out", str(home / "builds"),
+                   home=home, env={**ENV, "TIERKIT_DATA": str(SHARED / "data")}, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    build = home / "builds" / "B12-pretraining"
+    doc = json.loads((build / "metrics.json").read_text())
+    assert doc["metrics"]["model_vocab"] == 50304 and doc["config"]["vocab_size"] == 50304
+    readme = (build / "README.md").read_text()
+    assert '"vocab_size": 50304' in readme
+    assert "The prediction is for the planned vocab_size 65 (this run: 50,304)" in readme
+
+
+def test_generate_samples_only_ids_the_tokenizer_has():
+    import torch
+
+    from models.gpt import GPT, GPTConfig
+
+    model = GPT(GPTConfig(vocab_size=64, block_size=64, n_layer=1, n_head=2, n_embd=16), seed=0).eval()
+    idx = torch.zeros((2, 1), dtype=torch.long)
+    out = model.generate(idx, 40, temperature=1.0, n_tokens=10, generator=torch.Generator().manual_seed(0))
+    assert int(out[:, 1:].max()) < 10
+    # without the limit, 54 of 64 near-uniform ids are beyond it: drawn at once
+    out = model.generate(idx, 40, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert int(out[:, 1:].max()) >= 10

@@ -53,7 +53,7 @@ def _adapter(cls: type) -> TypeAdapter:
     return cached
 
 
-def _expected(err: dict[str, Any]) -> str:
+def expected(err: dict[str, Any]) -> str:
     """pydantic's message as a clause: 'must be a valid integer' rather than 'Input should be ...'."""
     msg = str(err.get("msg", "invalid"))
     msg = re.sub(r"^Input should be ", "must be ", msg)
@@ -84,12 +84,12 @@ def build(cls: type[C], base: Mapping[str, Any], overrides: Mapping[str, Any] | 
         if not err.get("loc"):        # a check across fields (n_min <= n_max): name the settings given
             given = ", ".join(f"{k}={v!r}" for k, v in overrides.items())
             raise ConfigError(f"{prefix}settings" + (f" (--set {given})" if given else "")
-                              + f": {_expected(err)}") from None
+                              + f": {expected(err)}") from None
         key = str(err["loc"][0])
         if key in overrides:
-            raise ConfigError(f"{prefix}--set {key}={overrides[key]!r}: {_expected(err)}") from None
+            raise ConfigError(f"{prefix}--set {key}={overrides[key]!r}: {expected(err)}") from None
         raise ConfigError(f"{prefix}setting {key}={values.get(key, err.get('input'))!r} (from the planned size): "
-                          f"{_expected(err)}; fix the ladder in tiers/milestones.yaml") from None
+                          f"{expected(err)}; fix the ladder in tiers/milestones.yaml") from None
 
 
 def as_dict(config: Any) -> dict[str, Any]:

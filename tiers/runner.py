@@ -138,6 +138,9 @@ class Output:
     # memory say nothing about the planned workload, so they must not calibrate later plans
     calibrate: bool = True
     calibrate_why: str = ""   # when `calibrate` is False: what ran instead of the planned workload
+    # the settings as they ran, where the milestone derived some from its data (B12's vocabulary
+    # from its tokenizer); None: the Config it was given
+    config: Any = None
 
 
 # ---------------------------------------------------------------- measuring
@@ -439,7 +442,7 @@ def run(plan: Plan, profile: Profile, out_root: Path, progress: Any = None, *,
         plots = _plots(tmp, out)
         result = Result(plan=plan, out_dir=final, actual_peak_bytes=float(peak), actual_seconds=seconds,
                         metrics=out.metrics, plots=[final / p for p, _ in plots], summary=out.summary,
-                        config=dataclasses.asdict(config))
+                        config=dataclasses.asdict(out.config if out.config is not None else config))
         live = out.profile or profile
         result.not_calibrated = calibration_refusal(plan, out, profile_path, calibrate, overrides)
         # Plain writes: the whole folder is swapped in at once below, so nobody sees it half-written.
@@ -629,6 +632,14 @@ def _artifact_lines(plan: Plan) -> list[str]:
     return out
 
 
+def _unpriced(plan: Plan, ran: dict[str, Any]) -> str:
+    """The priced settings (the rung's numbers) that the run changed without the planner seeing it, as
+    "vocab_size 65 (this run: 50,304)"; "" when none."""
+    moved = [f"{k} {v:,} (this run: {ran[k]:,})" for k, v in plan.config.items()
+             if isinstance(v, int) and not isinstance(v, bool) and isinstance(ran.get(k), int) and ran[k] != v]
+    return ", ".join(moved)
+
+
 def readme(result: Result, actual: dict[str, Any], profile: Profile, out: Output,
            plots: list[tuple[str, str]]) -> str:
     plan, pred = result.plan, result.plan.prediction
@@ -668,6 +679,8 @@ def readme(result: Result, actual: dict[str, Any], profile: Profile, out: Output
                        "(CUDA context, torch's cache, the tensors), so the actual is the GPU memory the process held.")
                     + f" Measured: {actual['peak_method']}. RSS before the milestone started: "
                     f"{_mem(actual['rss_baseline_bytes'])}; increase during it: {_mem(actual['rss_increase_bytes'])}.", ""]
+        if moved := _unpriced(plan, result.config):
+            lines += [f"The prediction is for the planned {moved}: it compares with a run of those settings.", ""]
         if pred.basis:
             lines += ["Basis of the prediction:", ""] + [f"- {b}" for b in pred.basis] + [""]
         if result.not_calibrated is None:

@@ -28,6 +28,7 @@ from inventory.kits import reference_names, reference_profile
 from inventory.profile import Profile
 from tiers import catalog
 from tiers.catalog import Milestone, Rung
+from tiers.config import expected
 from tiers.fit.artifacts import fetch_line, needs
 from tiers.fit.calibration import calibration
 from tiers.fit.pricing import PRICERS, Priced
@@ -95,8 +96,7 @@ def with_settings(rung: Rung, overrides: dict | None) -> Rung:
     except ValidationError as exc:
         err = exc.errors()[0]
         key = str(err["loc"][0]) if err["loc"] else "?"
-        raise FitError(f"--set {key}={known.get(key)}: {err['msg'].lower()} "
-                       f"(the {type(rung).__name__} field {key!r})") from None
+        raise FitError(f"--set {key}={known.get(key)!r}: {expected(err)}") from None
 
 
 @dataclass

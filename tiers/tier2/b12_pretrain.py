@@ -41,7 +41,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -437,7 +437,8 @@ def run(ctx: Context) -> Output:
                f"(unigram baseline {m['unigram_baseline']:.3f}, uniform {m['uniform_baseline']:.3f}) in "
                f"{train_seconds:.1f} s on {device} ({m['tokens_per_second']:,.0f} tokens/s)"
                + (f"; resumed at step {', '.join(map(str, hist['resumed_at']))}" if hist["resumed_at"] else "") + ".")
-    return Output(metrics=m, summary=summary, report=report(m), plots=plots(ctx.out_dir, hist, m, tc))
+    return Output(metrics=m, summary=summary, report=report(m), plots=plots(ctx.out_dir, hist, m, tc),
+                  config=replace(cfg, vocab_size=mcfg.vocab_size))
 
 
 def resume_command(ctx: Context) -> str:

@@ -354,7 +354,8 @@ def sample_text(model: GPT, tok: Tokenizer, prompt: str = "\n", n: int = 200, te
     ids = tok.encode(prompt, errors="drop") or [0]
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     gen = torch.Generator(device=device).manual_seed(seed)
-    out = model.generate(idx, n, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
+    out = model.generate(idx, n, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen,
+                         n_tokens=tok.vocab_size)
     model.train(was)
     return tok.decode(out[0, len(ids):].tolist())
 

@@ -234,21 +234,6 @@ def print_table(rows: list[dict[str, Any]], skipped: list[dict[str, Any]], origi
         con.print(f"skipped {sk['milestone']}: {sk['why']}")
 
 
-FORCE = """
-import sys
-from pathlib import Path
-from inventory.profile import load
-from tiers import runner
-from tiers.fit import fit
-prof = load(sys.argv[1])
-# sized as on the unconfined host (a refused plan carries no sizes), then run under the kit's limit anyway
-prof.memory.total_bytes = prof.memory.available_bytes = prof.memory.host_total_bytes or prof.memory.total_bytes
-plan = fit(prof, sys.argv[2], size=sys.argv[3])
-plan.verdict = "fits"   # forced past a time refusal too: only the memory is under test, and it is allocated first
-runner.run(plan, prof, Path(sys.argv[4]))
-"""
-
-
 def refused_for_memory(prof: Any) -> list[tuple[float, str, str]]:
     """(predicted peak, milestone, size) for the rungs refused on memory alone that this host could hold."""
     from tiers.catalog import CatalogError, get
@@ -283,7 +268,10 @@ def forced_refusal(prof: Any, home: Path, kit: Kit, timeout: float) -> dict[str,
     tried = []
     env = {**os.environ, "TIERKIT_HOME": str(home), "PYTHONPATH": str(REPO)}
     for peak, mid, size in cands[:4]:
-        proc, oom, late = kit.run([sys.executable, "-c", FORCE, str(home / "profile.yaml"), mid, size,
+        # as a user forces it: past the memory refusal (and the time box: the model and optimiser
+        # state are allocated in the first seconds, so only the memory is under test)
+        proc, oom, late = kit.run([sys.executable, "-m", "tiers.cli", "run", mid, "--size", size, "--force",
+                                   "--force-memory", "--profile", str(home / "profile.yaml"), "--out",
                                    str(home / "forced")], capture_output=True, text=True, env=env, cwd=home,
                                   timeout=timeout)
         row = {"milestone": mid, "size": size, "predicted_peak_bytes": peak, "oom_killed": oom,
@@ -295,7 +283,7 @@ def forced_refusal(prof: Any, home: Path, kit: Kit, timeout: float) -> dict[str,
     return {"tried": tried, "killed": any(r["oom_killed"] for r in tried)}
 
 
-from inventory.files import atomic_write  # noqa: E402  (after the sys.path set-up)
+from inventory.files import atomic_write
 
 
 def main() -> None:

@@ -10,7 +10,8 @@ numbers filled in, which `tierkit fit --explain` prints.
 
 Sources for the formulas (see ../shared/REFERENCE.md, "Memory and time formulas"):
 - training state: 16 bytes/param for Adam, fp32 or mixed precision (ZeRO, Rajbhandari et al. 2020)
-- activations per transformer layer: s*b*h*(34 + 5*a*s/h) bytes in 16-bit (Korthikanti et al. 2022)
+- activations per transformer layer: s*b*h*(34 + 5*a*s/h) bytes in 16-bit (Korthikanti et al. 2022),
+  x 1.35-1.65 for what eager PyTorch holds beyond that (measured: EAGER_ACTIVATIONS)
 - training compute: 6*N*D (+ 6*L*s*h per token for attention, Kaplan et al. 2020)
 - decode: tokens/s <= bandwidth / bytes read per token (weights + KV cache)
 - DS-CNN: the MLPerf Tiny keyword-spotting reference (22.6K params, 2.66M MACs, 53,936 B, arena 24,272 B)
@@ -68,7 +69,7 @@ class Cost:
 # here (Python 3.11, Linux x86-64) unless REFERENCE.md gives a figure.
 
 PYTHON_NUMPY_BYTES = 60 * MB     # interpreter + tierkit CLI + numpy: 51 MB RSS measured
-MATPLOTLIB_BYTES = 35 * MB       # `import matplotlib.pyplot` added 33 MB RSS here
+MATPLOTLIB_BYTES = 50 * MB       # `import matplotlib.pyplot` added 38 MB RSS here, drawing and saving 3 panels 11 MB
 TORCH_BYTES = 300 * MB           # Python + torch on a CPU: ~300 MB (REFERENCE.md; 277 MB measured here)
 CUDA_CONTEXT_BYTES = 400 * MB    # the CUDA context on the GPU: 300-500 MB (REFERENCE.md)
 TENSORFLOW_BYTES = 700 * MB      # Python + TensorFlow/Keras on a CPU (estimate: TF 2.x imports ~0.5-0.8 GB)
@@ -202,7 +203,15 @@ def gpt_activation_bytes(s: GPTShape, batch: int, seq: int, value_bytes: int = 2
         per_value = 12 + 4 * kv / s.n_head + 8 * f / s.n_embd + scores
     else:
         per_value = 34 + scores
-    return s.n_layer * seq * batch * s.n_embd * per_value * (value_bytes / 2)
+    return s.n_layer * seq * batch * s.n_embd * per_value * (value_bytes / 2) * EAGER_ACTIVATIONS[s.arch]
+
+
+# Eager PyTorch holds more than the count above at the peak of a training step: the
+# unfused RMSNorm, RoPE and SwiGLU keep their intermediates, and early in the backward
+# the activations' gradients sit beside the activations. Measured here (torch 2.13, CPU,
+# fp32, the peak RSS of one step at two batch sizes, per s*b*h*L): llama 125 B (L6 h384)
+# and 122 B (L4 h768) against the count's 75; gpt2 100 B and 86 B against 68.
+EAGER_ACTIVATIONS = {"llama": 1.65, "gpt2": 1.35}
 
 
 
@@ -249,8 +258,8 @@ def gpt_train(s: GPTShape, batch: int, tokens: float, dtype: str = "fp32", flash
     basis = [
         gpt_params_basis(s), *state_lines,
         (f"activations: L*s*b*({'(12 + 4*kv/a)*h + 8f' if s.arch == 'llama' else '34h'}{attn}) x {value_bytes / 2:g}"
-         f" (Korthikanti, {'flash attention' if flash else 'attention scores stored'}) with s={seq}, b={batch} = "
-         f"{fmt_bytes(acts)}"),
+         f" (Korthikanti, {'flash attention' if flash else 'attention scores stored'}) x {EAGER_ACTIVATIONS[s.arch]:g}"
+         f" (eager PyTorch, measured) with s={seq}, b={batch} = {fmt_bytes(acts)}"),
         f"logits: b*s*V*4 x 2 = {batch}*{seq}*{s.vocab_size}*4*2 = {fmt_bytes(logits)}",
         f"FLOPs = {flop_line} per token x D = {fmt_count(tokens)} tokens = {fmt_flops(flops)}",
     ]

@@ -49,17 +49,19 @@ def test_two_layer_gpt_counts_like_torch(bias):
 def test_gpt_train_memory_and_flops_by_hand():
     s = GPTShape(vocab_size=10, block_size=8, n_layer=2, n_head=2, n_embd=4)
     n, nm = costs.gpt_params(s), costs.gpt_matmul_params(s)
-    # no flash: per layer s*b*h*(34 + 5*a*s/h) = 8*2*4*(34 + 20) = 3456 bytes in 16-bit
+    # no flash: per layer s*b*h*(34 + 5*a*s/h) = 8*2*4*(34 + 20) = 3456 bytes in 16-bit,
+    # times what eager PyTorch holds beyond that count (measured)
+    e = costs.EAGER_ACTIVATIONS["gpt2"]
     c16 = costs.gpt_train(s, batch=2, tokens=1000, dtype="bf16", flash=False)
     assert c16.memory["weights+grads+Adam"] == 16 * n
-    assert c16.memory["activations"] == 2 * 3456
+    assert c16.memory["activations"] == pytest.approx(2 * 3456 * e)
     assert c16.memory["logits"] == 2 * 8 * 10 * 4 * 2
     assert c16.flops == (6 * nm + 6 * 2 * 8 * 4) * 1000
     # fp32 doubles the activations; flash attention drops the 5*a*s/h term
     c32 = costs.gpt_train(s, batch=2, tokens=1000, dtype="fp32", flash=False)
-    assert c32.memory["activations"] == 2 * 2 * 3456
+    assert c32.memory["activations"] == pytest.approx(2 * 2 * 3456 * e)
     flash = costs.gpt_train(s, batch=2, tokens=1000, dtype="bf16", flash=True)
-    assert flash.memory["activations"] == 2 * 8 * 2 * 4 * 34
+    assert flash.memory["activations"] == pytest.approx(2 * 8 * 2 * 4 * 34 * e)
     assert c16.peak_bytes == sum(c16.memory.values())
     assert any("Korthikanti" in line for line in c16.basis)
 

@@ -388,7 +388,7 @@ def test_lora_trains_only_adapters_and_dpo_with_lora_needs_no_second_copy():
     rtx = ref(RTX)
     by_lora = {}
     for rank in (0, 16):
-        m = _with_rung("B14", "qwen2.5-0.5b", lora_rank=rank)
+        m = _with_rung("B14", "qwen2.5-0.5b", lora_rank=rank, batch_size=1)   # on the GPU either way
         p = F.fit(rtx, m, size="qwen2.5-0.5b", check_packages=False)
         by_lora[rank] = p
         basis = " ".join(p.prediction.basis)

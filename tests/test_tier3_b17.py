@@ -71,7 +71,7 @@ def test_b17_without_a_model_is_one_line(home, peer_profile, tmp_path, monkeypat
     proc = run_cli("run", "B17", "--out", str(home / "builds"), "--set", f"gguf={REGISTRY_NAME}", home=home)
     assert_one_line_error(proc, "B17 needs a GGUF model file", "--set gguf=PATH", f"tierkit data fetch {REGISTRY_NAME}")
     proc = run_cli("run", "B17", "--out", str(home / "builds"), "--set", "gguf=no-such-model", home=home)
-    assert_one_line_error(proc, "B17 needs a GGUF model file", "--set gguf=PATH", "no-such-model is not a file")
+    assert_one_line_error(proc, "B17 needs a GGUF model file", "--set gguf=PATH", "no-such-model is neither a file nor a registry name")
     assert not (home / "builds" / "B17-two-machines").exists()
 
 

@@ -1,6 +1,7 @@
 """B17 on one machine: `--set peers=local` plans and runs from the user's own one-node profile."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -36,3 +37,8 @@ def test_run_b17_peers_local_from_the_users_own_profile(home, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "needs 2 nodes" not in proc.stderr
     assert "local agent on loopback" in (tmp_path / "B17-two-machines" / "README.md").read_text()
+    # The terminal is tierkit's: no llama.cpp log, no agent lines; the agent's lines are in the run's log.
+    assert proc.stderr.strip() == "", proc.stderr
+    log = json.loads((tmp_path / "B17-two-machines" / "metrics.json").read_text())["log"]
+    assert any(line.startswith("local agent: launched worker") for line in log), log
+

@@ -48,12 +48,13 @@ def serve(
     port: int = typer.Option(8000, "--port", min=1, max=65535),
     token_file: Optional[Path] = typer.Option(None, "--token-file", help="The agents' launch token [default: $TIERKIT_AGENT_TOKEN, else agent.token next to the profile]."),
     memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="Memory the head may use, e.g. 4GiB (default: what is free)."),
-    ctx: int = typer.Option(512, "--ctx", min=16, max=1 << 20, help="Context length (tokens) to plan and serve."),
+    ctx: int = typer.Option(512, "--ctx", min=16, max=1 << 20, help="Context length (tokens) to plan and serve; llama-rpc: the total its --parallel requests share."),
     mdns_wait: float = typer.Option(2.0, "--mdns-wait", min=0.0, max=30.0, help="Seconds to listen for agents with --peers auto."),
     head_address: Optional[str] = typer.Option(None, "--head-address", help="This machine's address as the workers see it [default: the route to the first peer]."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, max=1024, help="Compute threads on the head and on each llama-rpc worker [default: llama.cpp's]."),
     layout: str = typer.Option("auto", "--layout", help="auto (one node when the model fits it and pipelining does not pay), single, or pipeline (every node >= 1 layer)."),
     expected_load: int = typer.Option(1, "--expected-load", min=1, max=4096, help="Requests you expect in flight at once: what --layout auto weighs against the network cost."),
+    parallel: Optional[str] = typer.Option(None, "--parallel", help="llama-rpc: requests decoded together in one llama.cpp context (llama.cpp's -np) [default: 4]. --ctx is the total they share: one request alone may use all of it."),
 ) -> None:
     """Serve one model across this machine and its peers: plan, launch workers, OpenAI-compatible API."""
     from tiers.tier3 import serve as serve_mod
@@ -62,7 +63,8 @@ def serve(
     try:
         serve_mod.serve(model, engine=engine, peers=peers, host=host, port=port, token_file=token_file,
                         memory_budget=budget, n_ctx=ctx, mdns_wait=mdns_wait, head_address=head_address,
-                        threads=threads, layout=layout, expected_load=expected_load)
+                        threads=threads, layout=layout, expected_load=expected_load,
+                        parallel=parallel)
     except serve_mod.ServeError as exc:
         raise Fail(str(exc), exc.code) from None
 

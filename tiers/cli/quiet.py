@@ -12,7 +12,7 @@ about oneDNN, "Some weights were not initialized" or a deprecation deep inside
 a framework are for whoever debugs it, not for the person reading the result.
 Only environment variables and the warnings hook are touched, so `tierkit fit`
 and `probe` import nothing more. llama.cpp's own log goes to a ring buffer where
-a milestone loads it (tiers/tier2/b16_llamacpp.quiet_llama), for the same reason.
+a milestone loads it (tiers/llama_log.py), for the same reason.
 """
 from __future__ import annotations
 
@@ -46,6 +46,7 @@ def wanted(argv: list[str] | None = None) -> bool:
 def quiet(verbose: bool = False) -> None:
     """Keep library noise in NOISE instead of on stderr (unless `verbose`)."""
     if verbose:
+        os.environ["TIERKIT_VERBOSE"] = "1"   # child processes (agents, workers, llama.cpp's log) speak too
         return
     for key, value in ENV.items():
         os.environ.setdefault(key, value)

@@ -36,7 +36,6 @@ import math
 import os
 import statistics
 import time
-from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
@@ -45,6 +44,7 @@ import numpy as np
 from annotated_types import Gt
 
 from inventory.files import atomic_path
+from tiers.llama_log import LOG, last_error, quiet
 from tiers.report import md_table, pyplot, save
 
 if TYPE_CHECKING:
@@ -80,39 +80,6 @@ class Config:
     model: str | None = None                       # the rung's: a registry GGUF name, b12 or standin
     quant: str | None = None                       # (None: b12's build if there is one, else the stand-in)
     siblings: bool = True                          # a registry GGUF: also its other quantisations that are here
-
-
-# ---------------------------------------------------------------- llama.cpp's log, kept off the terminal
-
-_LOG: deque[str] = deque(maxlen=40)
-_LOG_CB: Any = None
-
-
-def quiet_llama() -> None:
-    """Route llama.cpp's log into a ring buffer: its lines are not for the user's terminal, but its last
-    error is what the one-line message quotes when a model will not load."""
-    global _LOG_CB
-    if _LOG_CB is not None:
-        return
-    import llama_cpp
-    import llama_cpp._logger
-
-    @llama_cpp.llama_log_callback
-    def cb(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-        line = text.decode("utf-8", "replace").strip()
-        if line:
-            _LOG.append(line)
-
-    _LOG_CB = cb  # keep a reference: ctypes does not, and a collected callback crashes
-    llama_cpp.llama_log_set(cb, ctypes.c_void_p(0))
-
-
-def _last_error() -> str:
-    for line in reversed(_LOG):
-        low = line.lower()
-        if any(w in low for w in ("error", "failed", "invalid", "unknown", "cannot")):
-            return line[:160]
-    return ""
 
 
 # ---------------------------------------------------------------- loading a GGUF
@@ -180,12 +147,12 @@ class Engine:
     def __init__(self, path: str | Path, settings: Settings):
         import llama_cpp
 
-        quiet_llama()
+        quiet()
         self.path = check_gguf(path)
         self.settings = settings
         if settings.kv_type not in KV_TYPES:
             raise ValueError(f"kv_type {settings.kv_type!r}: use one of {', '.join(KV_TYPES)}")
-        _LOG.clear()
+        LOG.clear()
         try:
             self.llm = llama_cpp.Llama(
                 str(self.path), n_ctx=settings.n_ctx, n_batch=settings.n_batch, n_ubatch=settings.n_ubatch,
@@ -194,7 +161,7 @@ class Engine:
                 type_v=KV_TYPES[settings.kv_type], flash_attn=settings.flash_attn, use_mmap=settings.use_mmap,
                 logits_all=False, verbose=False)
         except (ValueError, RuntimeError, OSError) as e:
-            why = _last_error() or str(e)
+            why = last_error() or str(e)
             raise ValueError(f"llama.cpp cannot load {self.path}: {why}; the file is damaged or from a newer "
                              "llama.cpp (re-export or re-download it)") from None
         self.n_vocab = int(self.llm.n_vocab())
@@ -253,7 +220,7 @@ class Engine:
         self.batch.n_tokens = 1
         rc = self._lib.llama_decode(self.ctx, self.batch)
         if rc != 0:
-            raise RuntimeError(f"llama_decode returned {rc} at position {self.pos} ({_last_error() or 'no detail'})")
+            raise RuntimeError(f"llama_decode returned {rc} at position {self.pos} ({last_error() or 'no detail'})")
         self.pos += 1
         return self._last_logits()
 
@@ -286,7 +253,7 @@ class Engine:
             self.batch.n_tokens = k
             rc = self._lib.llama_decode(self.ctx, self.batch)
             if rc != 0:
-                raise RuntimeError(f"llama_decode returned {rc} at position {self.pos} ({_last_error() or 'no detail'})")
+                raise RuntimeError(f"llama_decode returned {rc} at position {self.pos} ({last_error() or 'no detail'})")
             self.pos += k
             if all_logits:
                 ptr = self._lib.llama_get_logits(self.ctx)
@@ -368,18 +335,18 @@ def quantize(src: str | Path, dst: str | Path, quant: str, threads: int = 0) -> 
     tensor-type counts show what it did."""
     import llama_cpp
 
-    quiet_llama()
+    quiet()
     if quant not in QUANT_FTYPES:
         raise ValueError(f"quantisation {quant!r}: use one of {', '.join(QUANT_FTYPES)}")
     src, dst = check_gguf(src), Path(dst)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = QUANT_FTYPES[quant]
     params.nthread = threads
-    _LOG.clear()
+    LOG.clear()
     with atomic_path(dst) as tmp:
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
         if rc != 0 or not tmp.stat().st_size:
-            raise ValueError(f"llama.cpp could not quantise {src} to {quant} ({_last_error() or f'code {rc}'})")
+            raise ValueError(f"llama.cpp could not quantise {src} to {quant} ({last_error() or f'code {rc}'})")
     return dst
 
 

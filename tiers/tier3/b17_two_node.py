@@ -90,6 +90,9 @@ def run(ctx: Context) -> Output:
     return Output(metrics=metrics, summary=summary, report=_report(metrics), plots=plots)
 
 
+QUICK = "for a quick run: tierkit data fetch qwen2.5-0.5b-instruct-q4_k_m, then --set gguf=qwen2.5-0.5b-instruct-q4_k_m"
+
+
 def _model_file(cfg: Config) -> str:
     """The GGUF to serve: `gguf` (a file or a registry name), else the rung's registry model; one line if none."""
     from tiers.runner import RunError
@@ -98,14 +101,13 @@ def _model_file(cfg: Config) -> str:
     spec = cfg.gguf or (cfg.model if cfg.model != "any" else None)
     need = f"B17 needs a GGUF model file ({cfg.model} sized by the planner)"
     if not spec:
-        raise RunError(f"{need}: pass --set gguf=PATH, e.g. stories260K.gguf from the shared data for a quick run")
+        raise RunError(f"{need}: pass --set gguf=PATH or a registry name ({QUICK})")
     try:
         path = Path(serve_mod.resolve_model(spec)).expanduser()
     except serve_mod.ServeError as exc:
         raise RunError(f"{need}: {exc}, or pass --set gguf=PATH") from None
     if not path.is_file():
-        raise RunError(f"{need}: pass --set gguf=PATH, e.g. stories260K.gguf from the shared data for a quick run "
-                       f"({spec} is not a file)")
+        raise RunError(f"{need}: {spec} is neither a file nor a registry name; pass --set gguf=PATH ({QUICK})")
     return str(path.absolute())   # not resolved: a cached download is a link whose name is the model's
 
 
@@ -155,7 +157,7 @@ def _two_nodes(ctx: Context, cfg: Config, gguf: str, prompts: list[list[int]], n
         p = reachable[0]
         peers_spec, where = f"{p.address}:{p.port}", f"the profile's peer {p.name or p.address} ({p.address})"
     else:
-        agent, token = _local_agent()
+        agent, token = _local_agent(ctx)
         peers_spec, where = f"127.0.0.1:{agent.port}", "a local agent on loopback (no real peer: no real link)"
     ctx.log(f"two nodes: this machine + {where}")
     plan_lines: list[str] = []
@@ -183,15 +185,17 @@ def _two_nodes(ctx: Context, cfg: Config, gguf: str, prompts: list[list[int]], n
     return {**two, "where": where, "plan": stages, "plan_table": plan_lines, "rtt_ms": rtt}
 
 
-def _local_agent() -> tuple[Any, str]:
-    """An agent of B17's own on loopback, with a fresh token: the second node when the profile has none."""
+def _local_agent(ctx: Context) -> tuple[Any, str]:
+    """An agent of B17's own on loopback, with a fresh token: the second node when the profile has none.
+    Its lines go to the run's log (metrics.json), not the terminal."""
     import secrets
 
     from inventory.profile import Profile
     from tiers.tier3.agent import start_in_thread
 
     token = secrets.token_urlsafe(32)
-    agent = start_in_thread("127.0.0.1", 0, Profile(name="b17-local"), "b17-local", advertise=False, token=token)
+    agent = start_in_thread("127.0.0.1", 0, Profile(name="b17-local"), "b17-local", advertise=False, token=token,
+                            say=lambda line: ctx.lines.append(f"local agent: {line}"))
     return agent, token
 
 

@@ -5,13 +5,17 @@
                   = ggml_backend_rpc_start_server() from llama-cpp-python's own libggml-rpc, via ctypes
     head node:    LlamaRpcEngine -> a child process `python -m tiers.tier3.llama_rpc head`
                   that registers each worker as a ggml device and loads the model with the last
-                  layers offloaded to them (llama.cpp offloads the *last* n_gpu_layers)
+                  layers offloaded to them (llama.cpp offloads the *last* n_gpu_layers), then decodes
+                  up to `parallel` requests together in one context (llama_head.py)
+    generate() -> wait, first come first served, for a free sequence and the context cells it needs
+               -> {"op": "generate", "rid"} to the child -> its tokens arrive on its own queue
+                  (one reader thread per child hands each request its messages)
 
 Why a child process on the head: any failed send or receive inside the RPC
 client calls abort(), which would take the HTTP server down with it
 (REFERENCE.md). The child is the only process that links the RPC client; the
-server talks to it over a pipe, one JSON line per message, and a dead child
-becomes EngineUnavailable for that request. Before (re)starting it, the
+server talks to it over a pipe, one JSON line per message (each naming its
+request), and a dead child becomes EngineUnavailable for every request it held. Before (re)starting it, the
 engine probes every worker port, so a worker that is not back yet is a clear
 503, not another abort.
 
@@ -27,6 +31,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import ctypes
+import itertools
 import json
 import os
 import queue
@@ -37,51 +42,20 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tiers.llama_log import last_error, quiet
 from tiers.tier3 import checks, net
 from tiers.tier3.engine import Engine, EngineError, EngineUnavailable, Piece, Sampling
+from tiers.tier3.llama_head import ggml_libs
 from tiers.tier3.placement import ModelLayout, Plan, engine_stage, layout_from_gguf
 
 if TYPE_CHECKING:
     from tiers.tier3.client import Workers
 
 NAME = "llama-rpc"
-
-
-# ---------------------------------------------------------------- the bundled ggml libraries
-
-def _lib_dir() -> Path:
-    import importlib.util
-
-    spec = importlib.util.find_spec("llama_cpp")
-    if spec is None or not spec.origin:
-        raise EngineError("llama-cpp-python is not installed: pip install llama-cpp-python (built with GGML_RPC=on)")
-    return Path(spec.origin).parent / "lib"
-
-
-def _ggml() -> tuple[ctypes.CDLL, ctypes.CDLL]:
-    """libggml and libggml-rpc as llama_cpp loaded them (the .so.0 names: one registry, not two)."""
-    lib = _lib_dir()
-    rpc_path = lib / "libggml-rpc.so.0"
-    if not rpc_path.exists():
-        raise EngineError(f"{rpc_path} is missing: reinstall llama-cpp-python with "
-                          "CMAKE_ARGS='-DGGML_RPC=on' pip install --force-reinstall --no-binary :all: llama-cpp-python")
-    import llama_cpp  # noqa: F401  (loads libllama and its ggml first)
-
-    g = ctypes.CDLL(str(lib / "libggml.so.0"), mode=ctypes.RTLD_GLOBAL)
-    rpc = ctypes.CDLL(str(rpc_path), mode=ctypes.RTLD_GLOBAL)
-    g.ggml_backend_dev_by_type.restype = ctypes.c_void_p
-    g.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
-    g.ggml_backend_register.argtypes = [ctypes.c_void_p]
-    g.ggml_backend_register.restype = None
-    rpc.ggml_backend_rpc_add_server.restype = ctypes.c_void_p
-    rpc.ggml_backend_rpc_add_server.argtypes = [ctypes.c_char_p]
-    rpc.ggml_backend_rpc_start_server.restype = None
-    rpc.ggml_backend_rpc_start_server.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t,
-                                                  ctypes.c_size_t, ctypes.POINTER(ctypes.c_void_p)]
-    return g, rpc
 
 
 # ---------------------------------------------------------------- worker side
@@ -102,7 +76,7 @@ def worker_command(args: dict[str, Any]) -> list[str]:
 
 def run_worker(host: str, port: int, threads: int) -> None:
     """Serve this machine's GPU (else its CPU) as a ggml RPC device until killed (the call never returns)."""
-    g, rpc = _ggml()
+    g, rpc = ggml_libs()
     # A GPU when this llama-cpp-python build has one (CUDA, Metal, ...), else the CPU.
     g.ggml_backend_dev_name.restype = ctypes.c_char_p
     g.ggml_backend_dev_name.argtypes = [ctypes.c_void_p]
@@ -124,108 +98,39 @@ def run_worker(host: str, port: int, threads: int) -> None:
     raise EngineError(f"the ggml RPC server on {host}:{port} stopped (could not listen?)")
 
 
-# ---------------------------------------------------------------- head child (the only process with RPC)
-
-def socket_bytes(endpoints: list[str]) -> list[int]:
-    """[sent, received] bytes over this process's TCP connections to the given endpoints, from TCP_INFO.
-
-    /proc/PID/io does not count send()/recv(), so ask the kernel per socket:
-    struct tcp_info has tcpi_bytes_acked at offset 120 and tcpi_bytes_received
-    at 128 (Linux >= 4.2).
-    """
-    import struct
-
-    want = {tuple(ep.rsplit(":", 1)) for ep in endpoints}
-    sent = recv = 0
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            if not os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
-                continue
-            s = socket.socket(fileno=os.dup(int(fd)))
-        except OSError:
-            continue
-        try:
-            if s.type != socket.SOCK_STREAM or s.family != socket.AF_INET:
-                continue
-            host, port = s.getpeername()
-            if (host, str(port)) not in want:
-                continue
-            info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 232)
-            if len(info) >= 136:
-                a, r = struct.unpack_from("QQ", info, 120)
-                sent, recv = sent + a, recv + r
-        except OSError:
-            pass
-        finally:
-            s.close()
-    return [sent, recv]
-
-
-def run_head() -> None:
-    """JSON lines in on stdin, out on fd 3 (stdout is pointed at stderr: llama.cpp may print)."""
-    out = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)
-    inp = sys.stdin
-
-    def say(msg: dict[str, Any]) -> None:
-        out.write(json.dumps(msg) + "\n")
-
-    first = json.loads(inp.readline())
-    try:
-        import llama_cpp
-
-        g, rpc = _ggml()
-        for ep in first["servers"]:
-            reg = rpc.ggml_backend_rpc_add_server(ep.encode())
-            if not reg:
-                raise EngineError(f"cannot register RPC server {ep}")
-            g.ggml_backend_register(reg)
-        llm = llama_cpp.Llama(first["model"], n_gpu_layers=first["n_gpu_layers"],
-                              tensor_split=first.get("tensor_split") or None, n_ctx=first["n_ctx"],
-                              n_threads=first.get("threads"), verbose=bool(first.get("verbose")), seed=0)
-    except Exception as exc:
-        say({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
-        return
-    say({"ok": True, "n_ctx": llm.n_ctx(), "net": socket_bytes(first["servers"])})
-    for line in inp:
-        req = json.loads(line)
-        if req.get("op") != "generate":
-            continue
-        if req.get("seed") is not None:
-            llm.set_seed(int(req["seed"]))
-        gen = llm.generate(req["ids"], top_k=req.get("top_k") or 0, top_p=req["top_p"], min_p=0.0,
-                           temp=req["temperature"], repeat_penalty=1.0, reset=True)
-        n, reason = 0, "length"
-        for tok in gen:
-            if tok == llm.token_eos() or llama_cpp.llama_vocab_is_eog(llm._model.vocab, tok):
-                reason = "stop"
-                break
-            n += 1
-            say({"tok": tok})
-            if n >= req["max_tokens"]:
-                break
-            if json.loads(inp.readline()).get("op") != "more":
-                reason = "cancelled"
-                break
-        gen.close()
-        say({"done": reason, "net": socket_bytes(first["servers"])})
-
-
 # ---------------------------------------------------------------- head side (in the server)
+
+DEFAULT_PARALLEL = 4
+MAX_PARALLEL = 256      # llama.cpp's LLAMA_MAX_SEQ
+
+
+@dataclass
+class _Live:
+    """A request that holds a sequence in the child: the context it reserved, the queue its messages arrive on."""
+
+    rid: int
+    need: int
+    proc: subprocess.Popen
+    out: queue.Queue = field(default_factory=queue.Queue)
+
 
 class LlamaRpcEngine(Engine):
     """A GGUF model, the first stage on this machine's CPU, the other stages on RPC workers.
 
     stages: [{"host", "port", "layers": [a, b]}, ...] in layer order; stage 0 is
     this machine (its host/port unused), the others are the workers' RPC endpoints.
+    parallel: sequences decoded together in one llama.cpp context (llama.cpp's -np);
+    n_ctx: the context's cells, shared by them (a request alone may use all of them).
+    A request waits, first come first served, until a sequence is free and its
+    prompt + max_tokens fits the cells the others left.
     """
 
     name = NAME
-    serve_options = ("n_ctx", "threads")
+    serve_options = ("n_ctx", "threads", "parallel")
 
     def __init__(self, model_spec: str, stages: list[dict[str, Any]], *, n_ctx: int = 512,
-                 threads: int | None = None, token_timeout: float = 30.0, load_timeout: float = 120.0,
-                 verbose: bool = False, **_: Any) -> None:
+                 threads: int | None = None, parallel: int | None = None, token_timeout: float = 30.0,
+                 load_timeout: float = 120.0, verbose: bool = False, **_: Any) -> None:
         self.model_path = Path(model_spec)
         if not self.model_path.is_file():
             raise EngineError(f"{model_spec}: no such GGUF file; pass the path of a .gguf model")
@@ -235,9 +140,16 @@ class LlamaRpcEngine(Engine):
         self.stages = [dict(s) for s in stages]
         for s in self.stages[1:]:
             checks.whole(s.get("port"), "worker port", 1, 65535)
+        self.parallel = checks.whole(DEFAULT_PARALLEL if parallel is None else parallel, "parallel", 1, MAX_PARALLEL)
         self.n_ctx, self.threads, self.verbose = n_ctx, threads, verbose
         self.token_timeout, self.load_timeout = token_timeout, load_timeout
-        self._lock = threading.Lock()       # one generation at a time through the child
+        self._cv = threading.Condition()    # admission: the queue, the live requests, the child's life
+        self._waiting: deque[object] = deque()
+        self._live: dict[int, _Live] = {}
+        self._used = 0                      # context cells reserved by the live requests
+        self._rids = itertools.count(1)
+        self._send_lock = threading.Lock()
+        self._st_lock = threading.Lock()
         self._tok_lock = threading.Lock()
         self._proc: subprocess.Popen | None = None
         self._stderr: deque[str] = deque(maxlen=40)
@@ -245,9 +157,12 @@ class LlamaRpcEngine(Engine):
         self.restarts = -1
         self._stats = {"requests": 0, "tokens": 0, "decode_s": 0.0, "first_token_s": 0.0, "errors": 0,
                        "worker_bytes": 0, "last_error": None}
+        self._batching = {"steps": 0, "sizes": {}, "tokens": 0, "prompt_tokens": 0, "mixed_steps": 0,
+                          "decode_ms": 0.0, "max_tokens_per_step": 0}
         self._lat: deque[float] = deque(maxlen=512)
+        self._recent: deque[float] = deque()
         self._net_seen = [0, 0]
-        self._q: queue.Queue = queue.Queue()
+        self._ctl: queue.Queue = queue.Queue()
 
     # -- endpoints
 
@@ -271,15 +186,20 @@ class LlamaRpcEngine(Engine):
     def start(self) -> None:
         import llama_cpp
 
+        quiet()   # the tokenizer's load logs like a model's: kept off the server's terminal
         try:
             self._vocab = llama_cpp.Llama(str(self.model_path), vocab_only=True, verbose=False)
-        except Exception as exc:
-            raise EngineError(f"{self.model_path} cannot be loaded by llama.cpp ({exc}): is it a GGUF model?") from None
-        with self._lock:
+        except Exception as exc:  # noqa: BLE001 - llama-cpp-python raises ValueError or OSError alike
+            raise EngineError(f"{self.model_path} cannot be loaded by llama.cpp ({last_error() or exc}): "
+                              "is it a GGUF model?") from None
+        with self._cv:
             self._spawn()
 
+    def _alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
     def _spawn(self) -> None:
-        """Probe the workers, then start the child and wait until the model is loaded across them."""
+        """Probe the workers, then start the child and wait until the model is loaded across them (under _cv)."""
         for ep, problem in self._down(timeout=2.0).items():
             raise EngineUnavailable(f"llama-rpc worker {ep} is down ({problem}): the agent restarts it; "
                                     "retry in a few seconds")
@@ -289,28 +209,86 @@ class LlamaRpcEngine(Engine):
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True, bufsize=1,
                                 cwd=str(Path(__file__).resolve().parents[2]))
         threading.Thread(target=self._drain, args=(proc,), daemon=True).start()
-        # Lines are read by a thread into a queue: select() on a buffered pipe would miss a second
-        # line already read into the buffer with the first.
-        self._q = queue.Queue()
-        threading.Thread(target=self._pump, args=(proc, self._q), daemon=True).start()
+        # One reader per child: it hands each request its own messages (queues, not select(): a buffered
+        # pipe may hold several lines at once).
+        self._ctl = ctl = queue.Queue()
+        threading.Thread(target=self._reader, args=(proc, ctl), daemon=True).start()
         proc.stdin.write(json.dumps({"model": str(self.model_path), "servers": self.workers, "n_gpu_layers": ngl,
                                      "tensor_split": split, "n_ctx": self.n_ctx, "threads": self.threads,
-                                     "verbose": self.verbose}) + "\n")
+                                     "parallel": self.parallel, "verbose": self.verbose}) + "\n")
         proc.stdin.flush()
         self._proc = proc
-        reply = self._read(self.load_timeout, "loading the model")
+        try:
+            reply = ctl.get(timeout=self.load_timeout)
+        except queue.Empty:
+            reply = None
+        if reply is None:
+            raise self._lost("loading the model", proc)
         if not reply.get("ok"):
-            self._kill()
+            self._kill(proc)
             raise EngineError(f"llama.cpp could not load {self.model_path.name}: {reply.get('error')}")
         self.n_ctx = reply["n_ctx"]
         self.restarts += 1
         self._net_seen = list(reply.get("net") or [0, 0])  # the weights' upload is not per-token traffic
 
-    @staticmethod
-    def _pump(proc: subprocess.Popen, q: queue.Queue) -> None:
+    def _reader(self, proc: subprocess.Popen, ctl: queue.Queue) -> None:
+        """The child's messages: a step's tokens to each request, a "done" frees its sequence, the rest to ctl."""
         for line in proc.stdout:
-            q.put(line)
-        q.put("")
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            if "toks" in msg:
+                self._on_step(msg)
+            elif "rid" in msg:
+                self._on_done(msg)
+            else:
+                ctl.put(msg)
+        ctl.put(None)
+        self._on_eof(proc)
+
+    def _on_step(self, msg: dict[str, Any]) -> None:
+        n, decoding, seqs = msg["batch"]
+        now = time.monotonic()
+        with self._st_lock:
+            b = self._batching
+            b["steps"] += 1
+            b["sizes"][seqs] = b["sizes"].get(seqs, 0) + 1
+            b["tokens"] += n
+            b["prompt_tokens"] += n - decoding
+            b["mixed_steps"] += 0 < decoding < n
+            b["decode_ms"] += msg.get("ms", 0.0)
+            b["max_tokens_per_step"] = max(b["max_tokens_per_step"], n)
+            for _ in msg["toks"]:
+                self._recent.append(now)
+            while self._recent and now - self._recent[0] > 10.0:
+                self._recent.popleft()
+        for rid, tok in msg["toks"]:
+            live = self._live.get(rid)
+            if live is not None:
+                live.out.put(("tok", tok))
+
+    def _on_done(self, msg: dict[str, Any]) -> None:
+        with self._cv:
+            live = self._live.pop(msg["rid"], None)
+            if live is not None:
+                self._used -= live.need
+            self._cv.notify_all()
+        self._count_net(msg.get("net"))
+        if live is not None:
+            live.out.put(("done", msg))
+
+    def _on_eof(self, proc: subprocess.Popen) -> None:
+        """The child is gone: every request it held gets EngineUnavailable (HTTP 503), naming what is down."""
+        with self._cv:
+            lost = [lv for lv in self._live.values() if lv.proc is proc]
+            if self._proc is proc or lost:
+                err = self._lost("generating", proc)
+                for lv in lost:
+                    del self._live[lv.rid]
+                    self._used -= lv.need
+                    lv.out.put(("err", err))
+            self._cv.notify_all()
 
     def _drain(self, proc: subprocess.Popen) -> None:
         for line in proc.stderr:
@@ -318,8 +296,9 @@ class LlamaRpcEngine(Engine):
             if line:
                 self._stderr.append(line)
 
-    def _kill(self) -> None:
-        proc, self._proc = self._proc, None
+    def _kill(self, proc: subprocess.Popen | None) -> None:
+        if proc is not None and proc is self._proc:
+            self._proc = None
         if proc is not None and proc.poll() is None:
             proc.kill()
         if proc is not None:
@@ -328,45 +307,81 @@ class LlamaRpcEngine(Engine):
             except subprocess.TimeoutExpired:
                 pass
 
-    def _lost(self, what: str) -> EngineUnavailable:
+    def _lost(self, what: str, proc: subprocess.Popen | None) -> EngineUnavailable:
         """The child died or hung: name the worker(s) that are down, if we can tell."""
-        code = self._proc.poll() if self._proc else None
-        self._kill()
+        code = proc.poll() if proc else None
+        self._kill(proc)
         down = [f"{ep} ({p})" for ep, p in self._down(timeout=1.0).items()]
         tail = next((l for l in reversed(self._stderr) if "rpc" in l.lower() or "abort" in l.lower()), "")
         who = f"worker {', '.join(down)} is down" if down else "a worker connection failed"
         msg = f"lost a llama-rpc peer while {what}: {who}" + (f" [{tail[:160]}]" if tail else "") \
               + (f" (the head's llama.cpp process exited with code {code})" if code is not None else "") \
               + "; the agent restarts workers: retry shortly"
-        self._stats["errors"] += 1
-        self._stats["last_error"] = msg
+        with self._st_lock:
+            self._stats["errors"] += 1
+            self._stats["last_error"] = msg
         return EngineUnavailable(msg)
 
-    def _read(self, timeout: float, what: str) -> dict[str, Any]:
-        if self._proc is None:
-            raise self._lost(what)
+    def _send(self, live: _Live, msg: dict[str, Any], quiet: bool = False) -> None:
+        """To the child; if the pipe is broken the child is killed, and the reader fails every request it held."""
         try:
-            line = self._q.get(timeout=timeout)
-        except queue.Empty:
-            line = ""
-        if not line:
-            raise self._lost(what)
-        return json.loads(line)
-
-    def _send(self, msg: dict[str, Any]) -> None:
-        try:
-            self._proc.stdin.write(json.dumps(msg) + "\n")
-            self._proc.stdin.flush()
-        except (BrokenPipeError, OSError, AttributeError):
-            raise self._lost("sending a request") from None
+            with self._send_lock:
+                live.proc.stdin.write(json.dumps(msg) + "\n")
+                live.proc.stdin.flush()
+        except (BrokenPipeError, OSError, ValueError, AttributeError):
+            if not quiet and live.proc.poll() is None:
+                live.proc.kill()
 
     def _count_net(self, net: list[int] | None) -> None:
-        """The child reports cumulative socket bytes; add what this generation moved."""
+        """The child reports cumulative socket bytes; add what moved since the last report."""
         if not net:
             return
-        prev = self._net_seen
-        self._net_seen = list(net)
-        self._stats["worker_bytes"] += max(0, net[0] - prev[0]) + max(0, net[1] - prev[1])
+        with self._st_lock:
+            prev = self._net_seen
+            self._net_seen = list(net)
+            self._stats["worker_bytes"] += max(0, net[0] - prev[0]) + max(0, net[1] - prev[1])
+
+    # -- admission
+
+    def _admit(self, need: int) -> _Live:
+        """Wait (first come, first served) for a free sequence and `need` context cells; (re)start a dead child."""
+        ticket = object()
+        with self._cv:
+            self._waiting.append(ticket)
+            try:
+                while True:
+                    first = self._waiting[0] is ticket
+                    if first and not self._alive() and not self._live:
+                        self._kill(self._proc)
+                        self._spawn()          # EngineUnavailable when a worker is not back yet
+                    if first and self._alive() and len(self._live) < self.parallel \
+                            and self._used + need <= self.n_ctx:
+                        break
+                    self._cv.wait(timeout=1.0)
+            finally:
+                if self._waiting[0] is ticket:
+                    self._waiting.popleft()
+                else:
+                    self._waiting.remove(ticket)
+                self._cv.notify_all()
+            live = _Live(next(self._rids), need, self._proc)
+            self._live[live.rid] = live
+            self._used += need
+        with self._st_lock:
+            self._stats["requests"] += 1
+        return live
+
+    def _next(self, live: _Live) -> tuple[str, Any]:
+        try:
+            return live.out.get(timeout=self.token_timeout)
+        except queue.Empty:
+            pass
+        if live.proc.poll() is None:
+            live.proc.kill()        # hung: the reader sees the end and fails every request it held
+        try:
+            return live.out.get(timeout=15.0)
+        except queue.Empty:
+            return "err", EngineUnavailable("the llama-rpc head process stopped answering: retry shortly")
 
     # -- the Engine interface
 
@@ -387,7 +402,7 @@ class LlamaRpcEngine(Engine):
             bos = self.detokenize([self._vocab.token_bos()]).decode("utf-8", "replace")
             try:
                 return Jinja2ChatFormatter(template, eos, bos)(messages=messages).prompt
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - a Jinja template can raise anything
                 raise EngineError(f"the model's chat template failed on these messages: {exc}") from None
         # No template in the GGUF (a base model): a plain transcript the model can continue.
         return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
@@ -399,70 +414,72 @@ class LlamaRpcEngine(Engine):
         return self._generate(list(prompt_ids), sampling)
 
     def _generate(self, prompt_ids: list[int], sampling: Sampling) -> Iterator[Piece]:
-        with self._lock:
-            if self._proc is None or self._proc.poll() is not None:
-                self._kill()
-                self._spawn()
-            self._stats["requests"] += 1
-            t0 = time.perf_counter()
-            req = {"op": "generate", "ids": prompt_ids, "max_tokens": sampling.max_tokens,
-                   "temperature": float(sampling.temperature), "top_p": float(sampling.top_p),
-                   "top_k": sampling.top_k or 0, "seed": sampling.seed}
-            self._send(req)
-            decoder = codecs.getincrementaldecoder("utf-8")("replace")
-            done_ids: list[int] = []
-            finished = False
-            last = t0
-            try:
-                while True:
-                    msg = self._read(self.token_timeout, "generating")
-                    if "done" in msg:
-                        finished = True
-                        self._count_net(msg.get("net"))
-                        reason = "stop" if msg["done"] == "stop" else "length"
-                        tail = decoder.decode(b"", final=True)
-                        yield Piece(text=tail, token_ids=[], finish_reason=reason)
-                        return
-                    tok = msg["tok"]
-                    now = time.perf_counter()
+        live = self._admit(len(prompt_ids) + sampling.max_tokens)
+        t0 = last = time.perf_counter()
+        self._send(live, {"op": "generate", "rid": live.rid, "ids": prompt_ids, "max_tokens": sampling.max_tokens,
+                          "temperature": float(sampling.temperature), "top_p": float(sampling.top_p),
+                          "top_k": sampling.top_k or 0, "seed": sampling.seed})
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        done_ids: list[int] = []
+        finished = False
+        try:
+            while True:
+                kind, msg = self._next(live)
+                if kind == "err":
+                    finished = True
+                    raise msg
+                if kind == "done":
+                    finished = True
+                    if msg["done"] == "error":
+                        raise EngineUnavailable(f"llama.cpp failed on this request: {msg.get('error')}")
+                    reason = "stop" if msg["done"] == "stop" else "length"
+                    yield Piece(text=decoder.decode(b"", final=True), token_ids=[], finish_reason=reason)
+                    return
+                now = time.perf_counter()
+                with self._st_lock:
+                    self._stats["tokens"] += 1
                     if not done_ids:
                         self._stats["first_token_s"] += now - t0
                     else:
                         self._lat.append(now - last)
-                    last = now
-                    # the context decides the token's text (SentencePiece's leading space)
-                    text = decoder.decode(self.detokenize([tok], prompt_ids + done_ids))
-                    done_ids.append(tok)
-                    self._stats["tokens"] += 1
-                    yield Piece(text=text, token_ids=[tok])
-                    if len(done_ids) < sampling.max_tokens:
-                        self._send({"op": "more"})
-            finally:
+                last = now
+                # the context decides the token's text (SentencePiece's leading space)
+                text = decoder.decode(self.detokenize([msg], prompt_ids + done_ids))
+                done_ids.append(msg)
+                yield Piece(text=text, token_ids=[msg])
+        finally:
+            with self._st_lock:
                 self._stats["decode_s"] += time.perf_counter() - t0
-                if not finished and self._proc is not None and self._proc.poll() is None:
-                    # The client went away mid-way: tell the child to stop, wait for its "done".
-                    try:
-                        self._send({"op": "stop"})
-                        while "done" not in (msg := self._read(self.token_timeout, "stopping")):
-                            pass
-                        self._count_net(msg.get("net"))
-                    except EngineUnavailable:
-                        pass
+            if not finished:
+                # The client went away mid-way: the child frees the sequence and answers "done".
+                self._send(live, {"op": "stop", "rid": live.rid}, quiet=True)
 
     def stats(self) -> dict[str, Any]:
-        s = dict(self._stats)
-        lat = sorted(self._lat)
-        toks = s["tokens"]
+        with self._st_lock:
+            s, b = dict(self._stats), {**self._batching, "sizes": dict(self._batching["sizes"])}
+            lat = sorted(self._lat)
+            span = (self._recent[-1] - self._recent[0]) if len(self._recent) > 1 else 0.0
+            recent = len(self._recent)
+        toks, steps = s["tokens"], max(b["steps"], 1)
         return {
             "engine": self.name, "model": self.model_id,
             "stages": [{"host": st.get("host"), "port": st.get("port"), "layers": st["layers"],
                         "role": "head (CPU)" if i == 0 else "llama.cpp RPC worker"}
                        for i, st in enumerate(self.stages)],
             "requests": s["requests"], "tokens": toks, "errors": s["errors"], "last_error": s["last_error"],
-            "tokens_per_s": toks / s["decode_s"] if s["decode_s"] else None,
+            "tokens_per_s": toks / s["decode_s"] if s["decode_s"] else None,   # per request, while it ran
+            "aggregate_tokens_per_s": round((recent - 1) / span, 3) if span > 0 else 0.0,   # last 10 s, all
             "time_to_first_token_ms": 1e3 * s["first_token_s"] / s["requests"] if s["requests"] else None,
             "token_latency_ms_p50": 1e3 * lat[len(lat) // 2] if lat else None,
             "token_latency_ms_p90": 1e3 * lat[int(len(lat) * 0.9)] if lat else None,
+            "parallel": {"slots": self.parallel, "in_use": len(self._live), "waiting": len(self._waiting),
+                         "context_tokens": self.n_ctx, "context_reserved": self._used},
+            "batching": {"steps": b["steps"], "sizes": {str(k): v for k, v in sorted(b["sizes"].items())},
+                         "max_batch": max(b["sizes"], default=0),
+                         "mean_batch": round(sum(k * v for k, v in b["sizes"].items()) / steps, 3),
+                         "tokens_per_step_mean": round(b["tokens"] / steps, 3),
+                         "max_tokens_per_step": b["max_tokens_per_step"], "prompt_tokens": b["prompt_tokens"],
+                         "mixed_steps": b["mixed_steps"], "decode_ms_per_step": round(b["decode_ms"] / steps, 3)},
             # llama.cpp does not split its timings by device; what we can measure is the traffic.
             "bytes_per_token_head_workers": s["worker_bytes"] / toks if toks and len(self.stages) > 1 else 0,
             "bytes_basis": "TCP_INFO bytes sent+received on the head's sockets to the workers, per generated token "
@@ -471,13 +488,14 @@ class LlamaRpcEngine(Engine):
         }
 
     def health(self) -> dict[str, Any]:
-        alive = self._proc is not None and self._proc.poll() is None
+        alive = self._alive()
         down = {} if alive else self._down(timeout=0.5)
         workers = [{"endpoint": ep, "up": ep not in down} for ep in self.workers]
         return {"ok": alive and all(w["up"] for w in workers), "head_process": alive, "workers": workers}
 
     def close(self) -> None:
-        proc = self._proc
+        with self._cv:
+            proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
             try:
                 proc.stdin.close()
@@ -487,7 +505,7 @@ class LlamaRpcEngine(Engine):
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
-        self._kill()
+        self._kill(proc)
 
 
 # ---------------------------------------------------------------- what `tierkit serve` asks of this engine
@@ -534,6 +552,8 @@ def main(argv: list[str] | None = None) -> int:
             worker_command({"host": args.host, "port": args.port, "threads": args.threads})  # same checks
             run_worker(args.host, args.port, args.threads)
         else:
+            from tiers.tier3.llama_head import run_head
+
             run_head()
     except EngineError as exc:
         print(f"llama-rpc: {exc}", file=sys.stderr)

@@ -48,6 +48,20 @@ def check_port(host: str, port: int) -> None:
             raise ServeError(f"port {port} on {host} is {what}: choose another with --port", 2) from None
 
 
+def parse_parallel(text: str | int | None) -> int | None:
+    """--parallel as given (None: the engine's default); ServeError (exit 2) unless a whole number 1-256."""
+    if text is None:
+        return None
+    try:
+        n = int(str(text).strip())
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 256 or str(text).strip() != str(n):
+        raise ServeError(f"--parallel must be a whole number 1-256 (requests decoded together), not {text!r}: "
+                         "e.g. --parallel 4", 2)
+    return n
+
+
 # ---------------------------------------------------------------- nodes and the plan
 
 def local_addresses() -> set[str]:
@@ -203,7 +217,8 @@ def start_session(model: str, engine: str = "llama-rpc", peers_spec: str = "auto
                   mdns_wait: float = 2.0, head_address: str | None = None, headroom: float = HEADROOM,
                   log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
                   engine_opts: dict[str, Any] | None = None, threads: int | None = None,
-                  token: str | None = None, layout: str = "pipeline", expected_load: int = 1) -> Session:
+                  token: str | None = None, layout: str = "pipeline", expected_load: int = 1,
+                  parallel: int | None = None) -> Session:
     """Plan (printed through `log`), launch the workers, start the engine; ServeError (one line) when it cannot.
 
     `layout` (placement.choose_layout) is "pipeline" here, for callers that name their peers to measure a
@@ -237,7 +252,9 @@ def start_session(model: str, engine: str = "llama-rpc", peers_spec: str = "auto
     workers = Workers(token, log)
     try:
         stages = kind.load().launch(model, plan, workers, threads, dict(engine_opts or {}))
-        return Session(_started(kind, model, stages, n_ctx, threads, engine_opts or {}), plan, workers, stages)
+        eng = _started(kind, model, stages, {"n_ctx": n_ctx, "threads": threads, "parallel": parallel},
+                       engine_opts or {})
+        return Session(eng, plan, workers, stages)
     except AgentClientError as exc:
         workers.stop_all()
         raise ServeError(str(exc)) from None
@@ -246,11 +263,11 @@ def start_session(model: str, engine: str = "llama-rpc", peers_spec: str = "auto
         raise
 
 
-def _started(kind: EngineKind, model: str, stages: list[dict[str, Any]], n_ctx: int, threads: int | None,
+def _started(kind: EngineKind, model: str, stages: list[dict[str, Any]], given: dict[str, Any],
              engine_opts: dict[str, Any]) -> Engine:
-    """The head side of the engine over `stages`, started (connected to its workers, the model loaded)."""
+    """The head side of the engine over `stages`, started (connected to its workers, the model loaded).
+    `given`: the serve settings (n_ctx, threads, parallel); the engine gets those it lists in serve_options."""
     cls = kind.load().ENGINE
-    given = {"n_ctx": n_ctx, "threads": threads}
     opts = {**{k: given[k] for k in cls.serve_options}, **engine_opts}
     try:
         eng = cls(model, stages, **opts)
@@ -269,17 +286,18 @@ def _started(kind: EngineKind, model: str, stages: list[dict[str, Any]], n_ctx: 
 def serve(model: str, *, engine: str = "llama-rpc", peers: str = "auto", host: str = "127.0.0.1", port: int = 8000,
           token_file: Path | None = None, memory_budget: int | None = None, n_ctx: int = 512,
           mdns_wait: float = 2.0, head_address: str | None = None, threads: int | None = None,
-          layout: str = "auto", expected_load: int = 1) -> None:
+          layout: str = "auto", expected_load: int = 1, parallel: str | int | None = None) -> None:
     """Run until SIGINT/SIGTERM; raises ServeError (one line) when it cannot start."""
     from tiers.tier3 import server
     from tiers.tier3.placement import LAYOUTS
 
+    n_parallel = parse_parallel(parallel)
     if layout not in LAYOUTS:
         raise ServeError(f"--layout must be one of {', '.join(LAYOUTS)}, not {layout!r}", 2)
     check_port(host, port)
     session = start_session(model, engine, peers, token_file=token_file, memory_budget=memory_budget, n_ctx=n_ctx,
                             mdns_wait=mdns_wait, head_address=head_address, threads=threads, layout=layout,
-                            expected_load=expected_load)
+                            expected_load=expected_load, parallel=n_parallel)
     try:
         app = server.create_app(session.engine, plan=session.plan.to_dict())
         where = f"http://{host}:{port}/v1"

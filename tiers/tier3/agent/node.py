@@ -16,6 +16,7 @@ import signal
 import socket
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Self
 
@@ -86,7 +87,8 @@ class Agent:
 
     def __init__(self, host: str, port: int, profile: Profile, name: str | None = None, *,
                  verbose: bool = False, advertise: bool = True, token: str | None = None,
-                 memory_budget: int | None = None) -> None:
+                 memory_budget: int | None = None, say: Callable[[str], None] | None = None) -> None:
+        self.say = say or log   # where its lines go: stderr, or the log of the run that started it
         self.host = _check_host(host)
         self.name = _check_name(name if name is not None else _safe_default(profile.name))
         self.profile = profile
@@ -103,7 +105,7 @@ class Agent:
         self._thread: threading.Thread | None = None
 
     def log(self, line: str) -> None:
-        log(line)
+        self.say(line)
 
     def summary(self) -> dict[str, Any]:
         """What GET /v1/profile and the mDNS TXT record say about this node."""
@@ -139,13 +141,14 @@ class Agent:
 
 def start_in_thread(host: str = "127.0.0.1", port: int = 0, profile: Profile | None = None,
                     name: str | None = None, *, verbose: bool = False, advertise: bool = True,
-                    token: str | None = None, memory_budget: int | None = None) -> Agent:
+                    token: str | None = None, memory_budget: int | None = None,
+                    say: Callable[[str], None] | None = None) -> Agent:
     """An agent serving in background threads (for tests, notebooks and B17); call .stop() when done.
 
     Port 0 picks a free port; read it from `.port`.
     """
     return Agent(host, port, profile or Profile(name=name), name, verbose=verbose, advertise=advertise,
-                 token=token, memory_budget=memory_budget).start()
+                 token=token, memory_budget=memory_budget, say=say).start()
 
 
 def serve(host: str, port: int, profile: Profile, name: str | None = None,

@@ -10,8 +10,7 @@ numbers filled in, which `tierkit fit --explain` prints.
 
 Sources for the formulas (see ../shared/REFERENCE.md, "Memory and time formulas"):
 - training state: 16 bytes/param for Adam, fp32 or mixed precision (ZeRO, Rajbhandari et al. 2020)
-- activations per transformer layer: s*b*h*(34 + 5*a*s/h) bytes in 16-bit (Korthikanti et al. 2022),
-  x 1.35-1.65 for what eager PyTorch holds beyond that (measured: EAGER_ACTIVATIONS)
+- activations per layer: s*b*h*(34 + 5*a*s/h) B in 16-bit (Korthikanti et al. 2022) x EAGER_ACTIVATIONS
 - training compute: 6*N*D (+ 6*L*s*h per token for attention, Kaplan et al. 2020)
 - decode: tokens/s <= bandwidth / bytes read per token (weights + KV cache)
 - DS-CNN: the MLPerf Tiny keyword-spotting reference (22.6K params, 2.66M MACs, 53,936 B, arena 24,272 B)
@@ -186,16 +185,11 @@ def gpt_matmul_params(s: GPTShape) -> int:
 
 
 def gpt_activation_bytes(s: GPTShape, batch: int, seq: int, value_bytes: int = 2, flash: bool = True) -> float:
-    """Activations kept for the backward pass, all layers (Korthikanti et al. 2022, no recomputation).
-
-    s*b*h*(34 + 5*a*s/h) bytes per layer in 16-bit; the 5*a*s/h term is the
-    attention score matrices, which a fused (flash) kernel never stores. In fp32
-    the 16-bit values double (taken as the whole term, a slight overcount of the
-    1-byte dropout masks).
-    llama (no dropout; an approximation in the same spirit): attention keeps its input, Q, the
-    smaller K and V of grouped-query attention and the output projection's input, 2*(3 + 2*kv/a)*h;
-    the two RMSNorms' inputs 4h; SwiGLU its input 2h and gate, up, silu(gate), their product 8f:
-    s*b*((12 + 4*kv/a)*h + 8f) bytes per layer in 16-bit (f = 8h/3, kv = a/3: ~35h, as GPT-2's 34h).
+    """Activations kept for the backward pass, all layers (Korthikanti et al. 2022, no recomputation),
+    times EAGER_ACTIVATIONS. s*b*h*(34 + 5*a*s/h) bytes per layer in 16-bit (doubled in fp32); the
+    5*a*s/h term is the attention scores, which a fused (flash) kernel never stores. llama (no dropout,
+    in the same spirit): attention keeps its input, Q, grouped-query K and V and the projection's input,
+    2*(3 + 2*kv/a)*h; two RMSNorm inputs 4h; SwiGLU its input 2h and gate, up, silu(gate), product 8f.
     """
     scores = 0 if flash else 5 * s.n_head * seq / s.n_embd
     if s.arch == "llama":
@@ -206,13 +200,11 @@ def gpt_activation_bytes(s: GPTShape, batch: int, seq: int, value_bytes: int = 2
     return s.n_layer * seq * batch * s.n_embd * per_value * (value_bytes / 2) * EAGER_ACTIVATIONS[s.arch]
 
 
-# Eager PyTorch holds more than the count above at the peak of a training step: the
-# unfused RMSNorm, RoPE and SwiGLU keep their intermediates, and early in the backward
-# the activations' gradients sit beside the activations. Measured here (torch 2.13, CPU,
-# fp32, the peak RSS of one step at two batch sizes, per s*b*h*L): llama 125 B (L6 h384)
+# Eager PyTorch holds more at a training step's peak: unfused RMSNorm, RoPE and SwiGLU keep their
+# intermediates, and early in the backward the activations' gradients sit beside them. Measured here
+# (torch 2.13, CPU, fp32, peak RSS of one step at two batch sizes, per s*b*h*L): llama 125 B (L6 h384)
 # and 122 B (L4 h768) against the count's 75; gpt2 100 B and 86 B against 68.
 EAGER_ACTIVATIONS = {"llama": 1.65, "gpt2": 1.35}
-
 
 
 def logits_bytes(batch: int, seq: int, vocab: int) -> float:
@@ -507,7 +499,6 @@ GGUF_MODELS = {m.name: m for m in (
     GGUFModel("qwen2.5-32b", 32.8e9, 64, 8, 128, 5120),
     GGUFModel("llama-3.1-70b", 70.6e9, 80, 8, 128, 8192),
 )}
-
 
 
 def gguf_family(name: str) -> tuple[str, str] | None:

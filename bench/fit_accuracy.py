@@ -260,6 +260,12 @@ def refused_for_memory(prof: Any) -> list[tuple[float, str, str]]:
     return sorted(found)
 
 
+# A forced rung only has to reach its first training step: the memory it is refused for is allocated
+# there. These settings get it there at once (B12's first evaluation alone is 200 batches).
+FIRST_STEP = {"B11": ["--set", "eval_iters=1", "--set", "steps=3"],
+              "B12": ["--set", "eval_iters=1", "--set", "steps=3"]}
+
+
 def forced_refusal(prof: Any, home: Path, kit: Kit, timeout: float) -> dict[str, Any]:
     """Run the cheapest memory-refused rung anyway under the kit's limit: it should be OOM-killed."""
     cands = refused_for_memory(prof)
@@ -271,7 +277,7 @@ def forced_refusal(prof: Any, home: Path, kit: Kit, timeout: float) -> dict[str,
         # as a user forces it: past the memory refusal (and the time box: the model and optimiser
         # state are allocated in the first seconds, so only the memory is under test)
         proc, oom, late = kit.run([sys.executable, "-m", "tiers.cli", "run", mid, "--size", size, "--force",
-                                   "--force-memory", "--profile", str(home / "profile.yaml"), "--out",
+                                   "--force-memory", *FIRST_STEP.get(mid, []), "--profile", str(home / "profile.yaml"), "--out",
                                    str(home / "forced")], capture_output=True, text=True, env=env, cwd=home,
                                   timeout=timeout)
         row = {"milestone": mid, "size": size, "predicted_peak_bytes": peak, "oom_killed": oom,

@@ -7,8 +7,10 @@ the planner choosing the plan.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,9 +90,8 @@ def test_b5_in_process_writes_the_build_and_calibrates(tmp_path, live):
 
 
 def test_memory_monitor_samples_an_allocation():
-    import time
-
     import gc
+    import time
 
     import numpy as np
 
@@ -202,6 +203,23 @@ def test_reference_profile_is_not_modified(tmp_path):
 
 def calibration_records(path: Path) -> list:
     return load(path).calibration
+
+
+def test_a_killed_runs_leftovers_are_swept_by_the_next_run(home, live):
+    """SIGKILL (an OOM kill) leaves the run's private .tmp folder behind; the next run of that milestone
+    removes it, and leaves alone the folder of a run that is still going."""
+    builds = home / "builds"
+    dead = subprocess.Popen(["sleep", "0"])
+    dead.wait()
+    stale = builds / f".B05-roofline.tmp-{dead.pid}-x1y2z3"
+    live_one = builds / f".B05-roofline.tmp-{os.getpid()}-a1b2c3"
+    for d in (stale, live_one):
+        d.mkdir(parents=True)
+        (d / "metrics.json").write_text("{")
+    proc = run_cli("run", "B5", "--size", "n256", home=home)
+    assert proc.returncode == 0, proc.stderr
+    assert not stale.exists() and live_one.exists()
+    assert sorted(p.name for p in builds.iterdir()) == sorted(["B05-roofline", live_one.name])
 
 
 def test_cli_run_b5_end_to_end_and_a_second_run_calibrates(home, live):

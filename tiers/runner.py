@@ -35,7 +35,6 @@ import platform
 import resource
 import shutil
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -43,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
+from inventory.files import private_folder, swap_in
 from inventory.profile import Calibration, Profile, save
 from inventory.units import fmt_bytes as _fmt_bytes
 from tiers.plan import Plan, Result
@@ -414,7 +414,7 @@ def run(plan: Plan, profile: Profile, out_root: Path, progress: Any = None, *,
     final = out_root / plan.folder
     try:
         out_root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{plan.folder}.tmp-", dir=out_root))
+        tmp = private_folder(out_root, plan.folder)
     except OSError as exc:
         raise RunError(f"cannot write under {out_root}: {exc.strerror}; pass --out to a writable folder") from None
 
@@ -450,7 +450,7 @@ def run(plan: Plan, profile: Profile, out_root: Path, progress: Any = None, *,
                                                      default=_json_default) + "\n", encoding="utf-8")
         (tmp / "README.md").write_text(readme(result, actual, live, out, plots),
                                        encoding="utf-8")
-        _swap_in(tmp, final)
+        swap_in(tmp, final, private=("profile",))
     except RunError:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -486,33 +486,6 @@ def calibration_refusal(plan: Plan, out: Output, profile_path: Path | None, cali
     if not calibrate:
         return "calibration was turned off for this run"
     return None
-
-
-def _swap_in(tmp: Path, final: Path) -> None:
-    """Replace `final` with `tmp`: two renames, so no reader ever sees half a folder."""
-    _readable(tmp)
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}-{time.monotonic_ns()}")
-        os.replace(final, old)
-    try:
-        os.replace(tmp, final)
-    except BaseException:
-        if old is not None:
-            os.replace(old, final)  # put the previous build back
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _readable(folder: Path) -> None:
-    """mkdtemp/mkstemp make private (0700/0600) entries; a build folder is as public as the umask allows."""
-    mask = os.umask(0)
-    os.umask(mask)
-    folder.chmod(0o777 & ~mask)
-    for f in folder.rglob("*"):
-        if f.is_file() and not f.name.startswith("profile"):
-            f.chmod(0o666 & ~mask)
 
 
 def _plots(out_dir: Path, out: Output) -> list[tuple[str, str]]:

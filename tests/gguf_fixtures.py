@@ -111,3 +111,14 @@ def registry_gguf(cache: Path, files: dict[str, Path]) -> dict[str, Path]:
             snap = put_in_cache(cache, repo, Path(tmp))
         out.update({name: snap / data.get(name).target for name, _ in items})
     return out
+
+
+def greedy_tokens(llm, prompt: str, n: int) -> list[int]:
+    """Greedy tokens from a llama_cpp.Llama alone (one sequence, its own context): up to n, or to EOS."""
+    out: list[int] = []
+    for t in llm.generate(llm.tokenize(prompt.encode(), add_bos=True, special=True), temp=0.0, top_k=0,
+                          top_p=1.0, min_p=0.0):
+        if t == llm.token_eos() or len(out) == n:
+            break
+        out.append(t)
+    return out

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import SHARED, assert_one_line_error, run_cli
+from tests.gguf_fixtures import greedy_tokens
 from tiers.tier3.engine import EngineError, Sampling
 
 MODEL = Path(os.environ.get("TIERKIT_DATA", SHARED / "data")) / "stories260K.gguf"
@@ -52,13 +53,7 @@ def same_greedy(got: dict[int, list[int]], refs: list[list[int]]) -> None:
 def reference(llm, prompt: str, n: int) -> list[int]:
     """Greedy tokens from llama-cpp-python alone (one sequence, its own context)."""
     if (prompt, n) not in _REF:
-        out = []
-        for t in llm.generate(llm.tokenize(prompt.encode(), add_bos=True, special=True), temp=0.0, top_k=0,
-                              top_p=1.0, min_p=0.0):
-            if t == llm.token_eos() or len(out) == n:
-                break
-            out.append(t)
-        _REF[(prompt, n)] = out
+        _REF[(prompt, n)] = greedy_tokens(llm, prompt, n)
     return _REF[(prompt, n)]
 
 

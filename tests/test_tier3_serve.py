@@ -22,6 +22,7 @@ import pytest
 
 from inventory.units import fmt_bytes
 from tests.conftest import REPO, assert_one_line_error, run_cli, stop_process, wait_for_line
+from tests.gguf_fixtures import greedy_tokens
 from tiers.tier3.net import free_port
 
 MODEL = Path(os.environ.get("TIERKIT_DATA", "/work/shared/data")) / "stories260K.gguf"
@@ -42,13 +43,7 @@ def reference(prompt: str, n: int) -> list[int]:
 
         llm = reference.llm = getattr(reference, "llm", None) or llama_cpp.Llama(str(MODEL), n_ctx=512, n_threads=1,
                                                                                    verbose=False)
-        out = []
-        for t in llm.generate(llm.tokenize(prompt.encode(), add_bos=True, special=True), temp=0.0, top_k=0,
-                              top_p=1.0, min_p=0.0):
-            if t == llm.token_eos() or len(out) == n:
-                break
-            out.append(t)
-        _REF[(prompt, n)] = out
+        _REF[(prompt, n)] = greedy_tokens(llm, prompt, n)
     return _REF[(prompt, n)]
 
 

@@ -49,16 +49,19 @@ def check_port(host: str, port: int) -> None:
 
 
 def parse_parallel(text: str | int | None) -> int | None:
-    """--parallel as given (None: the engine's default); ServeError (exit 2) unless a whole number 1-256."""
+    """--parallel as given (None: the engine's default); ServeError (exit 2) unless a whole number the
+    llama-rpc engine takes (1 to llama.cpp's limit on sequences)."""
+    from tiers.tier3.llama_rpc import MAX_PARALLEL
+
     if text is None:
         return None
     try:
         n = int(str(text).strip())
     except ValueError:
         n = 0
-    if not 1 <= n <= 256 or str(text).strip() != str(n):
-        raise ServeError(f"--parallel must be a whole number 1-256 (requests decoded together), not {text!r}: "
-                         "e.g. --parallel 4", 2)
+    if not 1 <= n <= MAX_PARALLEL or str(text).strip() != str(n):
+        raise ServeError(f"--parallel must be a whole number 1-{MAX_PARALLEL} (requests decoded together), "
+                         f"not {text!r}: e.g. --parallel 4", 2)
     return n
 
 

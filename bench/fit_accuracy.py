@@ -7,7 +7,9 @@ baseline memory is the real one). Targets: peak memory within +-15% of the
 prediction, wall time within 0.67-1.5x. A new milestone joins by being registered;
 nothing here changes. `--size B8=784-32-10-8k` runs a milestone at another
 size of its ladder (a small one, where the planned size would take long or needs
-data that is not here). Milestones that read data find it through the dataset
+data that is not here); `--set B8:data=fashion-mnist` runs it on other data of the
+same shape (Debian's dataset-fashion-mnist: the full 60,000 training images, where
+MNIST's are not here). Milestones that read data find it through the dataset
 registry: set TIERKIT_DATA (e.g. to ../shared/data) before running this.
 The torch milestones join the same way: B9 (`--size B9=mnist-xs-8k` with only
 MNIST's test split here) and B12 (`--size B12=0.8M`, nanoGPT's CPU recipe).
@@ -17,7 +19,7 @@ when there is none), so this benchmark never adds calibration records to the
 user's profile. Its own calibration records are stripped from the copy unless
 --calibrated is given: by default the table measures the planner's formulas.
 
-    python bench/fit_accuracy.py [--only B5] [--size B8=784-32-10-8k] [--out bench/results/fit_accuracy.json]
+    python bench/fit_accuracy.py [--only B5] [--size B8=784-32-10-8k] [--set B8:data=fashion-mnist] [--out ...json]
                                  [--calibrated] [--kit one-core|mem-4g|mem-2g]
 
 `--kit NAME` runs this machine as a weaker kit: every process (the probe first,
@@ -165,11 +167,12 @@ def runnable(prof: Any, sizes: dict[str, str] | None = None) -> tuple[list[tuple
 
 
 def run_one(mid: str, home: Path, builds: Path, timeout: float, size: str | None = None,
-            kit: Kit | None = None) -> dict[str, Any]:
+            kit: Kit | None = None, settings: list[str] | None = None) -> dict[str, Any]:
     env = {**os.environ, "TIERKIT_HOME": str(home), "PYTHONPATH": str(REPO)}
     t = time.perf_counter()
     proc, oom, late = (kit or Kit(None)).run(
-        [sys.executable, "-m", "tiers.cli", "run", mid, "--out", str(builds), *(["--size", size] if size else [])],
+        [sys.executable, "-m", "tiers.cli", "run", mid, "--out", str(builds), *(["--size", size] if size else []),
+         *(settings or [])],
         capture_output=True, text=True, env=env, cwd=home, timeout=timeout)
     if proc is None:
         return {"milestone": mid, "error": late}
@@ -187,6 +190,7 @@ def run_one(mid: str, home: Path, builds: Path, timeout: float, size: str | None
         "rss_baseline_bytes": act["rss_baseline_bytes"], "rss_increase_bytes": act["rss_increase_bytes"],
         "predicted_seconds": pred.get("seconds"), "actual_seconds": act["seconds"],
         "process_wall_seconds": round(wall, 3), "basis": pred.get("basis", []),
+        **({"settings": settings[1::2]} if settings else {}),
     }
     row["memory_ratio"] = _ratio(row["actual_peak_bytes"], row["predicted_peak_bytes"])
     row["time_ratio"] = _ratio(row["actual_seconds"], row["predicted_seconds"])
@@ -219,7 +223,7 @@ def print_table(rows: list[dict[str, Any]], skipped: list[dict[str, Any]], origi
         if "error" in r:
             t.add_row(r["milestone"], "", "", f"[red]failed: {r['error']}[/]", *[""] * 7)
             continue
-        t.add_row(r["milestone"], str(r["size"]), r["device"], mb(r["predicted_peak_bytes"]),
+        t.add_row(r["milestone"], str(r["size"]) + "".join(f" {x}" for x in r.get("settings", [])), r["device"], mb(r["predicted_peak_bytes"]),
                   mb(r["actual_peak_bytes"]), f"{r['memory_ratio']}", mark(r["memory_ok"]),
                   s(r["predicted_seconds"]), s(r["actual_seconds"]), f"{r['time_ratio']}", mark(r["time_ok"]))
     con = Console(highlight=False)
@@ -298,6 +302,8 @@ def main() -> None:
     ap.add_argument("--only", action="append", default=[], help="Run just these milestones (repeatable).")
     ap.add_argument("--size", action="append", default=[], metavar="B8=SIZE",
                     help="Run a milestone at this size of its ladder instead of the planned one (repeatable).")
+    ap.add_argument("--set", action="append", default=[], metavar="B8:data=fashion-mnist", dest="settings",
+                    help="Pass `--set KEY=VALUE` to one milestone's run: other data of the planned shape (repeatable).")
     ap.add_argument("--calibrated", action="store_true", help="Keep the profile's calibration records.")
     ap.add_argument("--timeout", type=float, default=600.0, help="Seconds allowed per milestone.")
     ap.add_argument("--kit", choices=sorted(KITS), help="Run as this emulated kit (probed under it first).")
@@ -311,14 +317,21 @@ def main() -> None:
         prof, origin = kit_profile(home, kit) if args.kit else live_profile(home, args.calibrated)
         sizes = {f"B{int(k.strip().upper().lstrip('B'))}": v.strip()
                  for k, _, v in (x.partition("=") for x in args.size)}
+        settings: dict[str, list[str]] = {}
+        for x in args.settings:
+            mid, _, kv = x.partition(":")
+            settings.setdefault(f"B{int(mid.strip().upper().lstrip('B'))}", []).extend(["--set", kv.strip()])
         todo, skipped = runnable(prof, sizes)
         if args.only:
             wanted = {f"B{int(m.upper().lstrip('B'))}" for m in args.only}
             todo = [(m, p) for m, p in todo if m in wanted]
         rows = []
+        planned = (home / "profile.yaml").read_bytes()
         for mid, plan in todo:
             print(f"running {mid} at size {plan.size} on {plan.device} ...", file=sys.stderr)
-            rows.append(run_one(mid, home, home / "builds", args.timeout, sizes.get(mid), kit))
+            if not args.calibrated:   # each run is judged by the formulas, not by what the runs before it recorded
+                (home / "profile.yaml").write_bytes(planned)
+            rows.append(run_one(mid, home, home / "builds", args.timeout, sizes.get(mid), kit, settings.get(mid, [])))
         print_table(rows, skipped, origin)
         if "memory" in kit.spec and not args.no_converse:
             converse = forced_refusal(prof, home, kit, args.timeout)

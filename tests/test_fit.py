@@ -421,8 +421,8 @@ def test_gguf_rungs_are_priced_from_their_registry_names():
 def test_set_reprices_the_rung_it_is_judged_by():
     p = F.fit(ref(LAPTOP), "B12", size="10.7M", check_packages=False)
     assert p.verdict == "no" and "over the 12 h box" in p.reasons[0]
-    fast = F.fit(ref(LAPTOP), "B12", size="10.7M", check_packages=False, overrides={"steps": 2})
-    assert fast.verdict in ("fits", "tight") and fast.config["steps"] == 2
+    fast = F.fit(ref(LAPTOP), "B12", size="10.7M", check_packages=False, overrides={"steps": 2, "eval_iters": 1})
+    assert fast.verdict in ("fits", "tight") and fast.config["steps"] == 2 and fast.config["eval_iters"] == 1
     assert fast.prediction.seconds < p.prediction.seconds / 100
     forced = F.fit(ref(LAPTOP), "B12", size="10.7M", check_packages=False, waive=frozenset({"time"}))
     assert forced.verdict == "tight" and any("forced" in r for r in forced.reasons)

@@ -125,6 +125,7 @@ class MLPTrain(Rung):
     batch: int = Field(gt=0)
     framework: Literal["python", "numpy", "torch"] = "numpy"
     optimizer: Literal["sgd", "momentum", "adam"] = "sgd"
+    runs: int = Field(1, gt=0)         # the same training once per optimiser compared (B4: SGD, momentum, Adam)
 
 
 class Matmul(Rung):
@@ -201,6 +202,10 @@ class GPTTrain(GPTShaped):
     steps: int = Field(gt=0)
     framework: Literal["numpy", "torch"] = "torch"
     init: str = "scratch"              # or "pretrained", "your B12 model": same cost either way
+    # loss estimates while training, priced when given (None: the milestone's own, too small to price):
+    eval_interval: int | None = Field(None, ge=0)   # every this many steps, and at the end (0: only at the end)
+    eval_iters: int | None = Field(None, gt=0)      # batches per split
+    eval_splits: int | None = Field(None, gt=0)     # the splits scored (B12: training and held-out text)
 
 
 class DPO(GPTShaped):

@@ -26,7 +26,7 @@ from tiers.fit.targets import Target, cpu_bandwidth, cpu_flops, free_memory, gpu
 PY_Q_STEP_S = 2e-6               # one Q-learning step: env step, argmax over a numpy row, update (2.3 us measured at 2.3 GHz)
 Q_EPISODE_FILL = 0.2              # episodes end early at the goal: 0.11-0.31 of max_steps measured
 PY_BPE_ELEM_S = 1.25e-7           # one list element per pass of a naive (minbpe-style) BPE merge
-NUMPY_BPE_ELEM_S = 17e-9          # one distinct-chunk byte per merge of B2's numpy trainer (np.unique's sort)
+NUMPY_BPE_ELEM_S = 12e-9          # one distinct-chunk byte per merge of B2's numpy trainer (np.unique's sort)
 TIKTOKEN_LOAD_S = 0.3             # parse gpt2 + cl100k .tiktoken files, build both encoders
 SPM_BYTE_S = 0.1e-6               # SentencePiece BPE training per corpus byte (0.14 s for 900 KB here)
 NATIVE_ELEM_S = 1e-8              # a Rust tokenizer trainer, per element step

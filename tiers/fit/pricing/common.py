@@ -2,7 +2,7 @@
 
     price_<workload>(rung, target, profile, milestone) -> Priced(peak_bytes, seconds, basis, checks, ...)
 
-    peak = workload bytes (models/costs.py) + runtime_bytes(framework, target)
+    peak = workload bytes (models/costs.py) + runtime_bytes(framework, target, milestone)
     time = workload time (its pricer)      + startup_time(framework, target, plots)
 
 The process and its framework occupy memory before the workload allocates a
@@ -15,14 +15,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from inventory.units import fmt_bytes
 from models import costs
+from tiers.catalog import Milestone
 from tiers.fit.rules import Check
 from tiers.fit.targets import Target
 
 # Startup of the process and its framework (import, device init), and the plots.
-STARTUP_S = {"python": 0.3, "numpy": 0.3, "torch": 3.0, "tensorflow": 8.0, "llama.cpp": 1.0}
+STARTUP_S = {"python": 0.3, "numpy": 0.3, "torch": 1.5, "tensorflow": 8.0, "llama.cpp": 1.0}
 CUDA_INIT_S = 2.0
-PLOTS_S = 1.5
+PLOTS_S = 0.8                     # import matplotlib 0.46 s + ~0.1 s a figure, measured
 NUMPY_CALL_S = 5e-6               # one numpy call's fixed cost
 
 
@@ -44,8 +46,9 @@ class Priced:
 Pricer = Callable[..., Priced]
 
 
-def runtime_bytes(framework: str, t: Target) -> tuple[dict[str, float], list[str]]:
-    """Bytes in the target's pool before the workload allocates: the process, the CUDA context.
+def runtime_bytes(framework: str, t: Target, m: Milestone | None = None) -> tuple[dict[str, float], list[str]]:
+    """Bytes in the target's pool before the workload allocates: the process, the CUDA context, and
+    matplotlib when the milestone `m` plots (it draws in the same process, after the workload).
 
     A discrete GPU holds the CUDA context (the process lives in host RAM); a unified
     pool holds both, counted once.
@@ -59,6 +62,9 @@ def runtime_bytes(framework: str, t: Target) -> tuple[dict[str, float], list[str
         ctx, ctx_line = costs.runtime_overhead(framework, on_gpu=True)
         parts.update(ctx)
         lines.append(ctx_line + " (same pool)")
+    if m is not None and "matplotlib" in m.needs.packages:
+        parts["matplotlib"] = costs.MATPLOTLIB_BYTES
+        lines.append(f"matplotlib {fmt_bytes(costs.MATPLOTLIB_BYTES)}")
     return parts, lines
 
 

@@ -22,6 +22,7 @@ from models.costs import fmt_count
 from tiers import catalog
 from tiers.catalog import Milestone
 from tiers.fit.pricing.common import STARTUP_S, Priced, runtime_bytes, startup_time
+from tiers.fit.pricing.training import standin_time
 from tiers.fit.rules import fmt_seconds, limit_check, memory_check, pool_check
 from tiers.fit.targets import Target, bandwidth, flops, mixed_dtype
 
@@ -53,7 +54,7 @@ def price_quant_lab(r: catalog.QuantLab, t: Target, p: Profile, m: Milestone) ->
     fp32 = 4 * n
     acts = r.batch_size * r.block_size * (4 * r.n_embd) * 4 * 2 + costs.logits_bytes(r.batch_size, r.block_size,
                                                                                     r.vocab_size) / 2
-    runtime, rt_lines = runtime_bytes("torch", t)
+    runtime, rt_lines = runtime_bytes("torch", t, m)
     need = 2 * fp32 + q.peak_bytes + acts + sum(runtime.values())   # the model, and its originals kept aside
     held_out = int(HELD_OUT_CHARS * (1.0 if r.vocab_size <= 256 else BPE_TOKENS_PER_CHAR))
     tokens = min(r.eval_tokens, held_out)
@@ -62,6 +63,7 @@ def price_quant_lab(r: catalog.QuantLab, t: Target, p: Profile, m: Milestone) ->
     flop = 2 * costs.gpt_matmul_params(shape) * read
     rate, line = flops(p, t, "fp32")
     secs = flop / (rate * EFF_INFER)
+    base, base_line = standin_time(r, p, t)
     start, start_line = startup_time("torch", t, True)
     basis = [costs.gpt_params_basis(shape), f"fp32 weights {fmt_bytes(fp32)}, and a copy of the originals",
              *q.basis, f"activations of one batch + logits {fmt_bytes(acts)}", *rt_lines,
@@ -69,8 +71,8 @@ def price_quant_lab(r: catalog.QuantLab, t: Target, p: Profile, m: Milestone) ->
              (f"held-out text: {tokens:,} tokens ({held_out:,} available); {QUANT_SCHEMES} schemes, then "
               f"{r.n_layer} blocks + embeddings + fp32 at int4 on {sens:,} tokens, each read twice "
               f"(windows overlap by half): {read:,} tokens"),
-             f"2*N*tokens = {flop:.3g} FLOP at efficiency {EFF_INFER}: {fmt_seconds(secs)}", start_line]
-    return Priced(need, secs + start, basis, [pool_check(t, need)], {"params": n},
+             f"2*N*tokens = {flop:.3g} FLOP at efficiency {EFF_INFER}: {fmt_seconds(secs)}", *base_line, start_line]
+    return Priced(need, secs + base + start, basis, [pool_check(t, need)], {"params": n},
                   f"{fmt_count(n)} params, {QUANT_SCHEMES} schemes + per-block sensitivity on {fmt_count(tokens)} tokens")
 
 
@@ -88,7 +90,7 @@ def price_gpt_infer(r: catalog.GPTInfer, t: Target, p: Profile, m: Milestone) ->
     shape = r.shape()
     dtype = r.dtype if r.dtype != "auto" else mixed_dtype(t)
     cost = costs.gpt_infer(shape, dtype, r.ctx, r.new_tokens, r.prompt_tokens, 1, r.requests)
-    runtime, rt_lines = runtime_bytes("torch", t)
+    runtime, rt_lines = runtime_bytes("torch", t, m)
     need = cost.peak_bytes + sum(runtime.values())
     per_tok, dline = _decode(p, t, cost.extra["bytes_per_token"], "torch", r.n_layer)
     rate, fline = flops(p, t, dtype)

@@ -35,8 +35,9 @@ GPU_HALF_WIDTH = 256
 # 2000 steps of 12x64 tokens in ~3 min on a MacBook) works out at ~0.3-0.4 of numpy's matmul.
 EFF_CPU_TRAIN = 0.40
 CPU_HALF_WIDTH = 32
-# numpy code written by a learner (B8, B10): no fused kernels, a temporary per operation.
-EFF_NUMPY_TRAIN = 0.30
+# numpy code written by a learner (B8, B10): no fused kernels, a temporary per operation
+# (measured here: B10's attention 0.45 of the matmul rate, B8's MLP on Fashion-MNIST 0.3).
+EFF_NUMPY_TRAIN = 0.36
 # Eager PyTorch pays fixed time per optimizer micro-step (Python, optimizer, loss sync) and per
 # layer (~100-150 eager ops forward + backward at 5-8 us each): what keeps tiny models from
 # using a GPU, and why a small model is only 10-50x faster there than on a laptop CPU (REFERENCE.md).
@@ -84,19 +85,49 @@ def price_gpt_train(r: catalog.GPTTrain, t: Target, p: Profile, m: Milestone) ->
     flash = not numpy and t.kind != "mps"
     tokens = r.steps * r.grad_accum * r.batch_size * r.block_size
     cost = costs.gpt_train(shape, r.batch_size, tokens, dtype, flash, lora_rank=r.lora_rank or 0)
-    runtime, rt_lines = runtime_bytes(r.framework, t)
-    if numpy and "matplotlib" in m.needs.packages:   # a numpy milestone plots in the same process (B10)
-        runtime["matplotlib"] = costs.MATPLOTLIB_BYTES
-        rt_lines.append(f"matplotlib {fmt_bytes(costs.MATPLOTLIB_BYTES)}")
+    runtime, rt_lines = runtime_bytes(r.framework, t, m)
     need = cost.peak_bytes + sum(runtime.values())
     compute, lines = _train_time(p, t, cost.flops, r.n_embd, dtype, r.framework)
     over, over_line = _steps_overhead(r.steps * r.grad_accum, r.n_layer, t, r.framework)
+    ev, ev_line = _eval_time(r, shape, p, t, dtype)
+    base, base_line = standin_time(r, p, t)
     start, start_line = startup_time(r.framework, t, "matplotlib" in m.needs.packages)
-    basis = [*cost.basis, *rt_lines, f"peak memory = {fmt_bytes(need)}", *lines, over_line, start_line]
+    basis = [*cost.basis, *rt_lines, f"peak memory = {fmt_bytes(need)}", *lines, over_line, *ev_line, *base_line,
+             start_line]
     summary = (f"{fmt_count(cost.params)} params, L{r.n_layer} h{r.n_embd} ctx{r.block_size}, "
                f"{fmt_count(tokens)} tokens, {dtype}{_lora(r.lora_rank, cost)}")
-    return Priced(need, compute + over + start, basis, [pool_check(t, need)],
+    return Priced(need, compute + over + ev + base + start, basis, [pool_check(t, need)],
                   {"params": cost.params, "tokens": tokens, "dtype": dtype}, summary)
+
+
+def _eval_time(r: catalog.GPTTrain, shape: costs.GPTShape, p: Profile, t: Target, dtype: str) -> tuple[float, list[str]]:
+    """The loss estimates during training: forward passes only (2*N per token), a third of a step's fixed cost."""
+    if not r.eval_iters:
+        return 0.0, []
+    evals, splits = (r.steps // r.eval_interval if r.eval_interval else 0) + 1, r.eval_splits or 1
+    batches = evals * splits * r.eval_iters
+    flop = 2 * costs.gpt_matmul_params(shape) * batches * r.batch_size * r.block_size
+    s, _ = _train_time(p, t, flop, r.n_embd, dtype, r.framework)
+    fixed, _ = _steps_overhead(batches / 3, r.n_layer, t, r.framework)
+    return s + fixed, [f"loss estimates: {evals} x {splits} splits x {r.eval_iters} batches = {batches:,} forward "
+                       f"passes, {flop:.3g} FLOP + a third of a step's fixed cost each = {fmt_seconds(s + fixed)}"]
+
+
+# A rung with model "standin" first trains its own small char model (tiers/tier2/b12_pretrain.py standin():
+# 300 steps of 16 windows, the rung's own shape).
+STANDIN_STEPS, STANDIN_BATCH = 300, 16
+
+
+def standin_time(r: catalog.GPTShaped, p: Profile, t: Target) -> tuple[float, list[str]]:
+    """Seconds to train the stand-in a "standin" rung starts from (none for any other model)."""
+    if r.model != "standin":
+        return 0.0, []
+    shape, dtype = r.shape(), mixed_dtype(t)
+    tokens = STANDIN_STEPS * STANDIN_BATCH * r.block_size
+    compute, _ = _train_time(p, t, costs.gpt_train(shape, STANDIN_BATCH, tokens, dtype).flops, r.n_embd, dtype, "torch")
+    fixed, _ = _steps_overhead(STANDIN_STEPS, r.n_layer, t, "torch")
+    return compute + fixed, [f"the stand-in model first: {STANDIN_STEPS} steps x {STANDIN_BATCH} x {r.block_size} "
+                             f"tokens = {fmt_seconds(compute + fixed)}"]
 
 
 def _lora(rank: int | None, cost: costs.Cost) -> str:
@@ -117,29 +148,33 @@ def price_dpo(r: catalog.DPO, t: Target, p: Profile, m: Milestone) -> Priced:
                            lora_rank=r.lora_rank or 0)
     ref_bytes = 0 if r.lora_rank else cost.params * costs.BYTES[dtype]
     ref_flops = 2 * cost.extra["matmul_params"] * seq_tokens
-    runtime, rt_lines = runtime_bytes("torch", t)
+    runtime, rt_lines = runtime_bytes("torch", t, m)
     need = cost.peak_bytes + ref_bytes + sum(runtime.values())
     compute, lines = _train_time(p, t, cost.flops + ref_flops, r.n_embd, dtype, "torch")
     over, over_line = _steps_overhead(ceil(r.pairs * r.epochs / r.batch_size) * 2, r.n_layer, t, "torch")
+    base, base_line = standin_time(r, p, t)
     start, start_line = startup_time("torch", t, True)
     ref = ("reference: the base with its LoRA adapters disabled, no copy" if r.lora_rank
            else f"reference: a frozen copy ({dtype}) {fmt_bytes(ref_bytes)}")
     basis = [*cost.basis, f"{ref}; its forward passes 2*N per token = {ref_flops:.3g} FLOP", *rt_lines,
-             f"peak memory = {fmt_bytes(need)}", *lines, over_line, start_line]
+             f"peak memory = {fmt_bytes(need)}", *lines, over_line, *base_line, start_line]
     summary = f"{fmt_count(cost.params)} params, {r.pairs:,} pairs x {r.seq} tokens, {dtype}{_lora(r.lora_rank, cost)}"
-    return Priced(need, compute + over + start, basis, [pool_check(t, need)],
+    return Priced(need, compute + over + base + start, basis, [pool_check(t, need)],
                   {"params": cost.params, "dtype": dtype}, summary)
 
 
 def price_mlp_train(r: catalog.MLPTrain, t: Target, p: Profile, m: Milestone) -> Priced:
     data = r.samples * r.widths[0] * 4
-    cost = costs.mlp_train(r.widths, r.samples, r.epochs, r.batch, "fp32", _OPT_BYTES[r.optimizer],
+    epochs = r.epochs * r.runs            # each run (one per optimiser compared) trains from scratch
+    cost = costs.mlp_train(r.widths, r.samples, epochs, r.batch, "fp32", _OPT_BYTES[r.optimizer],
                            0 if (t.gpu and not t.unified) else data)
     framework = "python" if r.framework == "python" else r.framework
-    runtime, rt_lines = runtime_bytes("torch" if framework == "torch" else "numpy", t)
-    need = cost.peak_bytes + sum(runtime.values()) + (costs.MATPLOTLIB_BYTES if not t.gpu else 0)
+    runtime, rt_lines = runtime_bytes("torch" if framework == "torch" else "numpy", t, m)
+    need = cost.peak_bytes + sum(runtime.values())
     layers = len(r.widths) - 1
-    steps = ceil(r.samples / r.batch) * r.epochs
+    steps = ceil(r.samples / r.batch) * epochs
+    if r.runs > 1:
+        rt_lines.append(f"{r.runs} runs of {r.epochs:g} epochs (one per optimiser), each from scratch")
     if framework == "python":           # micrograd: every scalar operation is a Python object
         scale, sline = python_speed(p)
         run = cost.flops * PY_SCALAR_OP_S * scale
@@ -159,11 +194,18 @@ def price_mlp_train(r: catalog.MLPTrain, t: Target, p: Profile, m: Milestone) ->
                   f"{'-'.join(map(str, r.widths))}, {cost.params:,} params, {r.epochs:g} epochs ({r.framework})")
 
 
+TEST_IMAGES = 10_000      # MNIST's, Fashion-MNIST's and CIFAR-10's test split
+
+
 def price_cnn_train(r: catalog.CNNTrain, t: Target, p: Profile, m: Milestone) -> Priced:
     shape = costs.CNNShape(tuple(r.in_hw), r.in_ch, tuple(r.widths), r.convs_per_stage, tuple(r.fc), r.classes)
-    data = r.samples * r.in_hw[0] * r.in_hw[1] * r.in_ch        # uint8 images, as torchvision holds them
-    cost = costs.cnn_train(shape, r.samples, r.epochs, r.batch, "fp32", 0 if (t.gpu and not t.unified) else data)
-    runtime, rt_lines = runtime_bytes("torch", t)
+    # the training and test images as float32 (tiers/data/images.py; moved whole to a GPU), and on the
+    # host the uint8 files they were decoded from
+    images = r.samples + TEST_IMAGES
+    data = images * r.in_hw[0] * r.in_hw[1] * r.in_ch * (4 if (t.gpu and not t.unified) else 4 + 1)
+    cost = costs.cnn_train(shape, r.samples, r.epochs, r.batch, "fp32", data)
+    runtime, rt_lines = runtime_bytes("torch", t, m)
+    rt_lines.append(f"images: {images:,} (training + {TEST_IMAGES:,} test) x float32{'' if t.gpu and not t.unified else ' + the uint8 files'} = {fmt_bytes(data)}")
     need = cost.peak_bytes + sum(runtime.values())
     run, lines = _train_time(p, t, cost.flops, int(cost.extra["width"]), "fp32", "torch", EFF_GPU_CONV, EFF_CPU_CONV)
     layers = len(r.widths) * r.convs_per_stage + len(r.fc) + 1
@@ -177,7 +219,7 @@ def price_cnn_train(r: catalog.CNNTrain, t: Target, p: Profile, m: Milestone) ->
 def price_lstm_train(r: catalog.LSTMTrain, t: Target, p: Profile, m: Milestone) -> Priced:
     tokens = r.steps * r.batch * r.seq
     cost = costs.lstm_train(r.vocab, r.embed, r.hidden, r.layers, r.batch, r.seq, tokens)
-    runtime, rt_lines = runtime_bytes("torch", t)
+    runtime, rt_lines = runtime_bytes("torch", t, m)
     need = cost.peak_bytes + sum(runtime.values())
     run, lines = _train_time(p, t, cost.flops, r.hidden, "fp32", "torch", EFF_GPU_TRAIN * EFF_LSTM,
                              EFF_CPU_TRAIN * EFF_LSTM)

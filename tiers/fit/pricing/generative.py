@@ -50,7 +50,7 @@ def price_gen_train(r: catalog.GenTrain, t: Target, p: Profile, m: Milestone) ->
         effs = (EFF_GPU_TRAIN, EFF_CPU_TRAIN)
         what = f"hidden {r.hidden}, latent {r.latent}"
     data = 0 if (t.gpu and not t.unified) else r.samples * pixels      # uint8 images in host memory
-    runtime, rt_lines = runtime_bytes("torch", t)
+    runtime, rt_lines = runtime_bytes("torch", t, m)
     need = cost.peak_bytes + data + sum(runtime.values())
     run, lines = _train_time(p, t, cost.flops, int(cost.extra["width"]), "fp32", "torch", *effs)
     steps = ceil(r.samples / r.batch) * r.epochs * (2 if r.kind == "gan" else 1)
@@ -65,7 +65,7 @@ def price_gen_train(r: catalog.GenTrain, t: Target, p: Profile, m: Milestone) ->
 def price_rl_train(r: catalog.RLTrain, t: Target, p: Profile, m: Milestone) -> Priced:
     """DQN or PPO on a small Python environment: mostly per-step Python and per-update eager overheads."""
     cost = costs_gen.rl_agent(r.algo, r.widths, r.env_steps, r.batch, r.replay, r.epochs)
-    runtime, rt_lines = runtime_bytes("torch", t)
+    runtime, rt_lines = runtime_bytes("torch", t, m)
     need = cost.peak_bytes + sum(runtime.values())
     scale, sline = python_speed(p)
     env = r.env_steps * (r.env_step_us * 1e-6 + EAGER_FORWARD_S) * scale

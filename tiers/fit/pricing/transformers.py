@@ -38,7 +38,7 @@ def _towers(r: catalog.EncoderTrain) -> list[costs_xfmr.Tower]:
 def price_encoder_train(r: catalog.EncoderTrain, t: Target, p: Profile, m: Milestone) -> Priced:
     """ViT, BERT-mini or CLIP trained from scratch in fp32 (the small sizes a course trains)."""
     cost = costs_xfmr.encoder_train(_towers(r), r.samples, r.epochs, r.batch, r.proj)
-    runtime, rt_lines = runtime_bytes("torch", t)
+    runtime, rt_lines = runtime_bytes("torch", t, m)
     need = cost.peak_bytes + sum(runtime.values())
     run, lines = _train_time(p, t, cost.flops, r.hidden, "fp32", "torch")
     over, oline = _steps_overhead(ceil(r.samples / r.batch) * r.epochs, int(cost.extra["layers"]), t, "torch")
@@ -54,7 +54,7 @@ def price_moe_train(r: catalog.MoETrain, t: Target, p: Profile, m: Milestone) ->
     dtype = "fp32" if r.framework == "numpy" else mixed_dtype(t)
     tokens = r.steps * r.grad_accum * r.batch_size * r.block_size
     cost = costs_xfmr.moe_train(shape, r.experts, r.top_k, r.batch_size, tokens, dtype, t.kind != "mps")
-    runtime, rt_lines = runtime_bytes("torch", t)
+    runtime, rt_lines = runtime_bytes("torch", t, m)
     need = cost.peak_bytes + sum(runtime.values())
     run, lines = _train_time(p, t, cost.flops, r.n_embd, dtype, "torch")
     # routing launches a gather/scatter per expert per layer: count experts as layers of fixed cost
@@ -78,7 +78,7 @@ def price_whisper_infer(r: catalog.WhisperInfer, t: Target, p: Profile, m: Miles
     shape = costs_xfmr.WhisperShape(r.hidden, r.enc_layers, r.dec_layers, r.heads)
     dtype = r.dtype if r.dtype != "auto" else ("fp16" if t.gpu else "fp32")
     cost = costs_xfmr.whisper_infer(shape, dtype, r.clips, r.new_tokens)
-    runtime, rt_lines = runtime_bytes("torch", t)
+    runtime, rt_lines = runtime_bytes("torch", t, m)
     need = cost.peak_bytes + sum(runtime.values())
     rate, fline = flops(p, t, dtype)
     enc = cost.extra["enc_flops"] / (rate * EFF_INFER)
@@ -98,7 +98,7 @@ def price_spec_decode(r: catalog.SpecDecode, t: Target, p: Profile, m: Milestone
                      r.tied is not False, r.arch or "gpt2", None, None)
     dtype = r.dtype if r.dtype != "auto" else mixed_dtype(t)
     cost = costs_xfmr.speculative(target, draft, dtype, r.ctx, r.new_tokens, r.prompt_tokens, r.k, r.accept)
-    runtime, rt_lines = runtime_bytes("torch", t)
+    runtime, rt_lines = runtime_bytes("torch", t, m)
     need = cost.peak_bytes + sum(runtime.values())
     per_round, rline = _per_token(p, t, cost.extra["bytes_per_round"], r.k * r.draft_layer + r.n_layer)
     plain, _ = _per_token(p, t, cost.extra["target_bytes_per_token"], r.n_layer)

@@ -29,11 +29,15 @@ def test_a_plotting_torch_milestone_prices_matplotlib_in_host_memory_only():
     assert gpu.device.startswith("cuda") and "matplotlib" not in basis(gpu)   # the pool is the GPU's
 
 
-def test_cnn_prices_its_images_as_float32_with_the_test_split():
-    p = plan(LAPTOP, "B9", size="mnist-xs-8k")
-    images = (8000 + 10_000) * 28 * 28
-    assert f"images: 18,000 (training + 10,000 test) x float32 + the uint8 files = {costs.fmt_bytes(5 * images)}" \
-        in basis(p)
+def test_images_are_priced_as_float32_with_the_test_split():
+    b9 = basis(plan(LAPTOP, "B9", size="mnist-xs-8k"))   # what MNIST's test split leaves: 8,000 + 2,000
+    assert f"images: 10,000 (8,000 training + 2,000 test) x 784 pixels x float32 + the uint8 files = " \
+           f"{costs.fmt_bytes(10_000 * 784 * 5)}" in b9
+    b8 = basis(plan(LAPTOP, "B8", size="784-32-10"))
+    assert "images: 70,000 (60,000 training + 10,000 test) x 784 pixels x float32 + the uint8 files" in b8
+    assert "images:" not in basis(plan(LAPTOP, "B4", size="linreg-1M-d100"))   # synthetic rows, no test split
+    gpu = basis(plan(RTX, "B9", size="mnist-xs-8k"))
+    assert "x float32 = " in gpu and "uint8" not in gpu    # moved whole to the GPU: the pool holds the floats
 
 
 def test_b4_prices_one_run_per_optimiser():

@@ -126,6 +126,7 @@ class MLPTrain(Rung):
     framework: Literal["python", "numpy", "torch"] = "numpy"
     optimizer: Literal["sgd", "momentum", "adam"] = "sgd"
     runs: int = Field(1, gt=0)         # the same training once per optimiser compared (B4: SGD, momentum, Adam)
+    test_samples: int = Field(0, ge=0)   # held-out images loaded beside the training ones (0: synthetic rows)
 
 
 class Matmul(Rung):
@@ -154,6 +155,7 @@ class CNNTrain(Rung):
     samples: int = Field(gt=0)
     epochs: float = Field(gt=0)
     batch: int = Field(gt=0)
+    test_samples: int = Field(10_000, ge=0)   # the test split loaded beside them (MNIST's, CIFAR-10's: 10,000)
 
 
 class LSTMTrain(Rung):

@@ -163,8 +163,18 @@ def price_dpo(r: catalog.DPO, t: Target, p: Profile, m: Milestone) -> Priced:
                   {"params": cost.params, "dtype": dtype}, summary)
 
 
+def image_bytes(samples: int, test: int, pixels: int, t: Target) -> tuple[float, str]:
+    """Labelled images as tiers/data/images.py holds them: float32 rows of the training and test images
+    (moved whole to a GPU), and in host memory the uint8 files they were decoded from."""
+    per = 4 if (t.gpu and not t.unified) else 4 + 1
+    data = (samples + test) * pixels * per
+    return data, (f"images: {samples + test:,} ({samples:,} training + {test:,} test) x {pixels:,} pixels x float32"
+                  f"{'' if per == 4 else ' + the uint8 files'} = {fmt_bytes(data)}")
+
+
 def price_mlp_train(r: catalog.MLPTrain, t: Target, p: Profile, m: Milestone) -> Priced:
-    data = r.samples * r.widths[0] * 4
+    data, data_line = (image_bytes(r.samples, r.test_samples, r.widths[0], t) if r.test_samples   # images (B8)
+                       else (r.samples * r.widths[0] * 4, ""))                                     # synthetic rows (B4)
     epochs = r.epochs * r.runs            # each run (one per optimiser compared) trains from scratch
     cost = costs.mlp_train(r.widths, r.samples, epochs, r.batch, "fp32", _OPT_BYTES[r.optimizer],
                            0 if (t.gpu and not t.unified) else data)
@@ -173,6 +183,8 @@ def price_mlp_train(r: catalog.MLPTrain, t: Target, p: Profile, m: Milestone) ->
     need = cost.peak_bytes + sum(runtime.values())
     layers = len(r.widths) - 1
     steps = ceil(r.samples / r.batch) * epochs
+    if data_line:
+        rt_lines.append(data_line)
     if r.runs > 1:
         rt_lines.append(f"{r.runs} runs of {r.epochs:g} epochs (one per optimiser), each from scratch")
     if framework == "python":           # micrograd: every scalar operation is a Python object
@@ -194,18 +206,12 @@ def price_mlp_train(r: catalog.MLPTrain, t: Target, p: Profile, m: Milestone) ->
                   f"{'-'.join(map(str, r.widths))}, {cost.params:,} params, {r.epochs:g} epochs ({r.framework})")
 
 
-TEST_IMAGES = 10_000      # MNIST's, Fashion-MNIST's and CIFAR-10's test split
-
-
 def price_cnn_train(r: catalog.CNNTrain, t: Target, p: Profile, m: Milestone) -> Priced:
     shape = costs.CNNShape(tuple(r.in_hw), r.in_ch, tuple(r.widths), r.convs_per_stage, tuple(r.fc), r.classes)
-    # the training and test images as float32 (tiers/data/images.py; moved whole to a GPU), and on the
-    # host the uint8 files they were decoded from
-    images = r.samples + TEST_IMAGES
-    data = images * r.in_hw[0] * r.in_hw[1] * r.in_ch * (4 if (t.gpu and not t.unified) else 4 + 1)
+    data, data_line = image_bytes(r.samples, r.test_samples, r.in_hw[0] * r.in_hw[1] * r.in_ch, t)
     cost = costs.cnn_train(shape, r.samples, r.epochs, r.batch, "fp32", data)
     runtime, rt_lines = runtime_bytes("torch", t, m)
-    rt_lines.append(f"images: {images:,} (training + {TEST_IMAGES:,} test) x float32{'' if t.gpu and not t.unified else ' + the uint8 files'} = {fmt_bytes(data)}")
+    rt_lines.append(data_line)
     need = cost.peak_bytes + sum(runtime.values())
     run, lines = _train_time(p, t, cost.flops, int(cost.extra["width"]), "fp32", "torch", EFF_GPU_CONV, EFF_CPU_CONV)
     layers = len(r.widths) * r.convs_per_stage + len(r.fc) + 1

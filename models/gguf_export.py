@@ -1,8 +1,10 @@
-"""Export a models.gpt model (the llama flavour) to a GGUF file that llama.cpp runs (B16).
+"""Export a models.gpt model (either flavour) to a GGUF file that llama.cpp runs (B16, tier-3 references).
 
-    export_gguf(model, vocab, path)   the model as a llama-architecture GGUF, F32 weights
-    byte_level(vocab)                 the tokens and merges llama.cpp's "gpt2" tokenizer needs
-    gguf_summary(path)                what a GGUF holds (architecture, sizes, tensor types), or one-line ValueError
+    export_gguf(model, tokenizer, path)   the model as an F32 GGUF: llama flavour -> llama.cpp's "llama"
+                                          architecture, gpt2 flavour -> its "gpt2" architecture
+    vocab_from(tokenizer, vocab_size)     the id -> piece list of a char or byte tokenizer
+    byte_level(vocab)                     the tokens and merges llama.cpp's "gpt2" tokenizer needs
+    gguf_summary(path)                    what a GGUF holds (architecture, sizes, tensor types), or one-line ValueError
 
 How our llama flavour maps onto llama.cpp's LLM_ARCH_LLAMA (what convert_hf_to_gguf.py
 does for a Hugging Face Llama; our layout is Hugging Face's):
@@ -14,7 +16,22 @@ does for a Hugging Face Llama; our layout is Hugging Face's):
     h.N.mlp.gate / up / c_proj   -> blk.N.ffn_gate / ffn_up / ffn_down (SwiGLU: down(silu(gate x) * up x))
     transformer.ln_f / lm_head   -> output_norm / output
 
-Rotary layout. Our RoPE (Hugging Face's) rotates the pair (i, i + d/2) of each head;
+How our gpt2 flavour maps onto llama.cpp's LLM_ARCH_GPT2 (every Linear and LayerNorm has
+a .weight and a .bias there):
+
+    transformer.wte / wpe        -> token_embd / position_embd   ({n_embd, n_vocab} / {n_embd, block_size})
+    h.N.ln_1 / h.N.ln_2          -> blk.N.attn_norm / blk.N.ffn_norm   (LayerNorm weight and bias)
+    h.N.attn.c_attn  (q|k|v)     -> blk.N.attn_qkv      (kept fused: llama.cpp splits q, k, v by rows as we do)
+    h.N.attn.c_proj              -> blk.N.attn_output
+    h.N.mlp.c_fc / c_proj        -> blk.N.ffn_up / ffn_down      (GELU between them)
+    transformer.ln_f / lm_head   -> output_norm / output         (output.weight only when untied)
+
+llama.cpp refuses a gpt2 file that lacks any of these biases, so a model built with
+bias=False gets zero biases (the same function: a LayerNorm without bias is one plus 0).
+llama.cpp's GELU is the tanh approximation, read from a half-precision table; ours is the
+exact erf form: logits agree to a few parts in 10^4 of their size, not bit for bit.
+
+Rotary layout (llama). Our RoPE (Hugging Face's) rotates the pair (i, i + d/2) of each head;
 llama.cpp's LLAMA rope ("normal" mode) rotates the pair (2i, 2i + 1). Both turn pair i
 by the same angle, so the fix is a fixed reordering of the rows of W_q and W_k inside
 each head: new row 2i+j = old row j*d/2 + i. The attention scores q.k are unchanged
@@ -38,6 +55,13 @@ for any character not in the vocabulary, and a char vocabulary has none: an unkn
 character would abort llama.cpp. A char model has no end-of-text token; llama.cpp's
 BPE loader defaults EOS to id 11 (a character), so EOS is set to the newline when
 there is one: llama.cpp's own tools then stop at the end of a line (--ignore-eos runs on).
+
+A byte vocabulary (models.tokenizers.ByteTokenizer: ids 0-255 are the UTF-8 bytes) is the
+same tokenizer with one byte symbol per id and no merges, so llama.cpp tokenizes text into
+exactly the bytes. A model whose vocab_size is larger (padded, as random-weight models
+are) gets one placeholder per id from 256 on, "<|unused_N|>", of token type UNUSED:
+llama.cpp never forms them from text (no merges build them and they are not special)
+and detokenizes them to nothing; they keep the vocabulary one token per embedding row.
 """
 from __future__ import annotations
 
@@ -70,14 +94,19 @@ def bytes_to_unicode() -> dict[int, str]:
     return table
 
 
-def byte_level(vocab: Sequence[str]) -> tuple[list[str], list[str]]:
-    """(token texts in byte-level spelling, merges that rebuild each multi-byte character)."""
+def byte_level(vocab: Sequence[str | bytes | None]) -> tuple[list[str], list[str]]:
+    """(token texts in byte-level spelling, merges that rebuild each multi-byte piece). A piece is
+    text (spelt from its UTF-8 bytes), bytes (spelt as they are) or None (the placeholder "<|unused_N|>")."""
     table = bytes_to_unicode()
     tokens, merges, seen = [], [], set()
     for i, piece in enumerate(vocab):
-        if not isinstance(piece, str) or not piece:
+        if piece is None:
+            tokens.append(f"<|unused_{i}|>")
+            continue
+        if not isinstance(piece, (str, bytes)) or not piece:
             raise ExportError(f"token {i} is {piece!r}: a GGUF vocabulary needs a non-empty string per id")
-        spelt = "".join(table[b] for b in piece.encode("utf-8"))
+        raw = piece.encode("utf-8") if isinstance(piece, str) else piece
+        spelt = "".join(table[b] for b in raw)
         tokens.append(spelt)
         for k in range(1, len(spelt)):  # "a b", "ab c", ...: left to right, one byte at a time
             m = f"{spelt[:k]} {spelt[k]}"
@@ -90,15 +119,23 @@ def byte_level(vocab: Sequence[str]) -> tuple[list[str], list[str]]:
     return tokens, merges or [NO_MERGE]
 
 
-def vocab_from(tokenizer: Any) -> list[str]:
-    """The id -> text list from a tokenizer meta dict ({"kind": "char", "chars": ...}), an object
-    with .meta(), or a plain sequence of strings."""
+def vocab_from(tokenizer: Any, vocab_size: int | None = None) -> list[str | bytes | None]:
+    """The id -> piece list from a tokenizer meta dict ({"kind": "char", "chars": ...} or
+    {"kind": "byte"}), an object with .meta(), or a plain sequence of strings. A byte vocabulary
+    is the 256 single bytes, then None for each id up to `vocab_size` (ids no text forms)."""
     if hasattr(tokenizer, "meta") and callable(tokenizer.meta):
         tokenizer = tokenizer.meta()
     if isinstance(tokenizer, dict):
-        if tokenizer.get("kind") != "char":
-            raise ExportError(f"GGUF export writes char-level vocabularies; this tokenizer is "
-                              f"{tokenizer.get('kind')!r}: train the model with the char tokenizer")
+        kind = tokenizer.get("kind")
+        if kind == "byte":
+            n = 256 if vocab_size is None else vocab_size
+            if n < 256:
+                raise ExportError(f"a byte vocabulary needs 256 ids but the model's vocab_size is {n}: "
+                                  "export with the tokenizer the model was trained with")
+            return [bytes([b]) for b in range(256)] + [None] * (n - 256)
+        if kind != "char":
+            raise ExportError(f"GGUF export writes char-level and byte vocabularies; this tokenizer is "
+                              f"{kind!r}: train the model with the char or byte tokenizer")
         chars = tokenizer.get("chars")
         return list(chars) if isinstance(chars, str) else list(chars or [])
     return list(tokenizer)
@@ -111,15 +148,20 @@ def _permute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, hd // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _whole_state(model: Any, arch: str, why: str) -> dict[str, np.ndarray]:
+    """The float32 state dict of a whole models.gpt.GPT of flavour `arch`; ExportError otherwise."""
+    cfg = model.config
+    if cfg.arch != arch:
+        raise ExportError(f"this is a {cfg.arch}-flavour model; {why}")
+    if not (getattr(model, "has_embed", True) and getattr(model, "has_head", True)):
+        raise ExportError("this is a pipeline stage (a layer range), not the whole model: load the full checkpoint")
+    return {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
+
+
 def llama_tensors(model: Any) -> dict[str, np.ndarray]:
     """GGUF tensor name -> float32 array for a whole llama-flavour models.gpt.GPT."""
     cfg = model.config
-    if cfg.arch != "llama":
-        raise ExportError(f"this is a {cfg.arch}-flavour model (LayerNorm, learned positions, GELU); llama.cpp's "
-                          "llama architecture needs arch='llama' (RMSNorm, RoPE, SwiGLU): train it with arch llama")
-    if not (getattr(model, "has_embed", True) and getattr(model, "has_head", True)):
-        raise ExportError("this is a pipeline stage (a layer range), not the whole model: load the full checkpoint")
-    sd = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
+    sd = _whole_state(model, "llama", "llama.cpp's llama architecture needs arch='llama' (RMSNorm, RoPE, SwiGLU)")
     hd, nh, nkv = cfg.head_dim, cfg.n_head, cfg.kv_heads
     t = {"token_embd.weight": sd["transformer.wte.weight"]}
     for i in range(cfg.n_layer):
@@ -141,44 +183,90 @@ def llama_tensors(model: Any) -> dict[str, np.ndarray]:
     return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in t.items()}
 
 
-def export_gguf(model: Any, tokenizer: Any, path: str | Path, name: str = "tierkit-gpt",
-                eos: str | None = "\n") -> Path:
-    """Write `model` (models.gpt.GPT, arch "llama") with its char vocabulary to `path` as an F32
-    llama-architecture GGUF, atomically (inventory.files.atomic_path: a temporary file beside it, then rename)."""
-    import gguf
+GPT2_LAYER = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output",
+              "ln_2": "ffn_norm", "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
 
+
+def gpt2_tensors(model: Any) -> dict[str, np.ndarray]:
+    """GGUF tensor name -> float32 array for a whole gpt2-flavour models.gpt.GPT; a bias the
+    model lacks (bias=False) is written as zeros, since llama.cpp's gpt2 requires every one."""
     cfg = model.config
-    vocab = vocab_from(tokenizer)
-    if len(vocab) != cfg.vocab_size:
-        raise ExportError(f"the tokenizer has {len(vocab)} tokens but the model's vocab_size is {cfg.vocab_size}: "
-                          "llama.cpp needs one token per embedding row; export with the model's own tokenizer")
-    tensors = llama_tensors(model)
-    tokens, merges = byte_level(vocab)
+    sd = _whole_state(model, "gpt2", "llama.cpp's gpt2 architecture needs arch='gpt2' "
+                                     "(LayerNorm, learned positions, GELU)")
 
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        w = gguf.GGUFWriter(str(tmp), "llama")
-        w.add_name(name)
-        w.add_file_type(gguf.LlamaFileType.ALL_F32)
-        w.add_vocab_size(cfg.vocab_size)
-        w.add_context_length(cfg.block_size)
-        w.add_embedding_length(cfg.n_embd)
-        w.add_block_count(cfg.n_layer)
-        w.add_feed_forward_length(cfg.hidden)
-        w.add_head_count(cfg.n_head)
-        w.add_head_count_kv(cfg.kv_heads)
+    def pair(ours: str, theirs: str) -> dict[str, np.ndarray]:
+        w = sd[ours + ".weight"]
+        return {theirs + ".weight": w, theirs + ".bias": sd.get(ours + ".bias", np.zeros(w.shape[0], np.float32))}
+
+    t = {"token_embd.weight": sd["transformer.wte.weight"], "position_embd.weight": sd["transformer.wpe.weight"]}
+    for i in range(cfg.n_layer):
+        for ours, theirs in GPT2_LAYER.items():
+            t.update(pair(f"transformer.h.{i}.{ours}", f"blk.{i}.{theirs}"))
+    t.update(pair("transformer.ln_f", "output_norm"))
+    if not cfg.tie_weights:  # tied: llama.cpp's gpt2 reuses token_embd when output.weight is absent
+        t["output.weight"] = sd["lm_head.weight"]
+    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in t.items()}
+
+
+def _hparams(w: Any, cfg: Any) -> None:
+    """The architecture's keys: sizes for both flavours, then rotary and RMSNorm (llama) or LayerNorm (gpt2)."""
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_context_length(cfg.block_size)
+    w.add_embedding_length(cfg.n_embd)
+    w.add_block_count(cfg.n_layer)
+    w.add_feed_forward_length(cfg.hidden)
+    w.add_head_count(cfg.n_head)
+    w.add_head_count_kv(cfg.kv_heads)
+    if cfg.arch == "llama":
         w.add_rope_dimension_count(cfg.head_dim)
         w.add_rope_freq_base(float(cfg.rope_theta))
         w.add_layer_norm_rms_eps(float(cfg.norm_eps))
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre("gpt-2")
-        w.add_token_list(tokens)
-        w.add_token_types([gguf.TokenType.NORMAL] * len(tokens))
-        w.add_token_merges(merges)
-        w.add_add_bos_token(False)           # a char model never saw a BOS token
-        special = vocab.index(eos) if eos in vocab else 0
-        w.add_bos_token_id(special)
-        w.add_eos_token_id(special)
+    else:
+        w.add_layer_norm_eps(float(cfg.norm_eps))
+
+
+def _vocabulary(w: Any, vocab: list[str | bytes | None], eos: str | None) -> None:
+    """tokenizer.ggml.*: byte-level BPE tokens and merges; placeholders (None) are UNUSED; BOS = EOS = `eos`'s id."""
+    import gguf
+
+    tokens, merges = byte_level(vocab)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")
+    w.add_token_list(tokens)
+    w.add_token_types([gguf.TokenType.UNUSED if p is None else gguf.TokenType.NORMAL for p in vocab])
+    w.add_token_merges(merges)
+    w.add_add_bos_token(False)           # a char or byte model never saw a BOS token
+    bytewise = any(isinstance(p, bytes) for p in vocab)
+    key = eos.encode("utf-8") if bytewise and eos is not None else eos
+    special = vocab.index(key) if key is not None and key in vocab else 0
+    w.add_bos_token_id(special)
+    w.add_eos_token_id(special)
+
+
+def export_gguf(model: Any, tokenizer: Any, path: str | Path, name: str = "tierkit-gpt",
+                eos: str | None = "\n") -> Path:
+    """Write `model` (a whole models.gpt.GPT, either flavour) with its char or byte vocabulary to
+    `path` as an F32 GGUF of llama.cpp's architecture of the same name ("llama" or "gpt2"),
+    atomically (inventory.files.atomic_path: a temporary file beside it, then rename).
+    `eos`: the piece llama.cpp's tools stop at (its id is also BOS; none: id 0)."""
+    import gguf
+
+    cfg = model.config
+    vocab = vocab_from(tokenizer, cfg.vocab_size)
+    if len(vocab) != cfg.vocab_size:
+        raise ExportError(f"the tokenizer has {len(vocab)} tokens but the model's vocab_size is {cfg.vocab_size}: "
+                          "llama.cpp needs one token per embedding row; export with the model's own tokenizer")
+    if cfg.arch not in ("llama", "gpt2"):
+        raise ExportError(f"llama.cpp export knows the llama and gpt2 flavours, not {cfg.arch!r}")
+    tensors = gpt2_tensors(model) if cfg.arch == "gpt2" else llama_tensors(model)
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        w = gguf.GGUFWriter(str(tmp), cfg.arch)
+        w.add_name(name)
+        w.add_file_type(gguf.LlamaFileType.ALL_F32)
+        _hparams(w, cfg)
+        _vocabulary(w, vocab, eos)
         for n, arr in tensors.items():
             w.add_tensor(n, arr)
         w.write_header_to_file()

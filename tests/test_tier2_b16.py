@@ -140,14 +140,6 @@ def test_ascii_vocabulary_gets_a_placeholder_merge():
     assert tokens == ["a", "b", "Ġ", "c"] and merges == ["<no-merges>"]
 
 
-def test_gpt2_flavour_is_refused_in_one_line(tmp_path):
-    m = GPT(GPTConfig(vocab_size=10, block_size=16, n_layer=1, n_head=2, n_embd=16), seed=0)
-    with pytest.raises(ExportError) as e:
-        export_gguf(m, list("abcdefghij"), tmp_path / "x.gguf")
-    assert "arch='llama'" in str(e.value) and "\n" not in str(e.value)
-    assert not list(tmp_path.iterdir())
-
-
 def test_vocab_size_mismatch_is_refused(tmp_path):
     m = GPT(GPTConfig(vocab_size=12, block_size=16, n_layer=1, n_head=2, n_embd=16, arch="llama"), seed=0)
     with pytest.raises(ExportError, match="12"):

@@ -72,6 +72,9 @@ def _train_time(p: Profile, t: Target, flop: float, width: int, dtype: str, fram
     rate, line = flops(p, t, dtype)
     eff = EFF_NUMPY_TRAIN if framework == "numpy" else (eff_gpu if t.gpu else eff_cpu)
     util = _width_util(width, t)
+    cores = (p.cpu.usable_cpus or p.cpu.threads) if (p.cpu and framework == "numpy" and not t.gpu) else 1
+    if cores > 1:   # a learner's numpy: small matmuls that more BLAS threads do not speed up (B10: 90 s on 1 CPU, 86 on 2)
+        rate, line = rate / cores, f"{line}, numpy at one CPU's share: / {cores}"
     s = flop / (rate * eff * util)
     return s, [line, (f"compute: {flop:.3g} FLOP / ({rate / 1e12:.3g} TFLOP/s x efficiency {eff:g} x width "
                      f"utilisation {util:.2f}) = {fmt_seconds(s)}")]

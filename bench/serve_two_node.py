@@ -33,11 +33,13 @@ rounds; the best of each is compared, the medians printed beside it (as in
 bench/mlp.py). Decode, not end-to-end: prompts are short and equal in every setup;
 the time from each request's first token to its last is what the pipeline changes.
 The engine is measured as it is: whether it batches concurrent requests is its own
-business; the ratios say what that buys. Not measured here yet: llama.cpp itself on the same
-weights (the presets are gpt2-flavoured; models/gguf_export.py writes the llama flavour only).
+business; the ratios say what that buys. The reference engine, llama.cpp, runs the same
+weights (the seeded model exported to a GGUF, F32) on one node in the same rounds: the
+pipeline at 16 requests >= 1.0x llama.cpp's aggregate is a target (--skip-reference leaves it out).
 
     sudo python bench/serve_two_node.py [--quick] [--loads 1,4,16] [--model random:gpt-300m] [--tokens 48] [--rounds 3]
-                                        [--skip-llama-rpc] [--skip-memory] [--out bench/results/serve_two_node.json]
+                                        [--skip-llama-rpc] [--skip-memory] [--skip-reference]
+                                        [--out bench/results/serve_two_node.json]
 """
 from __future__ import annotations
 
@@ -302,8 +304,10 @@ def bandwidth(cores: tuple[int, int]) -> dict[str, Any]:
 
 def compare(pair: Pair, cores: tuple[int, int], label: str, spec: dict[str, Any], one_stages: list[dict[str, Any]],
             two_stages: list[dict[str, Any]], worker_argv: list[str], args: argparse.Namespace,
-            log_dir: Path, before_two: Callable[[], None] | None = None) -> dict[str, Any]:
-    """1 node vs 2 nodes for one engine: both heads stay up; rounds alternate 1-2-2-1 between them."""
+            log_dir: Path, before_two: Callable[[], None] | None = None,
+            reference: dict[str, Any] | None = None) -> dict[str, Any]:
+    """1 node vs 2 nodes for one engine: both heads stay up; rounds alternate 1-2-2-1 between them.
+    `reference`: a third head's whole spec (another engine on one node), measured in the same rounds."""
     print(f"{label}: 1-node head on core {cores[0]}, 2-node worker on core {cores[1]} ...", flush=True)
     heads: dict[str, Head] = {}
     w = Worker(pair, cores[1], worker_argv, log_dir / f"{label}-worker.log")
@@ -312,10 +316,12 @@ def compare(pair: Pair, cores: tuple[int, int], label: str, spec: dict[str, Any]
             before_two()
         heads["one"] = Head(pair, cores[0], {**spec, "stages": one_stages}, log_dir / f"{label}-head1.log")
         heads["two"] = Head(pair, cores[0], {**spec, "stages": two_stages}, log_dir / f"{label}-head2.log")
+        if reference:
+            heads["ref"] = Head(pair, cores[0], reference, log_dir / f"{label}-reference.log")
         loads = [(f"c{n}", n) for n in args.loads]
         runs: dict[str, dict[str, list[dict[str, Any]]]] = {k: {w: [] for w, _ in loads} for k in heads}
         for r in range(args.rounds):
-            order = ["one", "two"] if r % 2 == 0 else ["two", "one"]
+            order = [*(["one", "two"] if r % 2 == 0 else ["two", "one"]), *(["ref"] if reference else [])]
             for what, conc in loads:
                 for k in order:
                     res = heads[k].call({"cmd": "rate", "tokens": args.tokens, "concurrent": conc})
@@ -325,7 +331,8 @@ def compare(pair: Pair, cores: tuple[int, int], label: str, spec: dict[str, Any]
                         f" (compute per token {' + '.join(f'{ms:.1f}' for ms in ph['stage_ms'])} ms"
                         + (f", round trip {ph['round_trip_ms']:.1f} ms, network {ph['network_ms']:.2f} ms"
                            if "round_trip_ms" in ph else "") + ")")
-                    print(f"  round {r + 1}: {k} node(s), {conc} request(s): {res['tokens_per_s']:.2f} tok/s, first "
+                    who = "llama.cpp, 1 node" if k == "ref" else f"{k} node(s)"
+                    print(f"  round {r + 1}: {who}, {conc} request(s): {res['tokens_per_s']:.2f} tok/s, first "
                           f"token {res['ttft_ms_p50']:.0f} ms (p50), per token {res['tpot_ms_p50']:.1f} / "
                           f"{res['tpot_ms_p95']:.1f} ms (p50 / p95){detail}", flush=True)
         out: dict[str, Any] = {"stages": two_stages, "runs": runs}
@@ -339,6 +346,9 @@ def compare(pair: Pair, cores: tuple[int, int], label: str, spec: dict[str, Any]
         out["worker_peak_rss"] = w.rss()
         ids = {k: [x["ids"] for what, _ in loads for x in runs[k][what]] for k in heads}
         out["same_tokens"] = ids["one"] == ids["two"]
+        if reference:   # another engine's float32 kernels sum in another order: how long the greedy tokens agree
+            out["ref_agree"] = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), min(len(x), len(y)))
+                                for x, y in zip(runs["one"][loads[0][0]][0]["ids"], runs["ref"][loads[0][0]][0]["ids"])]
         return out
     finally:
         for h in heads.values():
@@ -363,11 +373,31 @@ def pipeline_pair(pair: Pair, cores: tuple[int, int], model: str, args: argparse
     stages = [{"host": pair.addr_a, "port": args.port, "layers": [a, b]},
               {"host": pair.addr_b, "port": args.port + 1, "layers": [c, d]}]
     spec = {"engine": "pipeline", "model": model, "opts": {"seed": args.seed, **PIPELINE_OPTS}}
+    ref = None if args.skip_reference else reference_spec(pair, model, args, log_dir)
     out = compare(pair, cores, "pipeline", spec, [{"host": pair.addr_a, "port": 0, "layers": [0, cfg.n_layer]}],
                   stages, worker_command(worker_args(model, stages, 1, seed=args.seed, threads=1, timeout=300.0)),
-                  args, log_dir)
+                  args, log_dir, reference=ref)
     out["head_blocks"] = head_blocks
     return out
+
+
+def reference_spec(pair: Pair, model: str, args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
+    """llama.cpp on the same weights: the seeded model exported to a GGUF (F32), served by the llama-rpc
+    engine alone on one node (llama-cpp-python, one process, one thread, every load's requests decoded
+    together in one context, as llama.cpp's server with -np does)."""
+    from models.gguf_export import export_gguf
+    from tiers.tier3.pipeline.source import load_stage, resolve, vocabulary
+
+    src = resolve(model)
+    full, meta = load_stage(src, (0, src.cfg.n_layer), args.seed)
+    gguf = log_dir / "reference.gguf"
+    export_gguf(full, vocabulary(src, meta), gguf, name=model)
+    del full
+    print(f"reference: {model} exported to {gguf} ({gguf.stat().st_size / 2**30:.2f} GiB, F32) for llama.cpp", flush=True)
+    n = max(args.loads)
+    return {"engine": "llama-rpc", "model": str(gguf), "stages": [{"host": pair.addr_a, "port": 0,
+                                                                    "layers": [0, src.cfg.n_layer]}],
+            "opts": {"threads": 1, "parallel": n, "n_ctx": n * (64 + args.tokens)}}
 
 
 def memory_demo(pair: Pair, cores: tuple[int, int], model: str, args: argparse.Namespace,
@@ -488,6 +518,24 @@ def target_lines(one: dict[str, Any], two: dict[str, Any], loads: list[int]) -> 
     ]
 
 
+def reference_lines(pp: dict[str, Any], loads: list[int]) -> list[str]:
+    """The pipeline engine on one node against llama.cpp on the same weights, load by load, and the target."""
+    one, ref = pp["one"], pp["ref"]
+    lines = ["  llama.cpp on the same weights (GGUF F32, llama-cpp-python, 1 thread, requests decoded together):"]
+    for n in loads:
+        o, r = one[f"c{n}"], ref[f"c{n}"]
+        lines.append(f"    {n:>2} request{'s' if n > 1 else ' '}: llama.cpp {r['best']:.2f} tok/s (median {r['median']:.2f}), "
+                     f"pipeline 1 node {o['best']:.2f} = {o['best'] / r['best']:.2f}x; per output token p50 "
+                     f"{r['tpot_ms_p50']:.1f} / {o['tpot_ms_p50']:.1f} ms, p95 {r['tpot_ms_p95']:.1f} / "
+                     f"{o['tpot_ms_p95']:.1f} ms (llama.cpp / pipeline)")
+    hi = f"c{max(loads)}"
+    r = one[hi]["best"] / ref[hi]["best"]
+    lines.append(f"  targets: 1 node, {max(loads)} requests vs llama.cpp: {r:.2f}x (target >= 1.0x: "
+                 f"{'ok' if r >= 1.0 else 'MISSED'}); greedy tokens equal llama.cpp's for the first "
+                 f"{min(pp['ref_agree'])}-{max(pp['ref_agree'])} tokens of each request")
+    return lines
+
+
 def report(pp: dict[str, Any], mem: dict[str, Any] | None, rpc: dict[str, Any] | None, args: Any) -> list[str]:
     from functools import partial
 
@@ -523,6 +571,8 @@ def report(pp: dict[str, Any], mem: dict[str, Any] | None, rpc: dict[str, Any] |
     lines.append(f"  per token: head round trip {ph.get('round_trip_ms', 0):.2f} ms, of which network + messaging "
                  f"{ph.get('network_ms', 0):.2f} ms; bytes "
                  + ", ".join(f"hop {i}->{(i + 1) % len(ph['hop_bytes'])} {b:.0f} B" for i, b in enumerate(ph["hop_bytes"])))
+    if "ref" in pp:
+        lines += reference_lines(pp, args.loads)
     lines.append(f"  same greedy tokens on 1 and 2 nodes, every run: {pp['same_tokens']}; peak RSS 1 node "
                  f"{gib(pp['one']['peak_rss'])}, 2 nodes: head {gib(two['peak_rss'])}, worker {gib(pp['worker_peak_rss'])}")
     if mem:
@@ -553,6 +603,7 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=29600)
     ap.add_argument("--gguf", type=Path, default=REPO.parent / "shared/data/stories260K.gguf")
     ap.add_argument("--skip-llama-rpc", action="store_true")
+    ap.add_argument("--skip-reference", action="store_true", help="Skip llama.cpp on the same weights (one node).")
     ap.add_argument("--skip-memory", action="store_true", help="Skip the memory-budget demonstration.")
     ap.add_argument("--out", type=Path, default=REPO / "bench/results/serve_two_node.json")
     ap.add_argument("--role", default="main", help=argparse.SUPPRESS)

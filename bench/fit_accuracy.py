@@ -242,6 +242,7 @@ def refused_for_memory(prof: Any) -> list[tuple[float, str, str]]:
     """(predicted peak, milestone, size) for the rungs refused on memory alone that this host could hold."""
     from tiers.catalog import CatalogError, get
     from tiers.fit import fit
+    from tiers.fit.artifacts import needs
     from tiers.runner import REGISTRY
 
     host = (prof.memory.host_total_bytes or prof.memory.total_bytes) if prof.memory else 0
@@ -256,6 +257,8 @@ def refused_for_memory(prof: Any) -> list[tuple[float, str, str]]:
         for rung in ladder:
             plan = fit(prof, mid, size=rung.size, suggest=False)
             pred = plan.prediction
+            if rung.model in ("b12", "b13") or any(not a.here for a in needs(rung)):
+                continue   # it would stop at its missing model or data before allocating anything
             # well over the limit (no doubt it cannot fit), well under the host (the limit, not the host, kills it);
             # the time does not matter: the model and optimiser state are allocated in the first seconds
             if plan.verdict == "no" and pred and prof.memory and 1.25 * prof.memory.total_bytes < pred.peak_bytes \

@@ -170,6 +170,12 @@ def _check_request(cfg: Any, prompt_ids: list[int], sampling: Sampling) -> None:
         raise EngineError(f"top_k must be >= 0, not {sampling.top_k!r}")
 
 
+# Prompt positions a step may carry beside the decoding requests (vLLM's chunked prefill has such a
+# token budget). 512 rows cost a few decode steps of 16 requests; with 64, sixteen requests arriving
+# together took ~13 steps to all start decoding (bench/serve_two_node.py --quick, 124M, 16 requests:
+# 79 tok/s and p95 per token 4.7x alone with 64; 98 tok/s and 4.2x with 512).
+PREFILL_CHUNK = 512
+
 class PipelineEngine(Engine):
     """A model split across ``stages``: stage 0 runs here, stage r on the worker an agent started.
 
@@ -181,7 +187,7 @@ class PipelineEngine(Engine):
     ping_interval (idle heartbeat), max_inflight (micro-batches in the pipeline; default 2 per stage),
     max_batch (requests in one micro-batch; 1 serves them one at a time, unbatched), prefill_chunk
     (prompt positions per micro-batch while other requests are active, so a long prompt does not
-    stall their decoding).
+    stall their decoding; default PREFILL_CHUNK).
     """
 
     name = NAME
@@ -189,7 +195,7 @@ class PipelineEngine(Engine):
     def __init__(self, model_spec: str, stages: list[dict[str, Any]], *, seed: int = 0, dtype: str = "float32",
                  device: str = "cpu", backend: str = "gloo", timeout: float = 30.0, connect_timeout: float = 60.0,
                  ping_interval: float = 1.0, max_inflight: int | None = None, max_batch: int = 32,
-                 prefill_chunk: int = 64, **_ignored: Any):
+                 prefill_chunk: int = PREFILL_CHUNK, **_ignored: Any):
         self.stages = _check_stages(stages)
         self.src = resolve(model_spec)
         self.model_spec, self.model_id = model_spec, Path(model_spec).name if self.src.kind != "random" else model_spec

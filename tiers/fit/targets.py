@@ -62,6 +62,11 @@ def _source(fig: Any) -> str:
         f"{fig.source} figure, not measured: run `tierkit probe` on the machine for a measured one"
 
 
+def usable_cpus(p: Profile) -> int:
+    """CPUs the process may use: the affinity mask or cgroup quota the probe found, else every thread."""
+    return (p.cpu.usable_cpus or p.cpu.threads) if p.cpu else 1
+
+
 def cpu_flops(p: Profile, dtype: str = "fp32") -> tuple[float, str]:
     """The CPU's matmul FLOP/s for a dtype (16-bit work on a CPU runs at the fp32 rate)."""
     key = "fp64" if dtype in ("fp64", "float64") else "fp32"

@@ -20,7 +20,8 @@ from tiers import catalog
 from tiers.catalog import Milestone
 from tiers.fit.pricing.common import CUDA_INIT_S, NUMPY_CALL_S, PLOTS_S, STARTUP_S, Priced
 from tiers.fit.rules import fmt_seconds, memory_check, pool_check
-from tiers.fit.targets import Target, cpu_bandwidth, cpu_flops, free_memory, gpu_bandwidth, gpu_flops, python_speed
+from tiers.fit.targets import (Target, cpu_bandwidth, cpu_flops, free_memory, gpu_bandwidth, gpu_flops, python_speed,
+                               usable_cpus)
 
 # Python-bound work at a 3.5 GHz reference core (scaled by the profile's clock):
 PY_Q_STEP_S = 2e-6               # one Q-learning step: env step, argmax over a numpy row, update (2.3 us measured at 2.3 GHz)
@@ -213,7 +214,7 @@ def price_vector_search(r: catalog.VectorSearch, t: Target, p: Profile, m: Miles
                               f"index fills (the larger of the two counts)")]
     if r.tsne:
         scale, sline = python_speed(p)
-        cores = (p.cpu.usable_cpus or p.cpu.threads) if p.cpu else 1
+        cores = usable_cpus(p)
         share = 1 - TSNE_PARALLEL + TSNE_PARALLEL / cores
         tsne_s = TSNE_S * r.tsne * max(1.0, log2(r.tsne)) * scale * share
         tsne_bytes = costs.SKLEARN_BYTES + r.tsne * TSNE_BYTES_PER_POINT

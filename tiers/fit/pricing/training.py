@@ -22,7 +22,7 @@ from tiers import catalog
 from tiers.catalog import Milestone
 from tiers.fit.pricing.common import NUMPY_CALL_S, Priced, runtime_bytes, startup_time
 from tiers.fit.rules import fmt_seconds, pool_check
-from tiers.fit.targets import Target, flops, mixed_dtype, python_speed
+from tiers.fit.targets import Target, flops, mixed_dtype, python_speed, usable_cpus
 
 # GPT training on a GPU (torch, mixed precision): nanoGPT and llm.c report ~35-50% MFU
 # against the datasheet peak for GPT-2 124M on A100/H100, and a large bf16 matmul reaches
@@ -73,7 +73,7 @@ def _train_time(p: Profile, t: Target, flop: float, width: int, dtype: str, fram
     rate, line = flops(p, t, dtype)
     eff = EFF_NUMPY_TRAIN if framework == "numpy" else (eff_gpu if t.gpu else eff_cpu)
     util = _width_util(width, t)
-    cores = (p.cpu.usable_cpus or p.cpu.threads) if (p.cpu and framework == "numpy" and not t.gpu) else 1
+    cores = usable_cpus(p) if framework == "numpy" and not t.gpu else 1
     if cores > 1:   # a learner's numpy: small matmuls that more BLAS threads do not speed up (B10: 90 s on 1 CPU, 86 on 2)
         rate, line = rate / cores, f"{line}, numpy at one CPU's share: / {cores}"
     s = flop / (rate * eff * util)

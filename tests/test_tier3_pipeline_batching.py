@@ -3,6 +3,7 @@
     16 staggered requests, 2 stages  -> each equal to GPT.generate alone; micro-batches > 1 request,
                                         two of them in flight at once, fewer steps than tokens
     8 concurrent requests, 1 node     -> batched (steps < tokens), each equal to GPT.generate alone
+    a packed stage                    -> the plain model's logits, no second copy of a matrix
     a long prompt while one decodes   -> the prompt goes in chunks; the short request keeps streaming
 
 The engine's own statistics (``stats()["batching"]``) show the batching; timings
@@ -100,6 +101,24 @@ def test_unbatched_is_one_request_per_step(one_node):
     assert eng.stats()["batching"]["max_batch"] == 1
 
 
+def test_a_burst_of_requests_starts_in_one_step(one_node, monkeypatch):
+    """Requests that reach an idle engine together are prefilled together, whole (no one is decoding
+    yet, so no prompt is chunked), and then decode in step: every step holds all of them."""
+    import tiers.tier3.pipeline.head as head
+
+    monkeypatch.setattr(head, "ARRIVAL_GAP", 0.05)    # a wide window, so a busy CI machine cannot split the burst
+    monkeypatch.setattr(head, "ARRIVAL_WAIT", 1.0)
+    eng = one_node(prefill_chunk=64)     # 4 x 64 positions while nobody decodes: the six prompts (<= 60 each) fit
+    full = GPT(resolve("random:gpt-tiny").cfg, seed=3).eval()
+    reqs = [(p, 10) for p, _ in _requests(6, seed=5)]
+    streams = [eng.generate(p, Sampling(max_tokens=n, temperature=0)) for p, n in reqs]
+    got = [[t for piece in s for t in piece.token_ids] for s in streams]
+    assert got == [reference(full, p, n) for p, n in reqs]
+    b = eng.stats()["batching"]
+    assert b["sizes"] == {"6": 10}, b                  # 1 prefill step + 9 decode steps, all six in each
+    assert b["prompt_chunks"] == 6 and b["mixed_steps"] == 0, b
+
+
 def test_long_prompt_is_chunked_and_does_not_stall_a_decoding_request(one_node):
     eng = one_node(prefill_chunk=8)
     full = GPT(resolve("random:gpt-tiny").cfg, seed=3).eval()
@@ -134,3 +153,30 @@ def test_long_prompt_is_chunked_and_does_not_stall_a_decoding_request(one_node):
 def test_bad_batching_options_are_one_line(opt):
     with pytest.raises(EngineError, match=next(iter(opt))):
         PipelineEngine("random:gpt-tiny", [{"host": "127.0.0.1", "port": 0, "layers": [0, 4]}], **opt)
+
+
+def test_stage_matrices_are_packed_in_place_and_compute_the_same():
+    """pack_linears swaps every matrix for one laid out for batched decode, without a second copy:
+    the logits of 1, 4 and 12 positions equal the plain model's to float32 rounding."""
+    import torch
+
+    from tiers.tier3.pipeline.stage import pack_linears
+
+    cfg = resolve("random:gpt-tiny").cfg
+    plain = GPT(cfg, seed=3).eval()
+    packed = pack_linears(GPT(cfg, seed=3).eval())
+    assert not any(isinstance(m, torch.nn.Linear) for m in packed.modules())
+    # the output projection is tied to the embedding: still one matrix, used in place
+    assert packed.lm_head.weight.data_ptr() == packed.transformer.wte.weight.data_ptr()
+    ids = torch.randint(0, cfg.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for n in (1, 4, 12):
+            want = plain.head(plain.blocks(plain.embed(ids[:, :n])))
+            got = packed.head(packed.blocks(packed.embed(ids[:, :n])))
+            assert got.shape == want.shape and torch.allclose(got, want, rtol=1e-4, atol=1e-4), n
+    # a last stage has no embedding: its output projection is packed too
+    last = pack_linears(GPT(cfg, layers=range(2, 4), seed=3).eval())
+    assert not isinstance(last.lm_head, torch.nn.Linear)
+    # not float32 on a CPU: left as it is
+    half = pack_linears(GPT(cfg, seed=3).to(torch.bfloat16).eval())
+    assert isinstance(half.lm_head, torch.nn.Linear)

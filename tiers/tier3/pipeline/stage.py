@@ -7,6 +7,7 @@
         x (1, N = sum T, C) -- norms, q/k/v, projections, MLP: one matmul over all N rows (weights read once)
                             -- attention: per request, its T rows against its own cache (0 .. start+T)
     StageRunner.sample(rid, logits, ...)              the last stage samples: one token goes back, not the logits
+    pack_linears(model)                               float32 on a CPU: every matrix laid out once for oneDNN
     split_layers(cfg, n)                              contiguous ranges that balance decode compute
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ class StageRunner:
     """A GPT stage serving many requests: one KV cache per request id (and one sampler, on the last stage)."""
 
     def __init__(self, model: Any):
-        self.model = model
+        self.model = pack_linears(model)
         self.caches: dict[int, Any] = {}
         self.gens: dict[int, Any] = {}
 
@@ -92,6 +93,65 @@ class StageRunner:
     def clear(self) -> None:
         self.caches.clear()
         self.gens.clear()
+
+
+class _PackedLinear:
+    """A linear layer whose weight oneDNN has laid out for itself, once, at load: the same numbers
+    (to float32 rounding) in the same memory. The plain layout goes through MKL's GEMM, which
+    repacks the weight on every call. Measured here on one core, a 355M GPT's decode step, plain vs
+    packed: 1 request 106 vs 117 ms, 4 requests 212 vs 144, 8 requests 293 vs 190, 16: 319 vs 227."""
+
+    def __init__(self, lin: Any):
+        import torch
+
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(lin.weight.detach(), None)
+        self.bias = None if lin.bias is None else lin.bias.detach()
+
+    def __call__(self, x: Any) -> Any:
+        import torch
+
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+
+class _SharedLinear:
+    """A linear layer whose weight is also the embedding's, so it keeps its plain layout; from 4 rows
+    on it runs as weight @ x^T, which reads the matrix once: the 50304-row output projection of a
+    355M GPT, 16 rows, 45 ms as x @ weight^T and 28 ms so (both 15 ms for one row)."""
+
+    def __init__(self, lin: Any):
+        self.weight = lin.weight.detach()
+        self.bias = None if lin.bias is None else lin.bias.detach()
+
+    def __call__(self, x: Any) -> Any:
+        import torch
+        import torch.nn.functional as F
+
+        rows = x.reshape(-1, x.shape[-1])
+        if rows.shape[0] < 4:
+            return F.linear(x, self.weight, self.bias)
+        y = torch.mm(self.weight, rows.t()) if self.bias is None else torch.addmm(self.bias[:, None], self.weight,
+                                                                                   rows.t())
+        return y.t().reshape(*x.shape[:-1], -1)
+
+
+def pack_linears(model: Any) -> Any:
+    """Swap each ``nn.Linear`` of a float32 CPU ``model`` for one laid out for batched decode, in place,
+    in the same memory: oneDNN-packed, or for a weight tied to the embedding (whose lookup needs the
+    plain rows) the plain one run as weight @ x^T. A model on a GPU, not float32, or on a torch
+    without oneDNN is left as it is."""
+    import torch
+
+    p = next(model.parameters(), None)
+    if p is None or p.device.type != "cpu" or p.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+        return model
+    embedded = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.Linear):
+                fast = _SharedLinear(child) if id(child.weight) in embedded else _PackedLinear(child)
+                delattr(parent, name)
+                object.__setattr__(parent, name, fast)
+    return model
 
 
 def _ragged_attention(attn: Any, x: Any, entries: list[tuple[int, int, int, int]], caches: list[Any],

@@ -221,7 +221,7 @@ def measure_head_blocks(cfg: Any, reps: int = 20, ctx: int = 64) -> float:
     from models.gpt import GPT, KVCache
 
     torch.manual_seed(0)
-    small = GPT(type(cfg)(**{**cfg.to_dict(), "n_layer": 2}), layers=range(1, 2))   # one block + norm + head
+    small = pack_linears(GPT(type(cfg)(**{**cfg.to_dict(), "n_layer": 2}), layers=range(1, 2)))  # block + norm + head
     cache = KVCache(small, 1, ctx)
     x = torch.randn(1, 1, cfg.n_embd)
     best_block = best_head = float("inf")

@@ -3,9 +3,10 @@
     generate(ids) -> a request in the inbox -> _Stream (pieces as its tokens arrive)
     the scheduler thread, one epoch at a time:
         connect: every worker idle at the rendezvous -> a fresh process group (epoch N)
-        serve:   admit new requests (between steps)
+        serve:   admit new requests (between steps; an idle engine lets a burst finish arriving first)
                  -> take a micro-batch from the ready ones: each decoding request's next token,
-                    prompt chunks up to `prefill_chunk` positions, at most 1/W of the active requests
+                    prompt chunks up to `prefill_chunk` positions (4x while none decodes),
+                    at most 1/W of the active requests
                  -> stage 0 on it, send it on (up to `depth` micro-batches in the pipe)
                  -> the oldest reply (first in, first out) -> its tokens delivered -> ready again or finished
         a lost stage ends the epoch: every request in flight gets EngineUnavailable (HTTP 503),

@@ -145,12 +145,14 @@ def pack_linears(model: Any) -> Any:
     if p is None or p.device.type != "cpu" or p.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
         return model
     embedded = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, torch.nn.Linear):
-                fast = _SharedLinear(child) if id(child.weight) in embedded else _PackedLinear(child)
-                delattr(parent, name)
-                object.__setattr__(parent, name, fast)
+    slots = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
+             if isinstance(child, torch.nn.Linear)]
+    for parent, name in slots:   # one matrix at a time: each plain one is freed before the next is packed
+        child = getattr(parent, name)
+        fast = _SharedLinear(child) if id(child.weight) in embedded else _PackedLinear(child)
+        delattr(parent, name)
+        object.__setattr__(parent, name, fast)
+        del child
     return model
 
 

@@ -343,8 +343,8 @@ def compare(pair: Pair, cores: tuple[int, int], label: str, spec: dict[str, Any]
                           f"token {res['ttft_ms_p50']:.0f} ms (p50), per token {res['tpot_ms_p50']:.1f} / "
                           f"{res['tpot_ms_p95']:.1f} ms (p50 / p95){detail}", flush=True)
         out: dict[str, Any] = {"stages": two_stages, "runs": runs}
-        if label == "pipeline":   # the basis of the two-machine projection: each stage's compute with the other idle
-            conc = loads[-1][1]
+        conc = loads[-1][1]
+        if label == "pipeline" and conc > 1:   # the two-machine projection's basis: each stage computes alone
             res = heads["two"].call({"cmd": "rate", "tokens": args.tokens, "concurrent": conc, "max_inflight": 1})
             out["alone"] = {"concurrent": conc, "stage_ms": res["phase"]["stage_ms"],
                             "round_trip_ms": res["phase"].get("round_trip_ms"), "tokens_per_s": res["tokens_per_s"]}

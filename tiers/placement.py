@@ -46,6 +46,7 @@ class ModelLayout:
     last_bytes: int = 0
     n_embd: int = 0
     source: str = ""
+    params: int = 0    # weights a decode step multiplies with (not the embedding lookup); 0 when not known
 
     @property
     def n_layer(self) -> int:
@@ -112,8 +113,9 @@ def layout_from_gguf(path: str | Path, n_ctx: int = 512, kv_bytes: int = 2) -> M
     except Exception as exc:  # noqa: BLE001 - the reader raises many kinds on a bad file; each is one answer
         raise PlacementError(f"{path} is not a readable GGUF file ({type(exc).__name__}): check the path") from None
     blocks: dict[int, int] = {}
-    first = last = 0
+    first = last = params = 0
     for t in reader.tensors:
+        params += int(t.n_elements) if not t.name.startswith("token_embd") else 0
         m = re.match(r"blk\.(\d+)\.", t.name)
         if m:
             blocks[int(m.group(1))] = blocks.get(int(m.group(1)), 0) + int(t.n_bytes)
@@ -130,7 +132,7 @@ def layout_from_gguf(path: str | Path, n_ctx: int = 512, kv_bytes: int = 2) -> M
     kv_per_layer = 2 * n_ctx * (n_embd // max(n_head, 1)) * n_kv * kv_bytes
     n = max(blocks) + 1
     return ModelLayout(name=path.name, layer_bytes=[blocks.get(i, 0) + kv_per_layer for i in range(n)],
-                       first_bytes=first, last_bytes=last, n_embd=n_embd,
+                       first_bytes=first, last_bytes=last, n_embd=n_embd, params=params,
                        source=f"GGUF tensor table + f16 KV cache at ctx {n_ctx}")
 
 
@@ -153,14 +155,15 @@ def layout_from_config(cfg: Any, name: str = "gpt", dtype_bytes: int = 4, n_ctx:
 
     with torch.device("meta"):
         block = Block(cfg, 0)
-    per_block = sum(p.numel() for p in block.parameters()) * dtype_bytes
+    block_params = sum(p.numel() for p in block.parameters())
+    per_block = block_params * dtype_bytes
     ctx = n_ctx or cfg.block_size
     kv = 2 * ctx * cfg.kv_heads * cfg.head_dim * (kv_bytes or dtype_bytes)
     d = cfg.n_embd
     first = cfg.vocab_size * d + (cfg.block_size * d if cfg.arch == "gpt2" else 0)
     last = d * (2 if cfg.has_bias else 1) + cfg.vocab_size * d  # final norm + output (a copy when tied)
     return ModelLayout(name=name, layer_bytes=[per_block + kv] * cfg.n_layer, first_bytes=first * dtype_bytes,
-                       last_bytes=last * dtype_bytes, n_embd=d,
+                       last_bytes=last * dtype_bytes, n_embd=d, params=block_params * cfg.n_layer + last,
                        source=f"GPTConfig ({dtype_bytes}-byte weights) + KV cache at ctx {ctx}")
 
 
@@ -297,22 +300,40 @@ def hop_seconds(model: ModelLayout, rtt_s: float | None, link_bps: float | None)
     return rtt_s + wire
 
 
+# Decode steps of a batching engine: one step of B requests reads every weight once and computes
+# 2 x params FLOPs per request, and on a CPU the two barely overlap: step(B) = bytes / bandwidth
+# + 2 params B / flops. Measured here (355M float32 GPT, one core, oneDNN-packed matrices): 117, 144,
+# 171 and 216 ms for 1, 4, 8 and 16 requests, i.e. 6.2 ms a request on top of the weights' stream,
+# about 0.7 of one core's share of numpy's large-matmul rate (314 GFLOP/s on 2 cores).
+DECODE_FLOPS_SHARE = 0.7
+PIPELINE_PAYS = 1.15     # two stages must beat one node by this much to be worth a hop and a second machine
+
+
+def decode_step_s(model: ModelLayout, rows: float, decode_bps: float, decode_flops: float) -> float:
+    """Seconds of one batched decode step of ``rows`` requests on one node (see DECODE_FLOPS_SHARE)."""
+    return model.total_bytes / decode_bps + 2 * model.params * rows / decode_flops
+
+
 def choose_layout(model: ModelLayout, head: Node, others: list[Node], requested: str = "auto", *,
                   headroom: float = HEADROOM, last_on: str = "first", hop_s: float | None = None,
-                  decode_bps: float = 10e9, expected_load: int = 1) -> Plan:
+                  decode_bps: float = 10e9, decode_flops: float = 50e9, expected_load: int = 1) -> Plan:
     """The plan `tierkit serve` runs and `tierkit fit` prices, with plan.layout = {"choice", "reason", numbers}.
 
         single    the head alone (refused with the numbers when the model does not fit it)
         pipeline  every node, each with >= 1 layer in proportion to what it may use (or refused)
-        auto      the head alone when the model fits it, unless pipelining pays:
-                  one node decodes a (batched) step in t1 = bytes / memory bandwidth; two stages take
-                  t1/2 + hop each, overlapped only with >= 2 requests in flight, so it pays when
-                  expected_load >= 2 and hop < t1/2; a model too big for the head is split.
+        auto      the head alone when the model fits it, unless pipelining pays. A batching engine
+                  steps all B requests in flight at once in step(B) (decode_step_s); two stages
+                  each hold half the weights and take turns with two micro-batches of B/2, so B
+                  tokens take step(B/2) + a hop each way. Reading the weights once per micro-batch
+                  means pipelining pays only once the compute of a step outweighs its weights'
+                  stream: when step(B) / (step(B/2) + 2 hops) >= PIPELINE_PAYS. One request cannot
+                  overlap stages; a model too big for the head is split.
     """
     if requested not in LAYOUTS:
         raise PlacementError(f"--layout must be one of {', '.join(LAYOUTS)}, not {requested!r}")
-    step_s = model.total_bytes / decode_bps
-    numbers = {"model_bytes": model.total_bytes, "step_s": round(step_s, 6), "decode_bps": decode_bps,
+    step_s = decode_step_s(model, 1, decode_bps, decode_flops)
+    numbers = {"model_bytes": model.total_bytes, "params": model.params, "step_s": round(step_s, 6),
+               "decode_bps": decode_bps, "decode_flops": decode_flops,
                "hop_s": None if hop_s is None else round(hop_s, 6), "expected_load": expected_load,
                "nodes": 1 + len(others)}
 
@@ -341,18 +362,23 @@ def choose_layout(model: ModelLayout, head: Node, others: list[Node], requested:
     fits = f"{model.name} ({fmt_bytes(model.total_bytes, binary=True)}) fits the head"
     if hop_s is None:
         return done(alone, "single", f"{fits}; the network cost per token is not measured")
-    step = f"step {step_s * 1e3:.3g} ms at {decode_bps / 1e9:.3g} GB/s, hop {hop_s * 1e3:.3g} ms"
-    if expected_load >= 2 and hop_s < step_s / 2:
+    if expected_load < 2:
+        return done(alone, "single", f"{fits}; a single request cannot overlap stages, so every hop only adds "
+                    f"(step {step_s * 1e3:.3g} ms, hop {hop_s * 1e3:.3g} ms)")
+    one = decode_step_s(model, expected_load, decode_bps, decode_flops)
+    two = decode_step_s(model, expected_load / 2, decode_bps, decode_flops) + 2 * hop_s
+    numbers["gain"] = round(one / two, 3)
+    why = (f"{expected_load} requests in flight: one node steps them in {one * 1e3:.3g} ms, two stages in "
+           f"{two * 1e3:.3g} ms (two micro-batches of {expected_load / 2:g}, hops {hop_s * 1e3:.3g} ms): "
+           f"{one / two:.2f}x")
+    if one / two >= PIPELINE_PAYS:
         try:
             split = place(model, [head, *others], headroom, last_on=last_on, min_layers=1)
         except PlacementError:
             split = None
         if split is not None:
-            return done(split, "pipeline", f"{fits}, but with {expected_load} requests in flight two stages "
-                        f"overlap and the hop is under half a step ({step})")
-    why = (f"a single request cannot overlap stages, so every hop only adds ({step})" if expected_load < 2
-           else f"the hop costs more than half a step saves ({step})")
-    return done(alone, "single", f"{fits}; {why}")
+            return done(split, "pipeline", f"{fits}, but pipelining pays: {why}")
+    return done(alone, "single", f"{fits}; {why}, under the {PIPELINE_PAYS}x that pays for a hop")
 
 
 def render(plan: Plan) -> str:

@@ -10,6 +10,7 @@ packages never import each other; this module keeps tier 3's imports short.
 from __future__ import annotations
 
 from tiers.placement import (
+    DECODE_FLOPS_SHARE,
     HEADROOM,
     LAYOUTS,
     ModelLayout,
@@ -27,6 +28,6 @@ from tiers.placement import (
     stages_for_engine,
 )
 
-__all__ = ["HEADROOM", "LAYOUTS", "ModelLayout", "Node", "PlacementError", "Plan", "Stage", "choose_layout",
+__all__ = ["DECODE_FLOPS_SHARE", "HEADROOM", "LAYOUTS", "ModelLayout", "Node", "PlacementError", "Plan", "Stage", "choose_layout",
            "engine_stage", "hop_seconds", "layout_from_config", "layout_from_gguf", "place", "render",
            "stages_for_engine"]

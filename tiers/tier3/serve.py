@@ -23,7 +23,16 @@ from tiers.tier3 import engines, net
 from tiers.tier3.client import AgentClientError, Workers, read_token
 from tiers.tier3.engine import Engine, EngineError
 from tiers.tier3.engines import EngineKind
-from tiers.tier3.placement import ModelLayout, Node, PlacementError, Plan, choose_layout, hop_seconds, render
+from tiers.tier3.placement import (
+    DECODE_FLOPS_SHARE,
+    ModelLayout,
+    Node,
+    PlacementError,
+    Plan,
+    choose_layout,
+    hop_seconds,
+    render,
+)
 
 
 class ServeError(Exception):
@@ -174,24 +183,30 @@ def link_cost(layout: ModelLayout, found: list[Any]) -> float | None:
     return max(costs) if costs else None
 
 
-def decode_bandwidth() -> float:
-    """Bytes/s one decode step streams on the head: the probed CPU memory bandwidth, else 10 GB/s."""
+def decode_rates(threads: int | None = None) -> tuple[float, float]:
+    """(bytes/s, FLOP/s) of a decode step on the head: the probed memory bandwidth (else 10 GB/s) and
+    DECODE_FLOPS_SHARE of the probed float32 matmul rate for the threads it computes with (else 50 GFLOP/s)."""
     from inventory.profile import ProfileError, default_path, load
 
     try:
-        fig = load(default_path()).cpu.memory_bandwidth_gbs
+        cpu = load(default_path()).cpu
     except (ProfileError, OSError, AttributeError):
-        return 10e9
-    return float(fig.value) * 1e9 if fig else 10e9
+        return 10e9, 50e9
+    bw, mm = cpu.memory_bandwidth_gbs, cpu.matmul_gflops.get("fp32")
+    cores = cpu.usable_cpus or cpu.physical_cores
+    share = min(threads, cores) / cores if threads else 1.0
+    return (float(bw.value) * 1e9 if bw else 10e9,
+            float(mm.value) * 1e9 * DECODE_FLOPS_SHARE * share if mm else 50e9)
 
 
 def plan_for(layout: ModelLayout, kind: EngineKind, head: Node, others: list[Node],
              headroom: float = HEADROOM, requested: str = "auto", hop_s: float | None = None,
-             expected_load: int = 1, decode_bps: float | None = None) -> Plan:
+             expected_load: int = 1, threads: int | None = None) -> Plan:
     """The placement (choose_layout: the one function `tierkit fit` prices with too); ServeError with the numbers."""
+    bps, flops = decode_rates(threads)
     try:
         plan = choose_layout(layout, head, others, requested, headroom=headroom, last_on=kind.output_on,
-                             hop_s=hop_s, expected_load=expected_load, decode_bps=decode_bps or decode_bandwidth())
+                             hop_s=hop_s, expected_load=expected_load, decode_bps=bps, decode_flops=flops)
     except PlacementError as exc:
         raise ServeError(str(exc), 2 if requested != "auto" else 1) from None
     if kind.output_on == "first" and plan.stages[0].layers[1] == 0 and len(plan.stages) > 1:
@@ -241,7 +256,7 @@ def start_session(model: str, engine: str = "llama-rpc", peers_spec: str = "auto
     others = peer_nodes(found, on_gpu=kind.memory == "gpu")
     head = head_node(memory_budget, head_address or net.route_to(others[0].host if others else "127.0.0.1"),
                      on_gpu=kind.memory == "gpu")
-    plan = plan_for(sizes, kind, head, others, headroom, layout, link_cost(sizes, found), expected_load)
+    plan = plan_for(sizes, kind, head, others, headroom, layout, link_cost(sizes, found), expected_load, threads)
     if note:
         log(f"peers: {note}")
     log(render(plan))

@@ -267,7 +267,9 @@ class QemuDevice:
     def close(self, timeout: float = 5.0) -> int | None:
         """Stop the emulator; returns its exit status (0 after a clean quit)."""
         if self.proc.poll() is None:
-            with contextlib.suppress((DeviceError, OSError, subprocess.TimeoutExpired, ValueError)):
+            # termios.error: the pty went away under pyserial's flush (QEMU exiting at that moment)
+            gone = (DeviceError, OSError, subprocess.TimeoutExpired, ValueError, *_termios_error())
+            with contextlib.suppress(gone):
                 self.link.quit(0)
                 self.proc.wait(timeout)
         self._finalizer()
@@ -278,6 +280,14 @@ class QemuDevice:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _termios_error() -> tuple[type[BaseException], ...]:
+    try:
+        import termios
+    except ImportError:   # not a POSIX system
+        return ()
+    return (termios.error,)
 
 
 def _kill(proc: subprocess.Popen, port) -> None:

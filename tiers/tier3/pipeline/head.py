@@ -184,6 +184,7 @@ IDLE_PREFILL = 4     # prompt chunks a step may take while no request is decodin
 # threads started at once reach the inbox within about 1.5 ms here; a lone request pays 2 ms.
 ARRIVAL_GAP, ARRIVAL_WAIT = 0.002, 0.010
 
+
 class PipelineEngine(Engine):
     """A model split across ``stages``: stage 0 runs here, stage r on the worker an agent started.
 

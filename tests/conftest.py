@@ -57,3 +57,24 @@ def stop_process(proc: subprocess.Popen, timeout: float = 15) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def run_clients(one, n: int, timeout: float = 180) -> dict[int, dict]:
+    """`one(i)` for i in 0..n-1, each in its own thread, all at once; {i: its result, or {"error": repr}}.
+    A client still running after `timeout` s is simply missing from the answer."""
+    import threading
+
+    results: dict[int, dict] = {}
+
+    def guarded(i: int) -> None:
+        try:
+            results[i] = one(i)
+        except BaseException as exc:  # noqa: BLE001 - reported by the caller, with the others
+            results[i] = {"error": repr(exc)}
+
+    threads = [threading.Thread(target=guarded, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    return results

@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import httpx
 import pytest
 
 from inventory.units import fmt_bytes
-from tests.conftest import REPO, assert_one_line_error, run_cli, stop_process, wait_for_line
+from tests.conftest import REPO, assert_one_line_error, run_cli, run_clients, stop_process, wait_for_line
 from tests.gguf_fixtures import greedy_tokens
 from tiers.tier3.net import free_port
 
@@ -258,9 +257,8 @@ def test_streamed_usage_when_asked(cluster):
 @pytest.mark.parametrize("clients", [32, 48])  # 48: more than the server's default 40 worker threads
 def test_concurrent_streaming_clients_complete_and_do_not_cross(cluster, clients):
     n = 16
-    results: dict[int, dict] = {}
 
-    def one(i: int) -> None:
+    def one(i: int) -> dict:
         prompt = PROMPTS[i % len(PROMPTS)]
         toks, text, finish, done = [], [], None, False
         with httpx.stream("POST", f"{cluster.url}/v1/completions", timeout=120,
@@ -279,19 +277,9 @@ def test_concurrent_streaming_clients_complete_and_do_not_cross(cluster, clients
                 toks += ch.get("token_ids", [])
                 text.append(ch["text"])
                 finish = ch["finish_reason"] or finish
-        results[i] = {"prompt": prompt, "tokens": toks, "finish": finish, "done": done}
+        return {"prompt": prompt, "tokens": toks, "finish": finish, "done": done}
 
-    def guarded(i: int) -> None:
-        try:
-            one(i)
-        except BaseException as exc:  # reported below, with the others
-            results[i] = {"error": repr(exc)}
-
-    threads = [threading.Thread(target=guarded, args=(i,)) for i in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=180)
+    results = run_clients(one, clients)
     assert len(results) == clients
     errors = {i: r["error"] for i, r in results.items() if "error" in r}
     assert not errors, errors

@@ -10,14 +10,13 @@ import json
 import os
 import subprocess
 import sys
-import threading
 
 import httpx
 import pytest
 import torch
 
 from models.gpt import GPT, GPTConfig
-from tests.conftest import REPO, stop_process, wait_for_line
+from tests.conftest import REPO, run_clients, stop_process, wait_for_line
 from tiers.tier3.net import free_port
 from tiers.tier3.pipeline import PRESETS
 
@@ -79,19 +78,7 @@ def test_sixty_four_streaming_clients_batched_across_two_stages(served):
     plan = httpx.get(f"{url}/metrics").json()["plan"]
     assert plan["layout"]["choice"] == "pipeline" and len(plan["stages"]) == 2, plan
     jobs = [(f"client {i} says".encode(), 6 + i % 11, 1000 + i) for i in range(CLIENTS)]
-    results: dict[int, dict] = {}
-
-    def one(i: int) -> None:
-        try:
-            results[i] = _stream(url, *jobs[i])
-        except BaseException as exc:  # reported below, with the others
-            results[i] = {"error": repr(exc)}
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(CLIENTS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=240)
+    results = run_clients(lambda i: _stream(url, *jobs[i]), CLIENTS, timeout=240)
     errors = {i: r["error"] for i, r in results.items() if "error" in r}
     assert len(results) == CLIENTS and not errors, errors
     model = GPT(GPTConfig(**PRESETS["gpt-tiny"]), seed=0).eval()

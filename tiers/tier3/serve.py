@@ -184,19 +184,18 @@ def link_cost(layout: ModelLayout, found: list[Any]) -> float | None:
 
 
 def decode_rates(threads: int | None = None) -> tuple[float, float]:
-    """(bytes/s, FLOP/s) of a decode step on the head: the probed memory bandwidth (else 10 GB/s) and
-    DECODE_FLOPS_SHARE of the probed float32 matmul rate for the threads it computes with (else 50 GFLOP/s)."""
+    """(bytes/s, FLOP/s) of a decode step on the head: the probed memory bandwidth and DECODE_FLOPS_SHARE
+    of the probed float32 matmul rate for the threads it computes with (the planner's figures and defaults)."""
     from inventory.profile import ProfileError, default_path, load
+    from tiers.fit.targets import DEFAULT_BANDWIDTH_GBS, DEFAULT_CPU_GFLOPS, cpu_bandwidth, cpu_flops, usable_cpus
 
     try:
-        cpu = load(default_path()).cpu
-    except (ProfileError, OSError, AttributeError):
-        return 10e9, 50e9
-    bw, mm = cpu.memory_bandwidth_gbs, cpu.matmul_gflops.get("fp32")
-    cores = cpu.usable_cpus or cpu.physical_cores
+        prof = load(default_path())
+    except (ProfileError, OSError):
+        return DEFAULT_BANDWIDTH_GBS * 1e9, DEFAULT_CPU_GFLOPS * 1e9
+    cores = usable_cpus(prof)
     share = min(threads, cores) / cores if threads else 1.0
-    return (float(bw.value) * 1e9 if bw else 10e9,
-            float(mm.value) * 1e9 * DECODE_FLOPS_SHARE * share if mm else 50e9)
+    return cpu_bandwidth(prof)[0], cpu_flops(prof)[0] * DECODE_FLOPS_SHARE * share
 
 
 def plan_for(layout: ModelLayout, kind: EngineKind, head: Node, others: list[Node],

@@ -99,7 +99,7 @@ class _PackedLinear:
     """A linear layer whose weight oneDNN has laid out for itself, once, at load: the same numbers
     (to float32 rounding) in the same memory. The plain layout goes through MKL's GEMM, which
     repacks the weight on every call. Measured here on one core, a 355M GPT's decode step, plain vs
-    packed: 1 request 106 vs 117 ms, 4 requests 212 vs 144, 8 requests 293 vs 190, 16: 319 vs 227."""
+    packed: 1 request 106 vs 117 ms, 4 requests 212 vs 144, 8 requests 293 vs 171, 16: 319 vs 216."""
 
     def __init__(self, lin: Any):
         import torch
